@@ -1,0 +1,1 @@
+"""enwik8 source for data.prepare (see prepare.py)."""

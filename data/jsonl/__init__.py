@@ -1,0 +1,1 @@
+"""jsonl source for data.prepare (see prepare.py)."""

@@ -1,0 +1,1 @@
+"""parquet source for data.prepare (see prepare.py)."""

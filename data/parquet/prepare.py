@@ -1,0 +1,149 @@
+"""Prepare a corpus from Parquet files with a text column (e.g. FineWeb-Edu shards).
+
+Needs pyarrow (`pip install pyarrow`). Files are read one record batch at a time
+(only the text column), so memory stays bounded whatever the corpus size.
+Folders are read recursively (sorted, *.parquet). Each row's --text-column
+(default "text") string is one document; null and empty texts are dropped.
+
+Split: a row goes to 'validation' by a stable hash of its row index (0-based,
+over all rows of all inputs in order) with probability --validation-fraction
+(default 0.05), likewise 'test' with --test-fraction. FineWeb-Edu has no
+official validation split, hence the hashing.
+
+    python -m data.prepare parquet fineweb-edu/sample/10BT/ --out data/fineweb-edu-10BT
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from data.shards import (
+    CorpusWriter,
+    DEFAULT_SHARD_BYTES,
+    PrepareError,
+    add_common_arguments,
+    add_fraction_arguments,
+    check_destination,
+    check_fractions,
+    format_summary,
+    fraction_splits,
+    run_cli,
+    split_for_key,
+)
+
+BATCH_ROWS = 1024  # rows per record batch read from a file
+
+
+def import_pyarrow_parquet():
+    """pyarrow.parquet, or a one-line PrepareError if pyarrow is missing."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PrepareError(
+            "reading Parquet needs pyarrow, which is not installed: pip install pyarrow"
+        ) from None
+    return pq
+
+
+def list_files(inputs: list[str | os.PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = [p for p in path.rglob("*.parquet") if p.is_file()]
+            files.extend(sorted(found, key=lambda p: p.relative_to(path).as_posix()))
+        else:
+            raise PrepareError(f"input {path} does not exist")
+    return files
+
+
+def prepare(
+    inputs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    text_column: str = "text",
+    validation_fraction: float = 0.05,
+    test_fraction: float = 0.0,
+    overwrite: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    verbose: bool = True,
+) -> dict:
+    """Write a Parquet text corpus to `out`; returns its meta dict. See the module doc."""
+    pq = import_pyarrow_parquet()
+    check_destination(out, overwrite)
+    check_fractions(validation_fraction, test_fraction)
+    files = list_files(inputs)
+    if not files:
+        raise PrepareError(f"no .parquet files found in {', '.join(map(str, inputs))}")
+
+    row_index = 0
+    with CorpusWriter(
+        out,
+        source=f"parquet:{','.join(str(i) for i in inputs)}:{text_column}",
+        splits=fraction_splits(validation_fraction, test_fraction),
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+    ) as writer:
+        for n, path in enumerate(files, start=1):
+            try:
+                parquet = pq.ParquetFile(path)
+            except Exception as e:  # pyarrow raises its own error types
+                raise PrepareError(f"{path}: cannot read as Parquet ({e})") from None
+            if text_column not in parquet.schema_arrow.names:
+                raise PrepareError(
+                    f"{path}: no column '{text_column}' (has {', '.join(parquet.schema_arrow.names)};"
+                    " choose one with --text-column)"
+                )
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=[text_column]):
+                for text in batch.column(0).to_pylist():
+                    split = split_for_key(str(row_index), validation_fraction, test_fraction)
+                    row_index += 1
+                    if text:  # None (null) and "" are dropped
+                        writer.add(split, text.encode("utf-8"))
+            if verbose:
+                print(f"[{n}/{len(files)}] {path}: {row_index:,d} rows so far", flush=True)
+    if verbose:
+        print(format_summary(writer.meta, out))
+    return writer.meta
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="Parquet files or folders (read recursively)")
+    add_common_arguments(parser)
+    parser.add_argument(
+        "--text-column", default="text", help="column holding the document (default 'text')"
+    )
+    add_fraction_arguments(parser, "rows")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> dict:
+    return prepare(
+        args.inputs,
+        args.out,
+        text_column=args.text_column,
+        validation_fraction=args.validation_fraction,
+        test_fraction=args.test_fraction,
+        overwrite=args.overwrite,
+        shard_bytes=args.shard_bytes,
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.parquet.prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_cli(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""stdlib source for data.prepare (see prepare.py)."""

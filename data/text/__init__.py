@@ -1,0 +1,1 @@
+"""text source for data.prepare (see prepare.py)."""

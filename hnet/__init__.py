@@ -1,0 +1,32 @@
+"""hnet-jax: byte-level hierarchical language models (H-Net) with dynamic chunking, in JAX/Flax.
+
+    import hnet
+    config = hnet.load_config("configs/hnet_1stage_tiny.json")
+    model = hnet.build_model(config, seed=0)
+    out = model(input_ids)          # int32 (B, L) bytes
+    out.logits                      # (B, L, 256)
+    out.stages[0].boundary_mask     # (B, L), outermost stage first
+"""
+
+import importlib
+
+import flax
+
+# Parameters carry logical axis names; hnet.sharding places them on a mesh explicitly, so Flax
+# must not try to shard variables eagerly when they are created.
+flax.config.update("flax_always_shard_variable", False)
+
+# Public names, imported lazily so that `python -m hnet.config` etc. run their module cleanly.
+_EXPORTS = {
+    "ConfigError": "hnet.config", "ModelConfig": "hnet.config", "load_config": "hnet.config",
+    "BOS_ID": "hnet.model", "EOS_ID": "hnet.model", "HNetLM": "hnet.model", "TransformerLM": "hnet.model",
+    "ModelOutput": "hnet.model", "StageOutput": "hnet.model", "build_model": "hnet.model",
+    "cross_entropy": "hnet.model",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hnet' has no attribute {name!r}")

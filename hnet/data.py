@@ -1,0 +1,394 @@
+"""Byte-level data loading for H-Net: prepared corpora, packing, grain pipelines.
+
+A prepared corpus (format "hnet-bytes-v1", written by `python -m data.prepare`)
+is a folder with meta.json and, per split, shards `{split}_{i:05d}.bin` (document
+bytes concatenated) + `{split}_{i:05d}.idx.npy` (int64 document start offsets,
+then the file size). See data/shards.py.
+
+Packing. Within a shard the token stream is
+
+    BOS doc0 BOS doc1 BOS doc2 ...          (one BOS_ID byte before each document)
+
+(BOS_ID = 254 never occurs in valid UTF-8, so it is unambiguous in text corpora)
+and, for a sequence length L, sequence j of the shard is the window of stream
+positions [j*L, j*L + L + 1): L + 1 bytes, consecutive windows overlapping by
+one byte, so inputs = window[:-1] and targets = window[1:] cover every stream
+position exactly once as a target. The final partial window of each shard is
+dropped (at most L stream positions per shard). Sequences are numbered globally,
+shard-major. A window is built from the .idx offsets with two np.searchsorted
+calls and one contiguous read of the memory-mapped .bin: O(log docs + L).
+
+Training pipeline (`make_dataset`): grain MapDataset
+    source -> shuffle(seed) -> repeat(num_epochs) -> process slice -> batch -> to dict
+    -> to_iter_dataset (thread prefetch).
+Shuffling is a global permutation of all sequences, redrawn every epoch with
+seed + epoch (grain's ShuffleMapDataset), so it is deterministic given the seed.
+Process p of P then takes every P-th element of that (repeated) stream,
+i.e. positions p, p + P, p + 2P, ...; so P processes with per-process batch B
+see, step by step, the same global batch as one process with batch P*B.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+BOS_ID = 254  # byte id put before every document
+EOS_ID = 255  # byte id the model may use to end generation (not inserted by packing)
+
+FORMAT = "hnet-bytes-v1"
+
+
+class DataError(Exception):
+    """A prepared corpus is missing, malformed, or unusable as asked (one-line message)."""
+
+
+# --------------------------------------------------------------------------
+# Prepared corpus
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split as described by meta.json (checked against the shard files)."""
+
+    name: str
+    shards: tuple[str, ...]  # .bin file names, in order
+    num_bytes: int
+    num_docs: int
+    sha256: str
+
+
+class PreparedCorpus:
+    """A prepared corpus folder, opened lazily.
+
+    Opening reads meta.json and every shard's small .idx.npy, and checks them
+    against each other and the .bin sizes (raising DataError on any mismatch);
+    the .bin files are only memory-mapped when first used, never read whole.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        if not self.path.is_dir():
+            raise DataError(f"prepared corpus folder {self.path} does not exist")
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{meta_path} is missing: not a prepared corpus")
+        try:
+            meta = json.loads(meta_path.read_text())
+            fmt = meta.get("format")
+            splits = meta["splits"]
+            self.source: str = str(meta.get("source", ""))
+            self.splits: dict[str, SplitInfo] = {
+                name: SplitInfo(
+                    name=name,
+                    shards=tuple(s["shards"]),
+                    num_bytes=int(s["num_bytes"]),
+                    num_docs=int(s["num_docs"]),
+                    sha256=str(s["sha256"]),
+                )
+                for name, s in splits.items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{meta_path} cannot be parsed ({type(e).__name__}: {e})") from None
+        if fmt != FORMAT:
+            raise DataError(f"{meta_path} has format {fmt!r}, expected {FORMAT!r}")
+        # offsets[split][i]: int64 (docs_in_shard + 1,) document start offsets of shard i.
+        self._offsets: dict[str, list[np.ndarray]] = {
+            name: [self._load_offsets(name, shard) for shard in info.shards]
+            for name, info in self.splits.items()
+        }
+        for name, info in self.splits.items():
+            num_bytes = sum(int(o[-1]) for o in self._offsets[name])
+            num_docs = sum(len(o) - 1 for o in self._offsets[name])
+            if (num_bytes, num_docs) != (info.num_bytes, info.num_docs):
+                raise DataError(
+                    f"{self.path}: split '{name}' shards hold {num_bytes} bytes in "
+                    f"{num_docs} docs but meta.json says {info.num_bytes} bytes in "
+                    f"{info.num_docs} docs"
+                )
+        self._memmaps: dict[tuple[str, int], np.memmap] = {}
+
+    def _load_offsets(self, split: str, shard: str) -> np.ndarray:
+        """Load and check one shard's .idx.npy against its .bin."""
+        bin_path = self.path / shard
+        idx_path = self.path / (shard.removesuffix(".bin") + ".idx.npy")
+        for p in (bin_path, idx_path):
+            if not p.is_file():
+                raise DataError(f"shard file {p} of split '{split}' is missing")
+        try:
+            offsets = np.load(idx_path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataError(f"shard index {idx_path} cannot be read ({e})") from None
+        if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 2:
+            raise DataError(
+                f"shard index {idx_path} is not a 1-D integer array of >= 2 offsets"
+            )
+        offsets = offsets.astype(np.int64)
+        size = bin_path.stat().st_size
+        if offsets[0] != 0:
+            raise DataError(f"shard index {idx_path} does not start at offset 0")
+        if np.any(np.diff(offsets) <= 0):
+            raise DataError(f"shard index {idx_path} offsets are not strictly increasing")
+        if offsets[-1] != size:
+            raise DataError(
+                f"shard index {idx_path} ends at {offsets[-1]} but {bin_path.name} "
+                f"has size {size}"
+            )
+        return offsets
+
+    def split_info(self, split: str) -> SplitInfo:
+        if split not in self.splits:
+            raise DataError(
+                f"{self.path} has no split '{split}' (has {', '.join(self.splits) or 'none'})"
+            )
+        return self.splits[split]
+
+    def offsets(self, split: str) -> list[np.ndarray]:
+        """Per shard, int64 (docs_in_shard + 1,) document start offsets."""
+        self.split_info(split)
+        return self._offsets[split]
+
+    def shard_bytes(self, split: str, i: int) -> np.memmap:
+        """Read-only uint8 memory map of shard i of a split (opened on first use)."""
+        key = (split, i)
+        if key not in self._memmaps:
+            shard = self.split_info(split).shards[i]
+            self._memmaps[key] = np.memmap(self.path / shard, dtype=np.uint8, mode="r")
+        return self._memmaps[key]
+
+    def verify_checksum(self, split: str) -> None:
+        """Stream all bytes of a split and compare their sha256 with meta.json (slow)."""
+        info = self.split_info(split)
+        hasher = hashlib.sha256()
+        for i in range(len(info.shards)):
+            data = self.shard_bytes(split, i)
+            for start in range(0, len(data), 1 << 24):
+                hasher.update(data[start : start + (1 << 24)])
+        if hasher.hexdigest() != info.sha256:
+            raise DataError(
+                f"{self.path}: split '{split}' sha256 {hasher.hexdigest()} does not match "
+                f"meta.json {info.sha256}"
+            )
+
+    def __getstate__(self) -> dict:
+        # Memory maps would pickle as full copies of the data; reopen them instead.
+        state = self.__dict__.copy()
+        state["_memmaps"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{n}={s.num_bytes:,d}B/{s.num_docs:,d}docs" for n, s in self.splits.items())
+        return f"PreparedCorpus({str(self.path)!r}: {sizes})"
+
+
+def _open(corpus: PreparedCorpus | str | os.PathLike) -> PreparedCorpus:
+    return corpus if isinstance(corpus, PreparedCorpus) else PreparedCorpus(corpus)
+
+
+# --------------------------------------------------------------------------
+# Packing
+
+
+class PackedSequences:
+    """Random-access source of packed windows: item i is uint8 (seq_len + 1,).
+
+    Grain-compatible (`__len__`, `__getitem__`). See the module doc for the
+    layout; nothing per byte is precomputed, only per-document stream starts.
+    """
+
+    def __init__(self, corpus: PreparedCorpus | str | os.PathLike, split: str, seq_len: int):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.corpus = _open(corpus)
+        self.split = split
+        self.seq_len = seq_len
+        info = self.corpus.split_info(split)
+        if info.num_bytes == 0:
+            raise DataError(f"{self.corpus.path}: split '{split}' is empty (0 bytes)")
+        # Per shard: stream position of each document's BOS, int64 (docs_in_shard,):
+        # document d starts at byte offsets[d] and is preceded by d earlier BOS bytes.
+        self._doc_starts = [
+            o[:-1] + np.arange(len(o) - 1, dtype=np.int64) for o in self.corpus.offsets(split)
+        ]
+        stream_lengths = np.array(
+            [int(o[-1]) + len(o) - 1 for o in self.corpus.offsets(split)], dtype=np.int64
+        )
+        counts = (stream_lengths - 1) // seq_len  # windows [jL, jL+L+1) fully inside
+        self._first = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
+        if self._first[-1] == 0:
+            raise DataError(
+                f"{self.corpus.path}: split '{split}' is too small for one sequence of "
+                f"length {seq_len} (longest shard stream has {int(stream_lengths.max())} "
+                f"bytes incl. BOS, need {seq_len + 1})"
+            )
+
+    def __len__(self) -> int:
+        return int(self._first[-1])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sequence {index} out of range [0, {len(self)})")
+        shard = int(np.searchsorted(self._first, index, side="right")) - 1
+        begin = (index - int(self._first[shard])) * self.seq_len  # stream positions [begin, end)
+        end = begin + self.seq_len + 1
+        doc_starts = self._doc_starts[shard]
+        # Number of BOS bytes before a stream position = documents starting before it.
+        bos_before_begin = int(np.searchsorted(doc_starts, begin, side="left"))
+        bos_before_end = int(np.searchsorted(doc_starts, end, side="left"))
+        data = self.corpus.shard_bytes(self.split, shard)[
+            begin - bos_before_begin : end - bos_before_end
+        ]
+        window = np.empty(self.seq_len + 1, dtype=np.uint8)
+        is_bos = np.zeros(self.seq_len + 1, dtype=bool)
+        is_bos[doc_starts[bos_before_begin:bos_before_end] - begin] = True
+        window[is_bos] = BOS_ID
+        window[~is_bos] = data
+        return window
+
+
+def _to_inputs_and_targets(windows: np.ndarray) -> dict[str, np.ndarray]:
+    """uint8 (B, L+1) windows -> {"input_ids", "targets"}: int32 (B, L) each."""
+    windows = windows.astype(np.int32)
+    return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+# --------------------------------------------------------------------------
+# Training pipeline
+
+
+def make_dataset(
+    corpus: PreparedCorpus | str | os.PathLike,
+    split: str,
+    seq_len: int,
+    batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = True,
+    num_threads: int = 4,
+    prefetch_batches: int = 8,
+) -> "grain.DatasetIterator":
+    """Checkpointable iterator of training batches for this process.
+
+    Yields {"input_ids": int32 (batch_size, seq_len), "targets": int32 (batch_size,
+    seq_len)}, batch_size being the per-process batch. num_epochs=None repeats
+    forever. With process_count P, the stream of num_epochs * len(sequences)
+    sequences (shuffled or not) is cut to a multiple of P (at most P - 1 dropped,
+    so that every process yields the same number of batches) and process p takes
+    its elements p, p + P, p + 2P, ... (strided, not a contiguous slice).
+
+    The result is a grain DatasetIterator: `it.get_state()` is a small
+    JSON-serialisable dict (see iterator_state_to_json) and `it.set_state(state)`
+    on a fresh iterator built with the same arguments resumes exactly.
+    """
+    import grain  # lazy: only the training pipeline needs grain
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+    source = PackedSequences(corpus, split, seq_len)
+    if len(source) < process_count:
+        raise DataError(
+            f"split '{split}' has {len(source)} sequences of length {seq_len}, fewer than "
+            f"the {process_count} processes"
+        )
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=seed % 2**32)  # index_shuffle; epoch e uses seed + e
+    ds = ds.repeat(num_epochs)
+    if process_count > 1:
+        usable = len(ds) // process_count * process_count
+        ds = ds[process_index:usable:process_count]
+    if drop_remainder and len(ds) < batch_size:
+        raise DataError(
+            f"split '{split}' gives {len(ds)} sequences of length {seq_len} per process "
+            f"over {num_epochs} epoch(s), fewer than one batch of {batch_size}"
+        )
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(_to_inputs_and_targets)
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+    return iter(ds.to_iter_dataset(read_options))
+
+
+def iterator_state_to_json(state: Any) -> str:
+    """Grain iterator state (a dict of ints here) -> JSON string for a checkpoint."""
+    return json.dumps(state, sort_keys=True)
+
+
+def iterator_state_from_json(text: str) -> Any:
+    """Inverse of iterator_state_to_json; pass the result to `it.set_state`."""
+    return json.loads(text)
+
+
+# --------------------------------------------------------------------------
+# Evaluation
+
+
+def eval_batches(
+    corpus: PreparedCorpus | str | os.PathLike,
+    split: str,
+    seq_len: int,
+    batch_size: int,
+    max_sequences: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One deterministic, unshuffled pass over a split's packed sequences.
+
+    Yields {"input_ids": int32 (B, L), "targets": int32 (B, L), "mask": float32
+    (B, L)}; the last batch is padded with all-zero rows whose mask is 0 (nothing
+    is dropped), so every batch has exactly batch_size rows. max_sequences limits
+    the pass to the first sequences (in order).
+    """
+    source = PackedSequences(corpus, split, seq_len)
+    total = len(source) if max_sequences is None else min(len(source), max_sequences)
+    for start in range(0, total, batch_size):
+        rows = min(batch_size, total - start)
+        windows = np.zeros((batch_size, seq_len + 1), dtype=np.uint8)
+        for r in range(rows):
+            windows[r] = source[start + r]
+        batch = _to_inputs_and_targets(windows)
+        mask = np.zeros((batch_size, seq_len), dtype=np.float32)
+        mask[:rows] = 1.0
+        batch["mask"] = mask
+        yield batch
+
+
+# --------------------------------------------------------------------------
+# Default corpus
+
+
+def default_corpus_dir() -> Path:
+    """Cache folder of the default corpus: ($HNET_DATA_DIR or ~/.cache/hnet-jax)/stdlib-pyX.Y."""
+    root = os.environ.get("HNET_DATA_DIR") or os.path.join("~", ".cache", "hnet-jax")
+    return Path(root).expanduser() / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def ensure_default_corpus(verbose: bool = True) -> PreparedCorpus:
+    """Open the default corpus (Python stdlib sources), preparing it on first use."""
+    from data.shards import PrepareError
+    from data.stdlib import prepare as stdlib_prepare
+
+    path = default_corpus_dir()
+    if not (path / "meta.json").is_file():
+        try:
+            stdlib_prepare.prepare(path, verbose=False)
+        except PrepareError:
+            if not (path / "meta.json").is_file():  # not just a concurrent winner
+                raise
+    corpus = PreparedCorpus(path)
+    if verbose:
+        parts = [f"{n} {s.num_docs:,d} docs / {s.num_bytes:,d} B" for n, s in corpus.splits.items()]
+        train_sha = corpus.splits["train"].sha256[:12] if "train" in corpus.splits else "-"
+        print(f"default corpus {path}: {', '.join(parts)}; train sha256 {train_sha}…")
+    return corpus

@@ -1,0 +1,9 @@
+"""Building blocks: norms, SwiGLU MLP, causal attention, the Mamba2 mixer and isotropic stacks."""
+
+from hnet.layers.attention import CausalSelfAttention
+from hnet.layers.isotropic import Block, Isotropic
+from hnet.layers.mamba2 import Mamba2
+from hnet.layers.mlp import SwiGLU
+from hnet.layers.norm import RMSNorm
+
+__all__ = ["Block", "CausalSelfAttention", "Isotropic", "Mamba2", "RMSNorm", "SwiGLU"]

@@ -1,0 +1,28 @@
+"""Shared parameter constructors, so every layer initialises and names its weights one way.
+
+Every parameter carries logical axis names (MaxText style: "embed", "mlp", "heads", "vocab", ...);
+hnet.sharding maps them to mesh axes.
+"""
+
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02
+
+
+def linear(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs, *,
+           dtype=jnp.float32, std: float = INIT_STD, param_dtype=jnp.float32) -> nnx.Linear:
+    """A bias-free linear layer with N(0, std) weights of shape (in, out) named `axes`.
+
+    Parameters stay in `param_dtype`; inputs and weights are cast to `dtype` for the matmul.
+    """
+    init = nnx.initializers.normal(stddev=std)
+    return nnx.Linear(
+        in_features, out_features, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(init, axes), rngs=rngs,
+    )
+
+
+def param(value, axes: tuple[str, ...]) -> nnx.Param:
+    """A parameter holding `value` with logical axis names."""
+    return nnx.Param(value, out_sharding=axes)

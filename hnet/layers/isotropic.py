@@ -1,0 +1,71 @@
+"""Isotropic stacks: a sequence of pre-norm residual blocks built from a layout string."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hnet.config import ModelConfig, parse_layout
+from hnet.layers.attention import CausalSelfAttention
+from hnet.layers.mamba2 import Mamba2
+from hnet.layers.mlp import SwiGLU
+from hnet.layers.norm import RMSNorm
+
+
+def residual_count(layout: str) -> int:
+    """Residual additions in a stack: one per mixer, one more per MLP (upper-case letters)."""
+    return sum(count * (2 if letter.isupper() else 1) for letter, count in parse_layout(layout))
+
+
+class Block(nnx.Module):
+    """(B, L, D) float32 -> (B, L, D) float32: x + mixer(norm(x)) [then x + mlp(norm(x))].
+
+    letter: "m"/"M" Mamba2, "t"/"T" attention; upper case adds a SwiGLU MLP. Branches compute in
+    the config's dtype; the residual stream stays float32.
+    """
+
+    def __init__(self, letter: str, config: ModelConfig, stage: int, out_scale: float, rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(config.dtype)
+        d_model = config.d_model[stage]
+        self.norm1 = RMSNorm(d_model)
+        if letter in "mM":
+            self.mixer = Mamba2(d_model, config.ssm_cfg, dtype=self.dtype, out_scale=out_scale, rngs=rngs)
+        else:
+            attn = config.attn_cfg
+            self.mixer = CausalSelfAttention(
+                d_model, attn.num_heads[stage], config.num_kv_heads(stage), attn.rotary_emb_dim[stage],
+                attn.window_size[stage], dtype=self.dtype, out_scale=out_scale, rngs=rngs,
+            )
+        self.has_mlp = letter.isupper()
+        if self.has_mlp:
+            self.norm2 = RMSNorm(d_model)
+            self.mlp = SwiGLU(d_model, config.d_intermediate[stage], dtype=self.dtype, out_scale=out_scale, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.mixer(self.norm1(x).astype(self.dtype)).astype(jnp.float32)
+        if self.has_mlp:
+            x = x + self.mlp(self.norm2(x).astype(self.dtype)).astype(jnp.float32)
+        return x
+
+
+class Isotropic(nnx.Module):
+    """(B, L, D) -> float32 (B, L, D): the blocks of `layout` (e.g. "T1m4"), then a final RMSNorm.
+
+    n_res_outer: residual additions of the enclosing encoders; residual-branch output projections
+    are initialised with std 0.02 / sqrt(n_res_outer + this stack's own residual count).
+    """
+
+    def __init__(self, layout: str, config: ModelConfig, stage: int, n_res_outer: int, rngs: nnx.Rngs):
+        out_scale = 1.0 / math.sqrt(n_res_outer + residual_count(layout))
+        self.blocks = nnx.List([
+            Block(letter, config, stage, out_scale, rngs)
+            for letter, count in parse_layout(layout) for _ in range(count)
+        ])
+        self.norm = RMSNorm(config.d_model[stage])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)

@@ -1,0 +1,144 @@
+"""Mamba2 mixer in pure JAX, with the SSD chunked scan (Dao & Gu 2024) in float32.
+
+Shapes: B batch, L length, D width, H heads, P head dim (64), S state size, Q scan chunk size.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hnet.config import SSMConfig
+from hnet.layers.common import INIT_STD, linear, param
+from hnet.layers.norm import RMSNorm
+
+
+def causal_depthwise_conv(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
+    """x (B, L, C), weight (K, C), bias (C,) -> (B, L, C); output t sees inputs t-K+1 .. t."""
+    kernel = weight.shape[0]
+    length = x.shape[1]
+    padded = jnp.pad(x, ((0, 0), (kernel - 1, 0), (0, 0)))
+    out = sum(padded[:, k:k + length, :] * weight[k].astype(x.dtype) for k in range(kernel))
+    return out + bias.astype(x.dtype)
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None):
+    """The selective state-space recurrence, computed chunk by chunk in matmul form.
+
+    Per head h:  state_t = exp(dt_t A_h) state_{t-1} + dt_t x_t ⊗ B_t,   y_t = state_t · C_t.
+
+    x: (B, L, H, P); dt: (B, L, H) (after softplus); A: (H,) negative; B, C: (B, L, S) shared by
+    all heads; initial_state: (B, H, P, S) or None (zeros).
+    Returns y (B, L, H, P) and the final state (B, H, P, S), both float32.
+    """
+    f32 = jnp.float32
+    x, dt, A, B, C = (t.astype(f32) for t in (x, dt, A, B, C))
+    batch, length, heads, head_dim = x.shape
+    d_state = B.shape[-1]
+    chunk = min(chunk_size, length)
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    if pad:  # dt = 0 on padding: decay 1 and no input, so the final state is unchanged.
+        x, dt, B, C = (jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, dt, B, C))
+    x = x.reshape(batch, n_chunks, chunk, heads, head_dim)
+    dt = dt.reshape(batch, n_chunks, chunk, heads)
+    B = B.reshape(batch, n_chunks, chunk, d_state)
+    C = C.reshape(batch, n_chunks, chunk, d_state)
+
+    log_decay = jnp.cumsum(dt * A, axis=2)  # (B, nc, Q, H): sum of dt*A up to and including i
+    # Within a chunk: y_i = sum_{j<=i} (C_i·B_j) exp(logdecay_i - logdecay_j) dt_j x_j.
+    segment = log_decay[:, :, :, None, :] - log_decay[:, :, None, :, :]  # (B, nc, Qi, Qj, H)
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))[None, None, :, :, None]
+    decay = jnp.exp(jnp.where(causal, segment, -jnp.inf))
+    scores = jnp.einsum("bcis,bcjs->bcij", C, B)
+    weights = scores[..., None] * decay * dt[:, :, None, :, :]
+    y = jnp.einsum("bcijh,bcjhp->bcihp", weights, x)
+
+    # State contributed by each chunk alone, at its end.
+    decay_to_end = jnp.exp(log_decay[:, :, -1:, :] - log_decay)  # (B, nc, Q, H)
+    chunk_states = jnp.einsum("bcjs,bcjh,bcjhp->bchps", B, decay_to_end * dt, x)
+    # Carry states across chunks (a short sequential scan over n_chunks).
+    chunk_decay = jnp.exp(log_decay[:, :, -1, :])  # (B, nc, H)
+    if initial_state is None:
+        initial_state = jnp.zeros((batch, heads, head_dim, d_state), f32)
+
+    def carry_step(state, inputs):
+        decay_c, new_c = inputs
+        return decay_c[:, :, None, None] * state + new_c, state
+
+    final_state, states_in = jax.lax.scan(
+        carry_step, initial_state.astype(f32), (chunk_decay.swapaxes(0, 1), chunk_states.swapaxes(0, 1))
+    )
+    states_in = states_in.swapaxes(0, 1)  # (B, nc, H, P, S): state entering each chunk
+    y = y + jnp.einsum("bcis,bchps,bcih->bcihp", C, states_in, jnp.exp(log_decay))
+    y = y.reshape(batch, n_chunks * chunk, heads, head_dim)[:, :length]
+    return y, final_state
+
+
+def ssd_step(state, x, dt, A, B, C):
+    """One recurrence step. state (B, H, P, S), x (B, H, P), dt (B, H), B/C (B, S) -> (y (B, H, P), state)."""
+    f32 = jnp.float32
+    x, dt, B, C = (t.astype(f32) for t in (x, dt, B, C))
+    decay = jnp.exp(dt * A.astype(f32))
+    state = decay[:, :, None, None] * state + (dt[:, :, None] * x)[..., None] * B[:, None, None, :]
+    y = jnp.einsum("bhps,bs->bhp", state, C)
+    return y, state
+
+
+class Mamba2(nnx.Module):
+    """(B, L, D) -> (B, L, D) Mamba2 mixer.
+
+    in_proj D -> [z (Di), xBC (Di + 2S), dt (H)] with Di = expand*D and H = Di / head_dim; causal
+    depthwise conv + SiLU on xBC; SSD scan with per-head scalar A = -exp(A_log), dt = softplus(dt +
+    dt_bias), D skip; y <- RMSNorm(y * silu(z)); out_proj Di -> D.
+    """
+
+    def __init__(self, d_model: int, ssm: SSMConfig, *, dtype, out_scale: float, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.d_inner = ssm.expand * d_model
+        self.num_heads = self.d_inner // ssm.head_dim
+        self.head_dim, self.d_state, self.chunk_size = ssm.head_dim, ssm.d_state, ssm.chunk_size
+        conv_dim = self.d_inner + 2 * ssm.d_state
+        self.in_proj = linear(d_model, self.d_inner + conv_dim + self.num_heads, ("embed", "mamba_in"), rngs, dtype=dtype)
+        # Depthwise conv init as PyTorch's Conv1d default: U(-1/sqrt(K), 1/sqrt(K)).
+        bound = 1.0 / math.sqrt(ssm.d_conv)
+        self.conv_weight = param(jax.random.uniform(rngs.params(), (ssm.d_conv, conv_dim), jnp.float32, -bound, bound), ("conv", "mamba_conv"))
+        self.conv_bias = param(jax.random.uniform(rngs.params(), (conv_dim,), jnp.float32, -bound, bound), ("mamba_conv",))
+        # dt in [1e-3, 0.1], log-uniform; dt_bias is its inverse softplus.
+        log_dt = jax.random.uniform(rngs.params(), (self.num_heads,), jnp.float32, math.log(1e-3), math.log(0.1))
+        dt = jnp.maximum(jnp.exp(log_dt), 1e-4)
+        self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), ("ssm_heads",))
+        self.A_log = param(jnp.log(jax.random.uniform(rngs.params(), (self.num_heads,), jnp.float32, 1.0, 16.0)), ("ssm_heads",))
+        self.D = param(jnp.ones((self.num_heads,), jnp.float32), ("ssm_heads",))
+        self.norm = RMSNorm(self.d_inner, axis_name="mamba_inner")
+        self.out_proj = linear(self.d_inner, d_model, ("mamba_inner", "embed"), rngs, dtype=dtype, std=INIT_STD * out_scale)
+
+    def split_projection(self, zxbcdt: jax.Array):
+        """in_proj output (..., Di + Di + 2S + H) -> z (..., Di), xBC (..., Di + 2S), dt_raw (..., H)."""
+        conv_dim = self.d_inner + 2 * self.d_state
+        return zxbcdt[..., :self.d_inner], zxbcdt[..., self.d_inner:self.d_inner + conv_dim], zxbcdt[..., self.d_inner + conv_dim:]
+
+    def ssm_inputs(self, xBC: jax.Array, dt_raw: jax.Array):
+        """Conv-activated xBC (..., Di + 2S) and raw dt -> x (..., H, P), dt (..., H), A (H,), B, C (..., S)."""
+        x = xBC[..., :self.d_inner]
+        B = xBC[..., self.d_inner:self.d_inner + self.d_state]
+        C = xBC[..., self.d_inner + self.d_state:]
+        x = x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+        dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + self.dt_bias[...])
+        A = -jnp.exp(self.A_log[...])
+        return x, dt, A, B, C
+
+    def output(self, y: jax.Array, x: jax.Array, z: jax.Array) -> jax.Array:
+        """SSM output y (..., H, P) float32 + D skip, gated norm, out_proj -> (..., D)."""
+        y = y + self.D[...][:, None] * x.astype(jnp.float32)
+        y = y.reshape(*y.shape[:-2], self.d_inner)
+        y = self.norm(y * jax.nn.silu(z.astype(jnp.float32)))
+        return self.out_proj(y.astype(self.dtype))
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        z, xBC, dt_raw = self.split_projection(self.in_proj(hidden))
+        xBC = jax.nn.silu(causal_depthwise_conv(xBC, self.conv_weight[...], self.conv_bias[...]))
+        x, dt, A, B, C = self.ssm_inputs(xBC, dt_raw)
+        y, _ = ssd_scan(x, dt, A, B, C, self.chunk_size)
+        return self.output(y, x, z)

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny configs built once, so JAX compiles as little as possible."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import hnet
+from hnet import config as config_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def tiny_config(name: str, **changes) -> hnet.ModelConfig:
+    """A config from configs/ in float32 (exact comparisons), with optional field changes."""
+    config = hnet.load_config(CONFIGS / f"{name}.json")
+    return config_lib.replace(config, dtype="float32", **changes)
+
+
+def shrink(config: hnet.ModelConfig) -> hnet.ModelConfig:
+    """Same layout letters and depth, one block per letter, small widths: cheap to compile."""
+
+    def shrink_layout(layout):
+        if isinstance(layout, str):
+            return "".join(f"{letter}1" for letter, _ in config_lib.parse_layout(layout))
+        return tuple(shrink_layout(x) for x in layout)
+
+    n = len(config.d_model)
+    return config_lib.replace(
+        config,
+        arch_layout=shrink_layout(config.arch_layout),
+        d_model=tuple(32 + 16 * s for s in range(n)),
+        d_intermediate=tuple(64 if d else 0 for d in config.d_intermediate),
+        ssm_cfg=config_lib.SSMConfig(d_state=8, d_conv=4, expand=2, chunk_size=16, head_dim=16),
+        attn_cfg=config_lib.AttnConfig(num_heads=(2,) * n, rotary_emb_dim=(8,) * n,
+                                       window_size=tuple(7 if w > 0 else -1 for w in config.attn_cfg.window_size)),
+        capacity_multiple=8,
+    )
+
+
+@pytest.fixture(scope="session")
+def config_1stage():
+    return tiny_config("hnet_1stage_tiny")
+
+
+@pytest.fixture(scope="session")
+def config_2stage():
+    return tiny_config("hnet_2stage_tiny")
+
+
+__all__ = ["CONFIGS", "ROOT", "dataclasses", "shrink", "tiny_config"]

@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+import hnet
+from hnet import config as config_lib
+from conftest import CONFIGS
+
+PUBLISHED = ["hnet_1stage_L", "hnet_1stage_XL", "hnet_2stage_L", "hnet_2stage_XL"]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.name)
+def test_every_config_loads(path):
+    data = json.loads(path.read_text())
+    if "arch_layout" not in data:
+        pytest.skip("run config, tested in test_train")
+    config = hnet.load_config(path)
+    assert len(config.d_model) == config.depth + 1
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configs_keep_their_fields(name):
+    data = json.loads((CONFIGS / f"{name}.json").read_text())
+    assert set(data) == {"arch_layout", "d_model", "d_intermediate", "vocab_size", "ssm_cfg", "attn_cfg", "tie_embeddings"}
+    config = hnet.load_config(CONFIGS / f"{name}.json")
+    assert list(config.d_model) == data["d_model"]
+    assert config.routing == ("learned",) * config.depth
+    assert config.target_ratio == ((6.0,) if config.depth == 1 else (3.0, 3.0))
+
+
+BASE = {
+    "arch_layout": ["m1", ["T1"], "m1"], "d_model": [64, 96], "d_intermediate": [0, 128],
+    "attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [16, 16], "window_size": [15, -1]},
+    "ssm_cfg": {"d_state": 8, "chunk_size": 16, "head_dim": 16},
+}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"arch_layout": ["x1", ["T1"], "m1"]}, "unknown layer letter 'x'"),
+    ({"arch_layout": ["m1", ["T1"]]}, "arch_layout"),
+    ({"arch_layout": ["m1", ["T1"], "m1"], "d_model": [64, 96, 128]}, "d_model: expected 2 entries"),
+    ({"d_intermediate": [0]}, "d_intermediate: expected 2 entries"),
+    ({"d_model": [64, -96]}, "positive integers"),
+    ({"attn_cfg": {"num_heads": [3, 2], "rotary_emb_dim": [16, 16], "window_size": [15, -1]}}, "does not divide"),
+    ({"attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [16], "window_size": [15, -1]}}, "rotary_emb_dim: expected 2"),
+    ({"attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [16, 16], "window_size": [0, -1]}}, "window_size[0]"),
+    ({"ssm_cfg": {"d_state": 0}}, "ssm_cfg"),
+    ({"target_ratio": [6, 3]}, "target_ratio: expected 1"),
+    ({"target_ratio": [1]}, "must be > 1"),
+    ({"routing": ["words"]}, "routing[0]"),
+    ({"routing": ["stride:0"]}, "positive integer K"),
+    ({"d_intermediate": [0, 0]}, "has MLP blocks"),
+    ({"dtype": "float16"}, "dtype"),
+    ({"unknown_field": 1}, "unknown field(s) unknown_field"),
+])
+def test_config_errors_are_clear(tmp_path, change, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**BASE, **change}))
+    with pytest.raises(hnet.ConfigError) as err:
+        hnet.load_config(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_json_and_missing_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    with pytest.raises(hnet.ConfigError, match="not valid JSON"):
+        hnet.load_config(path)
+    with pytest.raises(hnet.ConfigError, match="no such config file"):
+        hnet.load_config(tmp_path / "absent.json")
+
+
+def test_parameter_count_matches_hand_count(capsys):
+    """transformer_byte_tiny: counted by hand from the layer definitions."""
+    d, hidden, vocab, layers = 192, 512, 256, 4
+    per_block = d + 3 * d * d + d * d + d + d * 2 * hidden + hidden * d
+    expected = vocab * d + layers * per_block + d + d * vocab
+    assert config_lib.main([str(CONFIGS / "transformer_byte_tiny.json"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total_params"] == expected
+
+
+def test_parameter_report_table(capsys):
+    assert config_lib.main([str(CONFIGS / "hnet_2stage_L.json")]) == 0
+    out = capsys.readouterr().out
+    for row in ("stage0.encoder", "stage1.routing", "stage2.main", "lm_head", "total"):
+        assert row in out
+
+
+def test_capacity_rule():
+    config = hnet.load_config(CONFIGS / "hnet_1stage_L.json")
+    # ceil(8192 / 6 * 1.25) = 1707 -> rounded up to a multiple of 128.
+    assert config.capacity(8192, 0) == 1792
+    assert config.stage_lengths(8192) == [8192, 1792]
+    assert config.capacity(100, 0) == 100  # never more than the input length

@@ -1,0 +1,197 @@
+"""Whole-model properties: causality (with many, few and overflowing boundaries), the public API,
+gradients into the router through both paths, one compile per input shape, every config runs."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import hnet
+from hnet import chunking
+from hnet.config import config_from_dict, replace
+from hnet.model import jit_forward
+from conftest import CONFIGS, shrink, tiny_config
+
+LENGTH = 96
+
+
+def byte_batch(seed: int, batch: int = 2, length: int = LENGTH) -> jnp.ndarray:
+    """Random printable bytes with a document start (BOS) in the middle of row 0."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(32, 127, size=(batch, length))
+    ids[0, length // 2] = hnet.BOS_ID
+    return jnp.asarray(ids, jnp.int32)
+
+
+def set_routing(model, mode: str, input_ids):
+    """Rank-1 routing weights along the mean encoder direction u: with W_q = W_k = u u^T
+    neighbours look alike (few boundaries); with W_k = -u u^T they look opposite (many)."""
+    for stage in stages_of(model):
+        stage.routing.q_proj[...] = jnp.eye(stage.routing.q_proj.shape[0])
+        stage.routing.k_proj[...] = jnp.eye(stage.routing.q_proj.shape[0])
+    if mode == "fresh":
+        return
+    hidden = model.backbone.encoder(model.embedding(input_ids))
+    u = hidden.mean((0, 1))
+    u = u / jnp.linalg.norm(u)
+    projection = jnp.outer(u, u)
+    model.backbone.routing.q_proj[...] = projection
+    model.backbone.routing.k_proj[...] = projection if mode == "few" else -projection
+
+
+def perturb_residual_proj(model):
+    """residual_proj starts at zero; make it nonzero so every path into the decoder is exercised."""
+    for i, stage in enumerate(stages_of(model)):
+        kernel = stage.residual_proj.kernel
+        kernel[...] = 0.1 * jax.random.normal(jax.random.key(i), kernel.shape)
+
+
+def stages_of(model):
+    stage = model.backbone
+    while not stage.is_main:
+        yield stage
+        stage = stage.inner
+
+
+@pytest.fixture(scope="module")
+def models(config_1stage, config_2stage):
+    """One model and one jitted forward per depth, shared by the tests in this file."""
+    out = {}
+    for name, config in (("1stage", config_1stage), ("2stage", config_2stage)):
+        model = hnet.build_model(config, seed=0)
+        perturb_residual_proj(model)
+        out[name] = (model, jit_forward(model))
+    return out
+
+
+@pytest.mark.parametrize("depth", ["1stage", "2stage"])
+@pytest.mark.parametrize("routing", ["fresh", "many", "few"])
+def test_causality(models, depth, routing):
+    model, forward = models[depth]
+    ids = byte_batch(0)
+    set_routing(model, routing, ids)
+    base = forward(ids)
+    fraction = float(base.stages[0].selected_fraction)
+    if routing == "many":
+        assert fraction > 0.7
+    if routing == "few":
+        assert fraction < 0.3
+    for t in (10, LENGTH // 2 + 3, LENGTH - 2):
+        changed = ids.at[:, t + 1:].set(byte_batch(t + 1)[:, t + 1:])
+        out = forward(changed)
+        np.testing.assert_allclose(out.logits[:, :t + 1], base.logits[:, :t + 1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out.stages[0].boundary_mask[:, :t + 1], base.stages[0].boundary_mask[:, :t + 1])
+        assert not np.allclose(out.logits[:, t + 1:], base.logits[:, t + 1:])
+    set_routing(model, "fresh", ids)
+
+
+def test_capacity_overflow_is_counted_and_causal():
+    config = tiny_config("hnet_1stage_tiny", capacity_slack=1.0, capacity_multiple=8)
+    model = hnet.build_model(config, seed=0)
+    perturb_residual_proj(model)
+    forward = jit_forward(model)
+    ids = byte_batch(3)
+    set_routing(model, "many", ids)
+    base = forward(ids)
+    capacity = config.capacity(LENGTH, 0)
+    boundaries = np.asarray(base.stages[0].boundary_mask).sum(axis=1)
+    assert np.all(boundaries > capacity)
+    assert int(base.stages[0].overflow) == int(np.sum(boundaries - capacity))
+    assert base.stages[0].chunk_position.shape == (2, capacity)
+    for t in (5, 40, 80):
+        changed = ids.at[:, t + 1:].set(byte_batch(t)[:, t + 1:])
+        np.testing.assert_allclose(forward(changed).logits[:, :t + 1], base.logits[:, :t + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_public_api_shapes(models, config_2stage):
+    model, forward = models["2stage"]
+    ids = byte_batch(1)
+    out = forward(ids)
+    assert out.logits.shape == (2, LENGTH, 256) and out.logits.dtype == jnp.float32
+    assert len(out.stages) == 2
+    lengths = config_2stage.stage_lengths(LENGTH)
+    for stage, length in zip(out.stages, lengths):
+        assert stage.boundary_mask.shape == (2, length) and stage.boundary_mask.dtype == jnp.bool_
+        assert stage.boundary_prob.shape == (2, length)
+        assert np.isfinite(float(stage.ratio_loss))
+    # Document starts are always boundaries, with probability 1.
+    assert bool(out.stages[0].boundary_mask[0, LENGTH // 2]) and float(out.stages[0].boundary_prob[0, LENGTH // 2]) == 1.0
+    assert bool(jnp.all(out.stages[0].boundary_mask[:, 0]))
+
+
+def test_transformer_baseline_has_no_stages():
+    config = tiny_config("transformer_byte_tiny")
+    model = hnet.build_model(config)
+    assert isinstance(model, hnet.TransformerLM)
+    out = model(byte_batch(0, length=16))
+    assert out.stages == () and out.logits.shape == (2, 16, 256)
+
+
+def ce_loss_and_router_grads(model, ids):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def grads(params):
+        def loss(params):
+            out = nnx.merge(graphdef, params, rest)(ids)
+            return hnet.cross_entropy(out.logits[:, :-1], ids[:, 1:]).mean()
+        return jax.grad(loss)(params)
+
+    routing = grads(params)["backbone"]["routing"]
+    return float(jnp.abs(routing["q_proj"][...]).sum()), float(jnp.abs(routing["k_proj"][...]).sum())
+
+
+def test_gradients_reach_router_through_ste_and_ema_paths(monkeypatch, config_1stage):
+    model = hnet.build_model(config_1stage, seed=0)
+    ids = byte_batch(2)
+    both = ce_loss_and_router_grads(model, ids)
+    assert min(both) > 0
+
+    # EMA path only: the STE contributes no gradient.
+    monkeypatch.setattr(chunking, "straight_through", lambda c: jnp.ones_like(c))
+    ema_only = ce_loss_and_router_grads(model, ids)
+    assert min(ema_only) > 0
+    monkeypatch.undo()
+
+    # STE path only: no gradient through the smoothing probabilities.
+    original = chunking.dechunk
+    monkeypatch.setattr(chunking, "dechunk", lambda v, p, layout: original(v, jax.lax.stop_gradient(p), layout))
+    ste_only = ce_loss_and_router_grads(model, ids)
+    assert min(ste_only) > 0
+    assert ste_only != pytest.approx(both) and ema_only != pytest.approx(both)
+
+
+def test_forward_compiles_once_per_shape(models):
+    model, forward = models["1stage"]
+    forward(byte_batch(5))
+    before = forward.jitted._cache_size()
+    forward(byte_batch(6))
+    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 1.0001  # new weights, same shapes
+    forward(byte_batch(7))
+    assert forward.jitted._cache_size() == before
+    forward(byte_batch(8, length=64))
+    assert forward.jitted._cache_size() == before + 1
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.glob("*.json") if "arch_layout" in json.loads(p.read_text())),
+                         ids=lambda p: p.stem)
+def test_shrunken_copy_of_every_config_runs(path):
+    config = shrink(replace(hnet.load_config(path), dtype="float32"))
+    model = hnet.build_model(config)
+    out = jit_forward(model)(byte_batch(0, length=40))
+    assert out.logits.shape == (2, 40, config.vocab_size)
+    assert np.all(np.isfinite(np.asarray(out.logits)))
+    assert len(out.stages) == config.depth
+
+
+def test_heuristic_routing_runs_without_ratio_loss(config_1stage):
+    for mode in ("space", "stride:4"):
+        model = hnet.build_model(replace(config_1stage, routing=(mode,)))
+        ids = jnp.asarray([list(b"def f(x):\n    return x + 1\n" * 3)[:64]], jnp.int32)
+        stage = jit_forward(model)(ids).stages[0]
+        assert float(stage.ratio_loss) == 0.0
+        expected = chunking.space_boundaries(ids) if mode == "space" else chunking.stride_boundaries(ids.shape, 4)
+        np.testing.assert_array_equal(stage.boundary_mask, expected)
