@@ -1,0 +1,198 @@
+"""Run configuration for train.py: model, data, optimisation and loop settings, all explicit.
+
+A run config is JSON with three sections; every key is known (unknown keys are errors):
+
+    {
+      "model": {"config": "hnet_1stage_tiny.json", "dtype": "float32"},   # base file + overrides
+      "data":  {"corpus": "default"},                                     # or a prepared folder
+      "train": {"steps": 600, "batch_size": 8, "seq_len": 512, "lr": 2e-3, ...}
+    }
+
+`model` may also be a path string, or a full inline model config. Paths are looked up as given,
+then next to the run config, then in the repository's configs/ folder. Command-line overrides
+(`--set train.lr=3e-4 --set model.dtype=bfloat16`) take JSON values (or bare strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hnet.config import ConfigError, ModelConfig, config_from_dict
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_RUN = CONFIGS_DIR / "run_tiny.json"
+SCHEDULES = ("wsd", "cosine", "constant")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "default"          # "default" (Python stdlib sources) or a prepared corpus folder
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 8              # global sequences per optimizer step
+    seq_len: int = 512               # bytes per sequence
+    grad_accum: int = 1              # the batch is split into this many micro-batches
+    seed: int = 0
+    # Optimizer: AdamW with global-norm clipping.
+    lr: float = 2e-3
+    schedule: str = "wsd"            # warmup-stable-decay, cosine, or constant (after warmup)
+    warmup_frac: float = 0.1
+    decay_frac: float = 0.2          # wsd: final fraction of steps decaying linearly to min_lr
+    min_lr_frac: float = 0.0         # final lr as a fraction of lr
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    stage_lr_multipliers: tuple[float, ...] | None = None  # per stage, outermost first (depth + 1)
+    ratio_loss_weight: float = 0.03  # alpha in CE + alpha * sum of ratio losses
+    # Loop.
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5     # stop after this many skipped updates in a row
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: dict                      # the resolved model config dictionary
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return config_from_dict(self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
+
+
+def _find(path: str, base: Path | None) -> Path:
+    candidates = [Path(path)]
+    if base is not None:
+        candidates.append(base / path)
+    candidates.append(CONFIGS_DIR / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"model config {path!r} not found (looked in ., {base or '-'}, {CONFIGS_DIR})")
+
+
+def _resolve_model(value, base: Path | None) -> dict:
+    """A path, {"config": path, **overrides}, or an inline dict -> a model config dictionary."""
+    if isinstance(value, str):
+        value = {"config": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"model: expected a config path or an object, got {value!r}")
+    value = dict(value)
+    if "config" in value:
+        path = _find(value.pop("config"), base)
+        try:
+            loaded = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        value = {**loaded, **value}
+    return value
+
+
+def _section(cls, data, name):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected an object, got {data!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    defaults = cls()
+    for key, value in data.items():
+        expected = type(getattr(defaults, key))
+        if expected in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{name}.{key}: expected a number, got {value!r}")
+        if expected is int and not float(value).is_integer():
+            raise ConfigError(f"{name}.{key}: expected an integer, got {value!r}")
+        if expected is str and not isinstance(value, str):
+            raise ConfigError(f"{name}.{key}: expected a string, got {value!r}")
+    values = {k: (int(v) if type(getattr(defaults, k)) is int else v) for k, v in data.items()}
+    if values.get("stage_lr_multipliers") is not None:
+        values["stage_lr_multipliers"] = tuple(values["stage_lr_multipliers"])
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """"train.lr=3e-4" -> (["train", "lr"], 0.0003). Values are JSON, else plain strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    parts = key.strip().split(".")
+    if len(parts) != 2 or parts[0] not in ("model", "data", "train"):
+        raise ConfigError(f"--set {text!r}: key must be model.X, data.X or train.X")
+    return parts, value
+
+
+def run_config_from_dict(data: dict, overrides: list[str] = (), base: Path | None = None) -> RunConfig:
+    """Resolve, apply overrides, validate. Raises ConfigError with a one-line message."""
+    if not isinstance(data, dict):
+        raise ConfigError("run config: expected a JSON object")
+    unknown = sorted(set(data) - {"model", "data", "train"})
+    if unknown:
+        raise ConfigError(f"run config: unknown section(s) {', '.join(unknown)} (known: data, model, train)")
+    if "model" not in data:
+        raise ConfigError("run config: missing the 'model' section")
+    sections = {"model": _resolve_model(data["model"], base), "data": dict(data.get("data", {})),
+                "train": dict(data.get("train", {}))}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        sections[section][key] = value
+    model_config = config_from_dict(sections["model"])
+    run = RunConfig(
+        model=json.loads(json.dumps(model_config.to_dict())),  # plain JSON types, as saved in checkpoints
+        data=_section(DataConfig, sections["data"], "data"),
+        train=_section(TrainConfig, sections["train"], "train"),
+    )
+    validate_run(run, model_config)
+    return run
+
+
+def validate_run(run: RunConfig, model_config: ModelConfig) -> None:
+    t = run.train
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches",
+                 "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.grad_accum {t.grad_accum} must divide train.batch_size {t.batch_size}")
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule: expected one of {SCHEDULES}, got {t.schedule!r}")
+    if not (0 <= t.warmup_frac < 1 and 0 <= t.decay_frac <= 1 and t.warmup_frac + t.decay_frac <= 1):
+        raise ConfigError(f"train.warmup_frac/decay_frac: need 0 <= warmup, decay and warmup + decay <= 1")
+    if t.lr <= 0 or t.grad_clip <= 0 or t.weight_decay < 0 or t.ratio_loss_weight < 0:
+        raise ConfigError("train.lr and train.grad_clip must be > 0; weight_decay and ratio_loss_weight >= 0")
+    if t.stage_lr_multipliers is not None and len(t.stage_lr_multipliers) != model_config.depth + 1:
+        raise ConfigError(f"train.stage_lr_multipliers: expected {model_config.depth + 1} entries "
+                          f"(one per stage), got {len(t.stage_lr_multipliers)}")
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Load a run config file (default: configs/run_tiny.json) and apply --set overrides."""
+    path = Path(path) if path is not None else DEFAULT_RUN
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such run config") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    return run_config_from_dict(data, overrides, base=path.parent)
