@@ -59,8 +59,22 @@ class StepFunctions:
     tx: optax.GradientTransformation
 
 
+_STEP_FUNCTIONS: dict[str, StepFunctions] = {}
+
+
 def make_step_functions(graphdef, params, run: RunConfig) -> StepFunctions:
-    """Build the jitted train and eval steps for a model split as (graphdef, params)."""
+    """The jitted train and eval steps for a model split as (graphdef, params).
+
+    Cached per model and train config, so that a resumed or repeated run in the same process
+    reuses the compiled steps instead of compiling again.
+    """
+    key = json.dumps({"model": run.model, "train": run.to_dict()["train"]}, sort_keys=True)
+    if key not in _STEP_FUNCTIONS:
+        _STEP_FUNCTIONS[key] = _build_step_functions(graphdef, params, run)
+    return _STEP_FUNCTIONS[key]
+
+
+def _build_step_functions(graphdef, params, run: RunConfig) -> StepFunctions:
     train = run.train
     tx, schedule = make_optimizer(train, params)
 
@@ -87,7 +101,7 @@ def make_step_functions(graphdef, params, run: RunConfig) -> StepFunctions:
             (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (input_ids, targets))
             scale = 1.0 / input_ids.shape[0]
             grads, metrics = jax.tree_util.tree_map(lambda x: x * scale, (grads, metrics))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

@@ -1,0 +1,60 @@
+"""hnet.plot writes its PNGs from a metrics.jsonl; hnet.bench times a tiny training step."""
+
+import json
+
+import pytest
+
+from hnet.train_loop import RunError
+
+pytest.importorskip("matplotlib")
+
+
+def write_metrics(run_dir, steps=30, eval_every=10):
+    """A synthetic metrics.jsonl in the train loop's format: a 1-stage run, train and eval rows."""
+    lines = []
+    for step in range(1, steps + 1):
+        bpb = 8.0 / (1 + 0.1 * step)
+        lines.append({"step": step, "bytes_seen": 4096 * step, "loss": bpb * 0.7 + 0.04, "bpb": bpb, "ce": bpb * 0.69,
+                      "lr": 1e-3, "grad_norm": 1.0, "bytes_per_sec": 5000.0, "finite": True, "nonfinite_run": 0,
+                      "stage0_bytes_per_chunk": 2.0 + step / 10, "stage0_overflow_rate": 0.01})
+        if step % eval_every == 0:
+            lines.append({"step": step, "bytes_seen": 4096 * step, "split": "validation", "eval_bpb": bpb + 0.1,
+                          "eval_stage0_bytes_per_chunk": 2.5 + step / 10, "eval_stage0_overflow_rate": 0.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in lines))
+
+
+def test_plot_run_writes_both_pngs(tmp_path):
+    from hnet.plot import plot_run
+
+    write_metrics(tmp_path)
+    paths = plot_run(tmp_path)
+    assert sorted(p.name for p in paths) == ["curves_bpb.png", "curves_chunks.png"]
+    for path in paths:
+        assert path.parent == tmp_path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_plot_run_missing_or_empty_metrics(tmp_path):
+    from hnet.plot import plot_run
+
+    with pytest.raises(RunError, match="metrics.jsonl"):
+        plot_run(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(RunError, match="no metric rows"):
+        plot_run(tmp_path)
+
+
+def test_bench_train_json(capsys):
+    from hnet import bench
+
+    # A one-block Transformer keeps compilation to a few seconds; the timing code is model-agnostic.
+    overrides = ["train.batch_size=2", "train.seq_len=64", 'model.arch_layout=["T1"]', "model.d_model=[32]",
+                 "model.d_intermediate=[64]", "model.target_ratio=null",
+                 'model.attn_cfg={"num_heads": [2], "rotary_emb_dim": [8], "window_size": [-1]}']
+    argv = ["train", *(arg for text in overrides for arg in ("--set", text)), "--steps", "2", "--warmup", "1", "--json"]
+    result = bench.main(argv)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == result
+    assert result["batch_size"] == 2 and result["seq_len"] == 64
+    assert result["params"] > 0 and result["step_s_median"] > 0
+    assert result["bytes_per_sec"] > 0

@@ -1,0 +1,141 @@
+"""Training: loss goes down, resume reproduces the same losses bit for bit, preemption saves and
+exits 0, non-finite steps are skipped and stop the run, bad input gets a one-line error."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train as train_cli
+from hnet.run_config import run_config_from_dict
+from hnet.train_loop import RunError, train
+from conftest import ROOT
+
+# A very small H-Net so each run compiles in seconds.
+SMALL_MODEL = {
+    "arch_layout": ["m1", ["T1"], "m1"], "d_model": [48, 64], "d_intermediate": [0, 128],
+    "ssm_cfg": {"d_state": 8, "chunk_size": 32, "head_dim": 16, "expand": 2, "d_conv": 4},
+    "attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [8, 16], "window_size": [31, -1]},
+    "target_ratio": [4], "capacity_multiple": 16, "dtype": "float32",
+}
+
+
+def small_run(**train_overrides) -> dict:
+    train = {"steps": 8, "batch_size": 4, "seq_len": 64, "lr": 3e-3, "log_every": 2, "eval_every": 100,
+             "eval_batches": 2, "checkpoint_every": 4, **train_overrides}
+    return {"model": SMALL_MODEL, "data": {"corpus": "default"}, "train": train}
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def test_loss_decreases_on_default_corpus(tmp_path):
+    run = run_config_from_dict(small_run(steps=40, lr=5e-3, batch_size=8, eval_every=40, eval_batches=4))
+    summary = train(run, tmp_path / "run", progress=False, verbose=False)
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 40
+    assert np.mean(curve[-8:]) < np.mean(curve[:8]) - 0.5
+    assert summary["eval"]["bpb"] < 6.0 and summary["eval"]["stage0_bytes_per_chunk"] > 1.0
+
+
+def test_resume_reproduces_losses_exactly(tmp_path):
+    run = run_config_from_dict(small_run(steps=8, grad_accum=2))
+    train(run, tmp_path / "straight", progress=False, verbose=False)
+    first = train(run, tmp_path / "resumed", progress=False, verbose=False, max_steps=4)
+    assert first["step"] == 4
+    train(None, tmp_path / "resumed", resume=True, progress=False, verbose=False)
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(straight) == len(resumed) == 8
+    assert straight == resumed  # bitwise on CPU
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+    run = run_config_from_dict(small_run(steps=30, lr=1e30, log_every=1, checkpoint_every=1, max_nonfinite_steps=3,
+                                         warmup_frac=0.0, grad_clip=1e30))
+    with pytest.raises(RunError, match="non-finite steps in a row .* last good checkpoint"):
+        train(run, tmp_path / "run", progress=False, verbose=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["finite"] for row in rows][-3:] == [False, False, False]
+
+
+def run_cli(args, capsys):
+    code = train_cli.main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def write_run(tmp_path, run: dict, name="run.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(run))
+    return str(path)
+
+
+def test_bad_config_is_one_line_error(tmp_path, capsys):
+    config = write_run(tmp_path, small_run())
+    code, err = run_cli(["--config", config, "--workdir", str(tmp_path / "r"), "--set", "train.nonsense=1"], capsys)
+    assert code == 2 and err.startswith("error:") and "nonsense" in err and "\n" not in err
+    code, err = run_cli(["--config", str(tmp_path / "absent.json")], capsys)
+    assert code == 2 and "no such run config" in err
+
+
+def test_missing_and_corrupt_data_are_one_line_errors(tmp_path, capsys):
+    missing = small_run()
+    missing["data"] = {"corpus": str(tmp_path / "nowhere")}
+    code, err = run_cli(["--config", write_run(tmp_path, missing), "--workdir", str(tmp_path / "r1")], capsys)
+    assert code == 2 and err.startswith("error:") and "\n" not in err
+
+    from data.text import prepare as text_prepare
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(30):
+        (docs / f"{i}.txt").write_text(f"document {i} " * 40)
+    corpus = tmp_path / "corpus"
+    text_prepare.main([str(docs), "--out", str(corpus), "--validation-fraction", "0.2"])
+    shard = sorted(corpus.glob("train_*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated: a corrupt shard
+    corrupt = small_run()
+    corrupt["data"] = {"corpus": str(corpus)}
+    code, err = run_cli(["--config", write_run(tmp_path, corrupt, "c.json"), "--workdir", str(tmp_path / "r2")], capsys)
+    assert code == 2 and err.startswith("error:") and "\n" not in err
+
+
+def test_run_folder_is_never_overwritten_and_resume_checks_model(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(run_config_from_dict(small_run(steps=2)), run_dir, progress=False, verbose=False)
+    saved = (run_dir / "config.json").read_text()
+    config = write_run(tmp_path, small_run(steps=2))
+    code, err = run_cli(["--config", config, "--workdir", str(run_dir)], capsys)
+    assert code == 2 and "already holds a run" in err
+    other = small_run()
+    other["model"] = {**SMALL_MODEL, "d_model": [48, 80]}
+    code, err = run_cli(["--config", write_run(tmp_path, other, "other.json"), "--workdir", str(run_dir), "--resume"], capsys)
+    assert code == 2 and "different model config" in err and "d_model" in err
+    code, err = run_cli(["--workdir", str(tmp_path / "empty"), "--resume"], capsys)
+    assert code == 2 and "holds no run" in err
+    assert (run_dir / "config.json").read_text() == saved
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    config = write_run(tmp_path, small_run(steps=100000, log_every=1, checkpoint_every=100000))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", config, "--workdir", str(run_dir), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "stopped by SIGTERM" in output
+    steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and max(steps) >= 3
