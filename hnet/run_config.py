@@ -37,7 +37,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 8              # global sequences per optimizer step
     seq_len: int = 512               # bytes per sequence
     grad_accum: int = 1              # the batch is split into this many micro-batches

@@ -11,7 +11,7 @@ from flax import nnx
 
 import hnet
 from hnet import chunking
-from hnet.config import config_from_dict, replace
+from hnet.config import AttnConfig, replace
 from hnet.model import jit_forward
 from conftest import CONFIGS, shrink, tiny_config
 
@@ -195,3 +195,35 @@ def test_heuristic_routing_runs_without_ratio_loss(config_1stage):
         assert float(stage.ratio_loss) == 0.0
         expected = chunking.space_boundaries(ids) if mode == "space" else chunking.stride_boundaries(ids.shape, 4)
         np.testing.assert_array_equal(stage.boundary_mask, expected)
+
+
+@pytest.mark.parametrize("mode", ["space", "stride:3"])
+def test_causality_with_heuristic_routing(config_1stage, mode):
+    model = hnet.build_model(replace(config_1stage, routing=(mode,)))
+    perturb_residual_proj(model)
+    forward = jit_forward(model)
+    ids = jnp.asarray([list(b"for word in text.split(): print(word, len(word))  # a comment\n" * 2)[:LENGTH]] * 2, jnp.int32)
+    base = forward(ids)
+    for t in (7, 50, 90):
+        changed = ids.at[:, t + 1:].set(byte_batch(t)[:, t + 1:])
+        out = forward(changed)
+        np.testing.assert_allclose(out.logits[:, :t + 1], base.logits[:, :t + 1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out.stages[0].boundary_mask[:, :t + 1], base.stages[0].boundary_mask[:, :t + 1])
+
+
+def test_three_stage_hierarchy_runs_and_is_causal(config_2stage):
+    config = replace(
+        shrink(config_2stage),
+        arch_layout=("m1", ("m1", ("m1", ("T1",), "m1"), "m1"), "m1"),
+        d_model=(32, 32, 48, 64), d_intermediate=(0, 0, 0, 64), target_ratio=(2, 2, 2), routing=None,
+        attn_cfg=AttnConfig(num_heads=(2,) * 4, rotary_emb_dim=(8,) * 4, window_size=(-1,) * 4),
+    )
+    model = hnet.build_model(config)
+    perturb_residual_proj(model)
+    forward = jit_forward(model)
+    ids = byte_batch(4)
+    base = forward(ids)
+    assert len(base.stages) == 3
+    assert [s.boundary_mask.shape[1] for s in base.stages] == config.stage_lengths(LENGTH)[:3]
+    changed = ids.at[:, 41:].set(byte_batch(9)[:, 41:])
+    np.testing.assert_allclose(forward(changed).logits[:, :41], base.logits[:, :41], rtol=1e-5, atol=1e-5)

@@ -51,6 +51,10 @@ def test_resume_reproduces_losses_exactly(tmp_path):
     train(run, tmp_path / "straight", progress=False, verbose=False)
     first = train(run, tmp_path / "resumed", progress=False, verbose=False, max_steps=4)
     assert first["step"] == 4
+    # What a kill -9 during a save leaves behind: an unfinished temporary checkpoint folder.
+    partial = tmp_path / "resumed" / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "partial.bin").write_bytes(b"\0" * 100)
     train(None, tmp_path / "resumed", resume=True, progress=False, verbose=False)
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert len(straight) == len(resumed) == 8
