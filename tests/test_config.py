@@ -12,9 +12,11 @@ PUBLISHED = ["hnet_1stage_L", "hnet_1stage_XL", "hnet_2stage_L", "hnet_2stage_XL
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.json")), ids=lambda p: p.name)
 def test_every_config_loads(path):
     data = json.loads(path.read_text())
-    if "arch_layout" not in data:
-        pytest.skip("run config, tested in test_train")
-    config = hnet.load_config(path)
+    if "arch_layout" not in data:  # a run config: it names a model config
+        from hnet.run_config import load_run_config
+        config = load_run_config(path).model_config
+    else:
+        config = hnet.load_config(path)
     assert len(config.d_model) == config.depth + 1
 
 
