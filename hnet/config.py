@@ -199,7 +199,8 @@ def _as_tuple(value, name):
     return tuple(value)
 
 
-def _dataclass_from_dict(cls, data: dict, name: str):
+def check_fields(cls, data: dict, name: str) -> dict:
+    """`data` must be a dict whose keys are all fields of dataclass `cls`; returns it."""
     if not isinstance(data, dict):
         raise ConfigError(f"{name}: expected an object, got {data!r}")
     known = {f.name for f in dataclasses.fields(cls)}
@@ -211,12 +212,12 @@ def _dataclass_from_dict(cls, data: dict, name: str):
 
 def config_from_dict(data: dict) -> ModelConfig:
     """Build and validate a ModelConfig from a (published-format) dictionary."""
-    data = dict(_dataclass_from_dict(ModelConfig, data, "model config"))
+    data = dict(check_fields(ModelConfig, data, "model config"))
     for required in ("arch_layout", "d_model"):
         if required not in data:
             raise ConfigError(f"model config: missing required field {required!r}")
-    ssm = SSMConfig(**_dataclass_from_dict(SSMConfig, data.pop("ssm_cfg", {}) or {}, "ssm_cfg"))
-    attn_raw = dict(_dataclass_from_dict(AttnConfig, data.pop("attn_cfg", {}) or {}, "attn_cfg"))
+    ssm = SSMConfig(**check_fields(SSMConfig, data.pop("ssm_cfg", {}) or {}, "ssm_cfg"))
+    attn_raw = dict(check_fields(AttnConfig, data.pop("attn_cfg", {}) or {}, "attn_cfg"))
     attn = AttnConfig(**{k: _as_tuple(v, f"attn_cfg.{k}") for k, v in attn_raw.items()})
     data["arch_layout"] = _layout_to_tuples(data["arch_layout"]) if isinstance(data["arch_layout"], (list, tuple)) else data["arch_layout"]
     for key in ("d_model", "d_intermediate", "target_ratio", "routing"):

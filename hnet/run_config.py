@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hnet.config import ConfigError, ModelConfig, config_from_dict
+from hnet.config import ConfigError, ModelConfig, check_fields, config_from_dict
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_RUN = CONFIGS_DIR / "run_tiny.json"
@@ -107,12 +107,7 @@ def _resolve_model(value, base: Path | None) -> dict:
 
 
 def _section(cls, data, name):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{name}: expected an object, got {data!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{name}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    check_fields(cls, data, name)
     defaults = cls()
     for key, value in data.items():
         expected = type(getattr(defaults, key))
