@@ -335,15 +335,20 @@ def validate(config: ModelConfig) -> ModelConfig:
     )
 
 
+def read_json(path: Path, what: str = "config file"):
+    """Parse a JSON file; a missing or malformed file is a one-line ConfigError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+
+
 def load_config(path: str | Path) -> ModelConfig:
     """Load and validate a model config JSON file. Raises ConfigError with a one-line message."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    data = read_json(path)
     try:
         return config_from_dict(data)
     except ConfigError as err:
@@ -402,12 +407,17 @@ def format_report(config: ModelConfig, counts: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+_STAGE_PARTS = ["encoder", "routing", "residual_proj", "pad_dimension", "main", "decoder"]
+
+
 def _report_order(name: str):
-    order = {"embedding": (-1, 0), "lm_head": (99, 0)}
-    if name in order:
-        return order[name]
+    """Embedding first, then stages outermost-in in data-flow order, then the LM head."""
+    if name == "embedding":
+        return (-1, 0)
+    if name == "lm_head":
+        return (10**6, 0)
     stage, part = name.split(".", 1)
-    return (int(stage[5:]), ["encoder", "routing", "residual_proj", "pad_dimension", "main", "decoder"].index(part) if part in ("encoder", "routing", "residual_proj", "pad_dimension", "main", "decoder") else 50)
+    return (int(stage[len("stage"):]), _STAGE_PARTS.index(part) if part in _STAGE_PARTS else len(_STAGE_PARTS))
 
 
 def main(argv: list[str] | None = None) -> int:

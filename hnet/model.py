@@ -16,7 +16,7 @@ from flax import struct
 
 from hnet import chunking
 from hnet.config import ModelConfig
-from hnet.data import BOS_ID, EOS_ID  # noqa: F401  (EOS_ID re-exported for generation)
+from hnet.data import BOS_ID, EOS_ID  # noqa: F401  (EOS_ID is re-exported: hnet.EOS_ID)
 from hnet.layers.common import linear, param
 from hnet.layers.isotropic import Isotropic, residual_count
 

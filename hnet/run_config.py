@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hnet.config import ConfigError, ModelConfig, check_fields, config_from_dict
+from hnet.config import ConfigError, ModelConfig, check_fields, config_from_dict, read_json
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_RUN = CONFIGS_DIR / "run_tiny.json"
@@ -97,12 +97,7 @@ def _resolve_model(value, base: Path | None) -> dict:
         raise ConfigError(f"model: expected a config path or an object, got {value!r}")
     value = dict(value)
     if "config" in value:
-        path = _find(value.pop("config"), base)
-        try:
-            loaded = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        value = {**loaded, **value}
+        value = {**read_json(_find(value.pop("config"), base)), **value}
     return value
 
 
@@ -173,7 +168,7 @@ def validate_run(run: RunConfig, model_config: ModelConfig) -> None:
     if t.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule: expected one of {SCHEDULES}, got {t.schedule!r}")
     if not (0 <= t.warmup_frac < 1 and 0 <= t.decay_frac <= 1 and t.warmup_frac + t.decay_frac <= 1):
-        raise ConfigError(f"train.warmup_frac/decay_frac: need 0 <= warmup, decay and warmup + decay <= 1")
+        raise ConfigError("train.warmup_frac/decay_frac: need 0 <= warmup, decay and warmup + decay <= 1")
     if t.lr <= 0 or t.grad_clip <= 0 or t.weight_decay < 0 or t.ratio_loss_weight < 0:
         raise ConfigError("train.lr and train.grad_clip must be > 0; weight_decay and ratio_loss_weight >= 0")
     if t.stage_lr_multipliers is not None and len(t.stage_lr_multipliers) != model_config.depth + 1:
@@ -184,10 +179,4 @@ def validate_run(run: RunConfig, model_config: ModelConfig) -> None:
 def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Load a run config file (default: configs/run_tiny.json) and apply --set overrides."""
     path = Path(path) if path is not None else DEFAULT_RUN
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such run config") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    return run_config_from_dict(data, overrides, base=path.parent)
+    return run_config_from_dict(read_json(path, "run config"), overrides, base=path.parent)

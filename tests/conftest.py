@@ -1,6 +1,5 @@
 """Shared fixtures: tiny configs built once, so JAX compiles as little as possible."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -48,5 +47,3 @@ def config_1stage():
 def config_2stage():
     return tiny_config("hnet_2stage_tiny")
 
-
-__all__ = ["CONFIGS", "ROOT", "dataclasses", "shrink", "tiny_config"]

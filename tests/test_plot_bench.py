@@ -6,8 +6,6 @@ import pytest
 
 from hnet.train_loop import RunError
 
-pytest.importorskip("matplotlib")
-
 
 def write_metrics(run_dir, steps=30, eval_every=10):
     """A synthetic metrics.jsonl in the train loop's format: a 1-stage run, train and eval rows."""
