@@ -1,22 +1,36 @@
-"""Byte-level data loading for H-Net: prepared corpora, packing, grain pipelines.
+"""Data loading: prepared corpora (bytes or BPE tokens), packing, grain pipelines.
 
 A prepared corpus (format "hnet-bytes-v1", written by `python -m data.prepare`)
 is a folder with meta.json and, per split, shards `{split}_{i:05d}.bin` (document
 bytes concatenated) + `{split}_{i:05d}.idx.npy` (int64 document start offsets,
 then the file size). See data/shards.py.
 
-Packing. Within a shard the token stream is
+A token corpus (format "hnet-tokens-v1", written by hnet.tokenizer.tokenize_corpus)
+is the same layout over token ids instead of bytes: the .bin files hold uint16
+(or uint32) ids, the offsets count tokens, and meta.json adds "dtype", "bos_id",
+"vocab_size" and per split "num_tokens" next to "num_bytes" (text bytes). Its
+token_bytes.npy gives the bytes each id decodes to. Everything below works on
+"elements" (a byte, or a token id) and treats both formats alike.
 
-    BOS doc0 BOS doc1 BOS doc2 ...          (one BOS_ID byte before each document)
+Packing. Within a shard the element stream is
 
-(BOS_ID = 254 never occurs in valid UTF-8, so it is unambiguous in text corpora)
-and, for a sequence length L, sequence j of the shard is the window of stream
-positions [j*L, j*L + L + 1): L + 1 bytes, consecutive windows overlapping by
-one byte, so inputs = window[:-1] and targets = window[1:] cover every stream
-position exactly once as a target. The final partial window of each shard is
-dropped (at most L stream positions per shard). Sequences are numbered globally,
+    BOS doc0 BOS doc1 BOS doc2 ...          (one BOS element before each document)
+
+(in a byte corpus BOS_ID = 254, which never occurs in valid UTF-8, so it is
+unambiguous in text corpora; a token corpus uses its tokenizer's BOS id) and, for
+a sequence length L, sequence j of the shard is the window of stream positions
+[j*L, j*L + L + 1): L + 1 elements, consecutive windows overlapping by one, so
+inputs = window[:-1] and targets = window[1:] cover every stream position
+exactly once as a target. The final partial window of each shard is dropped (at
+most L stream positions per shard). Sequences are numbered globally,
 shard-major. A window is built from the .idx offsets with two np.searchsorted
 calls and one contiguous read of the memory-mapped .bin: O(log docs + L).
+
+Bits per byte. Every target stands for a number of text bytes,
+`corpus.bytes_per_id[target]`: 1 for every byte, and a token's decoded length
+for a token; BOS counts as one byte in both formats (it is one element of the
+byte stream), so a byte model and a token model scored over the same documents
+divide by the same number of bytes.
 
 Training pipeline (`make_dataset`): grain MapDataset
     source -> shuffle(seed) -> repeat(num_epochs) -> process slice -> batch -> to dict
@@ -44,6 +58,8 @@ BOS_ID = 254  # byte id put before every document
 EOS_ID = 255  # byte id the model may use to end generation (not inserted by packing)
 
 FORMAT = "hnet-bytes-v1"
+TOKENS_FORMAT = "hnet-tokens-v1"
+TOKEN_DTYPES = ("uint16", "uint32")  # element types a token corpus may use
 
 
 class DataError(Exception):
@@ -60,17 +76,22 @@ class SplitInfo:
 
     name: str
     shards: tuple[str, ...]  # .bin file names, in order
-    num_bytes: int
+    num_bytes: int           # text bytes of the documents
     num_docs: int
-    sha256: str
+    sha256: str              # of the .bin contents, in order
+    num_tokens: int          # elements in the shards: bytes (= num_bytes), or token ids
 
 
 class PreparedCorpus:
-    """A prepared corpus folder, opened lazily.
+    """A prepared corpus folder (bytes or tokens, see the module doc), opened lazily.
 
     Opening reads meta.json and every shard's small .idx.npy, and checks them
     against each other and the .bin sizes (raising DataError on any mismatch);
     the .bin files are only memory-mapped when first used, never read whole.
+
+    Attributes: `dtype` of the elements (uint8 for bytes), `bos_id` (put before
+    each document by packing), `vocab_size` and `bytes_per_id` (int64
+    (vocab_size,), see the module doc).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -84,7 +105,10 @@ class PreparedCorpus:
             meta = json.loads(meta_path.read_text())
             fmt = meta.get("format")
             splits = meta["splits"]
+            if fmt not in (FORMAT, TOKENS_FORMAT):
+                raise DataError(f"{meta_path} has format {fmt!r}, expected {FORMAT!r} or {TOKENS_FORMAT!r}")
             self.source: str = str(meta.get("source", ""))
+            self.is_tokens = fmt == TOKENS_FORMAT
             self.splits: dict[str, SplitInfo] = {
                 name: SplitInfo(
                     name=name,
@@ -92,28 +116,50 @@ class PreparedCorpus:
                     num_bytes=int(s["num_bytes"]),
                     num_docs=int(s["num_docs"]),
                     sha256=str(s["sha256"]),
+                    num_tokens=int(s["num_tokens"] if self.is_tokens else s["num_bytes"]),
                 )
                 for name, s in splits.items()
             }
+            if self.is_tokens:
+                if meta["dtype"] not in TOKEN_DTYPES:
+                    raise DataError(f"{meta_path}: dtype {meta['dtype']!r} is not one of {TOKEN_DTYPES}")
+                self.dtype = np.dtype(meta["dtype"])
+                self.bos_id, self.vocab_size = int(meta["bos_id"]), int(meta["vocab_size"])
+            else:
+                self.dtype, self.bos_id, self.vocab_size = np.dtype(np.uint8), BOS_ID, 256
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{meta_path} cannot be parsed ({type(e).__name__}: {e})") from None
-        if fmt != FORMAT:
-            raise DataError(f"{meta_path} has format {fmt!r}, expected {FORMAT!r}")
+        self.bytes_per_id = self._load_bytes_per_id()
         # offsets[split][i]: int64 (docs_in_shard + 1,) document start offsets of shard i.
         self._offsets: dict[str, list[np.ndarray]] = {
             name: [self._load_offsets(name, shard) for shard in info.shards]
             for name, info in self.splits.items()
         }
+        unit = "tokens" if self.is_tokens else "bytes"
         for name, info in self.splits.items():
-            num_bytes = sum(int(o[-1]) for o in self._offsets[name])
+            num_tokens = sum(int(o[-1]) for o in self._offsets[name])
             num_docs = sum(len(o) - 1 for o in self._offsets[name])
-            if (num_bytes, num_docs) != (info.num_bytes, info.num_docs):
+            if (num_tokens, num_docs) != (info.num_tokens, info.num_docs):
                 raise DataError(
-                    f"{self.path}: split '{name}' shards hold {num_bytes} bytes in "
-                    f"{num_docs} docs but meta.json says {info.num_bytes} bytes in "
+                    f"{self.path}: split '{name}' shards hold {num_tokens} {unit} in "
+                    f"{num_docs} docs but meta.json says {info.num_tokens} {unit} in "
                     f"{info.num_docs} docs"
                 )
         self._memmaps: dict[tuple[str, int], np.memmap] = {}
+
+    def _load_bytes_per_id(self) -> np.ndarray:
+        """int64 (vocab_size,): bytes each target id stands for (BOS: 1; see the module doc)."""
+        if not self.is_tokens:
+            return np.ones(256, dtype=np.int64)
+        path = self.path / "token_bytes.npy"
+        try:
+            table = np.load(path, allow_pickle=False).astype(np.int64)
+        except (ValueError, OSError) as e:
+            raise DataError(f"token byte lengths {path} cannot be read ({e})") from None
+        if table.shape != (self.vocab_size,) or not 0 <= self.bos_id < self.vocab_size:
+            raise DataError(f"{path}: expected {self.vocab_size} byte lengths and a BOS id below that")
+        table[self.bos_id] = 1
+        return table
 
     def _load_offsets(self, split: str, shard: str) -> np.ndarray:
         """Load and check one shard's .idx.npy against its .bin."""
@@ -136,10 +182,10 @@ class PreparedCorpus:
             raise DataError(f"shard index {idx_path} does not start at offset 0")
         if np.any(np.diff(offsets) <= 0):
             raise DataError(f"shard index {idx_path} offsets are not strictly increasing")
-        if offsets[-1] != size:
+        if offsets[-1] * self.dtype.itemsize != size:
             raise DataError(
-                f"shard index {idx_path} ends at {offsets[-1]} but {bin_path.name} "
-                f"has size {size}"
+                f"shard index {idx_path} ends at {offsets[-1]} elements of {self.dtype.itemsize} "
+                f"byte(s) but {bin_path.name} has size {size}"
             )
         return offsets
 
@@ -151,24 +197,32 @@ class PreparedCorpus:
         return self.splits[split]
 
     def offsets(self, split: str) -> list[np.ndarray]:
-        """Per shard, int64 (docs_in_shard + 1,) document start offsets."""
+        """Per shard, int64 (docs_in_shard + 1,) document start offsets (in elements)."""
         self.split_info(split)
         return self._offsets[split]
 
-    def shard_bytes(self, split: str, i: int) -> np.memmap:
-        """Read-only uint8 memory map of shard i of a split (opened on first use)."""
+    def shard_data(self, split: str, i: int) -> np.memmap:
+        """Read-only memory map of shard i of a split, (elements,) of `dtype` (opened on first use)."""
         key = (split, i)
         if key not in self._memmaps:
             shard = self.split_info(split).shards[i]
-            self._memmaps[key] = np.memmap(self.path / shard, dtype=np.uint8, mode="r")
+            self._memmaps[key] = np.memmap(self.path / shard, dtype=self.dtype, mode="r")
         return self._memmaps[key]
+
+    def documents(self, split: str, shard: int | None = None) -> Iterator[np.ndarray]:
+        """The documents of a split (or of one of its shards), in order, as memory-mapped views."""
+        shards = range(len(self.split_info(split).shards)) if shard is None else [shard]
+        for i in shards:
+            data, offsets = self.shard_data(split, i), self._offsets[split][i]
+            for begin, end in zip(offsets[:-1], offsets[1:]):
+                yield data[begin:end]
 
     def verify_checksum(self, split: str) -> None:
         """Stream all bytes of a split and compare their sha256 with meta.json (slow)."""
         info = self.split_info(split)
         hasher = hashlib.sha256()
         for i in range(len(info.shards)):
-            data = self.shard_bytes(split, i)
+            data = self.shard_data(split, i)
             for start in range(0, len(data), 1 << 24):
                 hasher.update(data[start : start + (1 << 24)])
         if hasher.hexdigest() != info.sha256:
@@ -197,7 +251,7 @@ def _open(corpus: PreparedCorpus | str | os.PathLike) -> PreparedCorpus:
 
 
 class PackedSequences:
-    """Random-access source of packed windows: item i is uint8 (seq_len + 1,).
+    """Random-access source of packed windows: item i is (seq_len + 1,) of the corpus dtype.
 
     Grain-compatible (`__len__`, `__getitem__`). See the module doc for the
     layout; nothing per byte is precomputed, only per-document stream starts.
@@ -210,10 +264,10 @@ class PackedSequences:
         self.split = split
         self.seq_len = seq_len
         info = self.corpus.split_info(split)
-        if info.num_bytes == 0:
+        if info.num_tokens == 0:
             raise DataError(f"{self.corpus.path}: split '{split}' is empty (0 bytes)")
         # Per shard: stream position of each document's BOS, int64 (docs_in_shard,):
-        # document d starts at byte offsets[d] and is preceded by d earlier BOS bytes.
+        # document d starts at element offsets[d] and is preceded by d earlier BOS elements.
         self._doc_starts = [
             o[:-1] + np.arange(len(o) - 1, dtype=np.int64) for o in self.corpus.offsets(split)
         ]
@@ -226,7 +280,7 @@ class PackedSequences:
             raise DataError(
                 f"{self.corpus.path}: split '{split}' is too small for one sequence of "
                 f"length {seq_len} (longest shard stream has {int(stream_lengths.max())} "
-                f"bytes incl. BOS, need {seq_len + 1})"
+                f"{'tokens' if self.corpus.is_tokens else 'bytes'} incl. BOS, need {seq_len + 1})"
             )
 
     def __len__(self) -> int:
@@ -240,22 +294,22 @@ class PackedSequences:
         begin = (index - int(self._first[shard])) * self.seq_len  # stream positions [begin, end)
         end = begin + self.seq_len + 1
         doc_starts = self._doc_starts[shard]
-        # Number of BOS bytes before a stream position = documents starting before it.
+        # Number of BOS elements before a stream position = documents starting before it.
         bos_before_begin = int(np.searchsorted(doc_starts, begin, side="left"))
         bos_before_end = int(np.searchsorted(doc_starts, end, side="left"))
-        data = self.corpus.shard_bytes(self.split, shard)[
+        data = self.corpus.shard_data(self.split, shard)[
             begin - bos_before_begin : end - bos_before_end
         ]
-        window = np.empty(self.seq_len + 1, dtype=np.uint8)
+        window = np.empty(self.seq_len + 1, dtype=self.corpus.dtype)
         is_bos = np.zeros(self.seq_len + 1, dtype=bool)
         is_bos[doc_starts[bos_before_begin:bos_before_end] - begin] = True
-        window[is_bos] = BOS_ID
+        window[is_bos] = self.corpus.bos_id
         window[~is_bos] = data
         return window
 
 
 def _to_inputs_and_targets(windows: np.ndarray) -> dict[str, np.ndarray]:
-    """uint8 (B, L+1) windows -> {"input_ids", "targets"}: int32 (B, L) each."""
+    """(B, L+1) windows of bytes or token ids -> {"input_ids", "targets"}: int32 (B, L) each."""
     windows = windows.astype(np.int32)
     return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
 
@@ -354,7 +408,7 @@ def eval_batches(
     total = len(source) if max_sequences is None else min(len(source), max_sequences)
     for start in range(0, total, batch_size):
         rows = min(batch_size, total - start)
-        windows = np.zeros((batch_size, seq_len + 1), dtype=np.uint8)
+        windows = np.zeros((batch_size, seq_len + 1), dtype=source.corpus.dtype)
         for r in range(rows):
             windows[r] = source[start + r]
         batch = _to_inputs_and_targets(windows)
@@ -368,10 +422,14 @@ def eval_batches(
 # Default corpus
 
 
+def cache_dir() -> Path:
+    """Folder for prepared data made on demand: $HNET_DATA_DIR, or ~/.cache/hnet-jax."""
+    return Path(os.environ.get("HNET_DATA_DIR") or os.path.join("~", ".cache", "hnet-jax")).expanduser()
+
+
 def default_corpus_dir() -> Path:
-    """Cache folder of the default corpus: ($HNET_DATA_DIR or ~/.cache/hnet-jax)/stdlib-pyX.Y."""
-    root = os.environ.get("HNET_DATA_DIR") or os.path.join("~", ".cache", "hnet-jax")
-    return Path(root).expanduser() / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}"
+    """Cache folder of the default corpus: cache_dir()/stdlib-pyX.Y."""
+    return cache_dir() / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}"
 
 
 def ensure_default_corpus(verbose: bool = True) -> PreparedCorpus:

@@ -79,7 +79,7 @@ def test_writer_shards_hold_whole_documents(corpus_dir):
     assert len(info.shards) >= 3
     docs = []
     for i, offsets in enumerate(corpus.offsets("train")):
-        data = bytes(corpus.shard_bytes("train", i))
+        data = bytes(corpus.shard_data("train", i))
         assert len(data) <= 40 or len(offsets) == 2  # only a lone big doc may exceed
         docs += [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     assert docs == make_docs()
@@ -94,7 +94,7 @@ def test_packing_reconstructs_every_document(corpus_dir):
     pos = 0
     rebuilt_docs = []
     for i, offsets in enumerate(corpus.offsets("train")):
-        data = bytes(corpus.shard_bytes("train", i))
+        data = bytes(corpus.shard_data("train", i))
         shard_docs = [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         stream = b"".join(bytes([BOS_ID]) + d for d in shard_docs)
         count = (len(stream) - 1) // L
@@ -413,7 +413,7 @@ def test_enwik8_preparer(tmp_path, monkeypatch):
         corpus = PreparedCorpus(tmp_path / f"out{i}")
         for name, begin, end in enwik8_prepare.SPLITS:
             assert corpus.splits[name].num_docs == 1
-            assert bytes(corpus.shard_bytes(name, 0)) == raw[begin:end]
+            assert bytes(corpus.shard_data(name, 0)) == raw[begin:end]
     (tmp_path / "short").write_bytes(raw[:999])
     with pytest.raises(PrepareError, match="exactly"):
         enwik8_prepare.prepare(tmp_path / "short", tmp_path / "out3", verbose=False)

@@ -1,0 +1,200 @@
+"""The BPE baseline: exact byte-level tokenizer, token corpora, and token runs through the training
+loop with honest byte accounting (bits per byte over the bytes the tokens cover)."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import train as train_cli
+from data.shards import CorpusWriter
+from hnet import tokenizer as tokenizer_lib
+from hnet.config import ConfigError
+from hnet.data import DataError, PreparedCorpus, eval_batches, make_dataset
+from hnet.model import build_model, cross_entropy
+from hnet.run_config import run_config_from_dict
+from hnet.tokenizer import BPETokenizer, load_run_tokenizer, tokenize_corpus, train_tokenizer
+from hnet.train_loop import train
+
+VOCAB = 300
+
+SAMPLES = [
+    "Crème brûlée, façade, naïve señor; Ærøskøbing and Łódź.",
+    "日本語のテキストと中文文本，还有한국어 문장.",
+    "Emoji: 🎉👍🏽 👩‍👩‍👧 ✨ and flags 🇫🇷🇯🇵.",
+    "def f(x):\n    return x * 2  # tabs\tand\r\nCRLF lines\n\n\n",
+    "The special token's text <|bos|> is just text here.",
+]
+
+INVALID = [
+    b"\xff\xfe lone bytes",          # never valid in UTF-8
+    b"cut \xe6\x97 short",           # truncated 3-byte sequence
+    b"\x80 continuation first",      # stray continuation byte
+    b"surrogate \xed\xa0\x80 end",   # UTF-8-encoded surrogate (invalid)
+    b"caf\xc3",                      # truncated at the very end
+]
+
+
+def documents(n: int) -> list[bytes]:
+    """Varied text with repeats (so BPE finds merges) and multi-byte characters."""
+    words = ["alpha", "beta", "gamma", "über", "naïve", "日本", "🎉", "def", "return", "    "]
+    docs = []
+    for i in range(n):
+        body = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40 + i % 13))
+        docs.append(f"document {i}: {body}\n{SAMPLES[i % len(SAMPLES)]}\n".encode())
+    return docs
+
+
+def write_corpus(path, num_train=60, num_validation=8):
+    with CorpusWriter(path, source="test", splits=("train", "validation")) as writer:
+        for doc in documents(num_train):
+            writer.add("train", doc)
+        for doc in documents(num_train + num_validation)[num_train:]:
+            writer.add("validation", doc)
+    return PreparedCorpus(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("tok") / "corpus")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    return train_tokenizer(corpus, "train", VOCAB)
+
+
+def test_round_trip_is_exact(tokenizer, monkeypatch):
+    assert tokenizer.vocab_size == VOCAB and tokenizer.bos_id == 0
+    texts = [s.encode() for s in SAMPLES] + INVALID + [b"", "".join(SAMPLES).encode() * 3]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert ids.dtype == np.int32 and ids.ndim == 1
+        assert tokenizer.decode(ids) == text
+        assert b"".join(tokenizer.token_bytes(ids)) == text
+        assert tokenizer.byte_lengths[ids].sum() == len(text)
+        assert tokenizer.bos_id not in ids.tolist()  # "<|bos|>" in text stays text
+    # Merges learned from the corpus are used: fewer tokens than bytes.
+    assert len(tokenizer.encode(b"alpha beta gamma")) < len(b"alpha beta gamma")
+    assert tokenizer.encode("naïve").tolist() == tokenizer.encode("naïve".encode()).tolist()
+    # Long documents are cut into pieces (here of 7 characters); still exact.
+    monkeypatch.setattr(tokenizer_lib, "MAX_PIECE_CHARS", 7)
+    long_text = b"".join(texts)
+    ids = np.concatenate(list(tokenizer.encode_documents([long_text, INVALID[0]])))
+    assert tokenizer.decode(ids) == long_text + INVALID[0]
+
+
+def test_save_load_and_training_are_deterministic(tokenizer, corpus, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(path)
+    loaded = BPETokenizer.load(path)
+    assert loaded.sha256 == tokenizer.sha256 == train_tokenizer(corpus, "train", VOCAB).sha256
+    text = "".join(SAMPLES).encode() + INVALID[0]
+    np.testing.assert_array_equal(loaded.encode(text), tokenizer.encode(text))
+    np.testing.assert_array_equal(loaded.byte_lengths, tokenizer.byte_lengths)
+    assert load_run_tokenizer(tmp_path) is not None and load_run_tokenizer(tmp_path / "absent") is None
+
+
+def test_tokenizer_errors(corpus, tmp_path):
+    with pytest.raises(DataError, match="too little text"):
+        train_tokenizer(corpus, "train", 100_000)
+    with pytest.raises(DataError, match=">= 257"):
+        train_tokenizer(corpus, "train", 200)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match="cannot be read"):
+        BPETokenizer.load(bad)
+    with pytest.raises(DataError, match="does not exist"):
+        BPETokenizer.load(tmp_path / "absent.json")
+
+
+def test_token_corpus_holds_the_documents(tokenizer, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("HNET_DATA_DIR", str(tmp_path))
+    tokens = tokenize_corpus(corpus, tokenizer, verbose=False)
+    assert tokens.is_tokens and tokens.dtype == np.uint16 and tokens.bos_id == tokenizer.bos_id
+    assert tokenize_corpus(corpus, tokenizer, verbose=False).path == tokens.path  # cached
+    for split in ("train", "validation"):
+        originals = [bytes(d) for d in corpus.documents(split)]
+        decoded = [tokenizer.decode(ids) for ids in tokens.documents(split)]
+        assert decoded == originals
+        assert tokens.split_info(split).num_bytes == sum(map(len, originals))
+    # Packing puts BOS before each document, as for bytes.
+    batch = next(eval_batches(tokens, "train", 16, 1))
+    assert batch["input_ids"][0, 0] == tokenizer.bos_id
+
+
+def token_run(corpus_path, vocab=VOCAB, **train_overrides) -> dict:
+    model = {"arch_layout": ["T1"], "d_model": [32], "d_intermediate": [64], "vocab_size": vocab,
+             "attn_cfg": {"num_heads": [2], "rotary_emb_dim": [8], "window_size": [-1]}, "dtype": "float32"}
+    train = {"steps": 4, "batch_size": 4, "seq_len": 16, "lr": 3e-3, "log_every": 1, "eval_every": 4,
+             "eval_batches": 2, "checkpoint_every": 2, **train_overrides}
+    return {"model": model, "data": {"corpus": str(corpus_path), "tokenizer": {"vocab_size": VOCAB}}, "train": train}
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_token_run_trains_resumes_and_counts_bytes(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("HNET_DATA_DIR", str(tmp_path / "cache"))
+    run = run_config_from_dict(token_run(corpus.path, eval_batches=100))  # the whole validation split
+    straight = train(run, tmp_path / "straight", progress=False, verbose=False)
+    train(run, tmp_path / "resumed", progress=False, verbose=False, max_steps=2)
+    saved = (tmp_path / "resumed" / "tokenizer.json").read_bytes()
+    train(None, tmp_path / "resumed", resume=True, progress=False, verbose=False)
+    assert (tmp_path / "resumed" / "tokenizer.json").read_bytes() == saved  # reused, not retrained
+    straight_rows, resumed_rows = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
+    assert [r.get("loss") for r in straight_rows] == [r.get("loss") for r in resumed_rows]
+
+    # Step 1's bpb and bytes, recomputed directly: summed token NLL of the first batch under the
+    # initial parameters / (ln 2 x the bytes its target tokens decode to, BOS counting one byte).
+    tokenizer = load_run_tokenizer(tmp_path / "straight")
+    tokens = tokenize_corpus(corpus, tokenizer, verbose=False)
+    batch = next(make_dataset(tokens, "train", 16, 4, seed=run.train.seed))
+    model = build_model(run.model_config, seed=run.train.seed)
+    nll = float(jax.numpy.sum(cross_entropy(model(batch["input_ids"]).logits, batch["targets"])))
+
+    def covered(targets):
+        return sum(1 if t == tokenizer.bos_id else len(tokenizer.decode([t])) for t in targets.ravel())
+
+    first = straight_rows[0]
+    assert first["step"] == 1 and first["bytes_seen"] == covered(batch["targets"])
+    assert first["bpb"] == pytest.approx(nll / (math.log(2) * covered(batch["targets"])), rel=1e-5)
+    assert first["bytes_seen"] > 4 * 16  # tokens cover several bytes each
+
+    evals = [r for r in straight_rows if "eval_bpb" in r]
+    assert len(evals) == 1 and straight["eval"]["bpb"] == evals[0]["eval_bpb"]
+    eval_batch_list = list(eval_batches(tokens, "validation", 16, 4))
+    eval_targets = np.concatenate([b["targets"][b["mask"] > 0] for b in eval_batch_list])
+    assert tokenizer.bos_id in eval_targets  # the BOS convention is exercised
+    assert evals[0]["eval_bytes"] == covered(eval_targets) and evals[0]["eval_tokens"] == eval_targets.size
+    assert evals[0]["bytes_seen"] == straight_rows[3]["bytes_seen"] == straight["bytes_seen"]
+
+
+def test_vocab_mismatch_is_a_clear_error(corpus, tokenizer, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HNET_DATA_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="differs from the model's vocab_size 512"):
+        run_config_from_dict(token_run(corpus.path, vocab=512))
+    bytes_run = token_run(corpus.path, vocab=512)
+    bytes_run["data"]["tokenizer"] = None
+    with pytest.raises(ConfigError, match="data.tokenizer is null"):
+        run_config_from_dict(bytes_run)
+    # A tokenizer file whose size differs from the model's: one line, exit 2, nothing trained.
+    tokenizer.save(tmp_path / "tok.json")
+    run = token_run(corpus.path, vocab=512)
+    run["data"]["tokenizer"] = "tok.json"  # found next to the run config
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    code = train_cli.main(["--config", str(tmp_path / "run.json"), "--workdir", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "\n" not in err
+    assert f"{VOCAB} ids" in err and "vocab_size is 512" in err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    # A token corpus is not a training corpus by itself: data.corpus takes the byte corpus.
+    bytes_run["model"]["vocab_size"] = 256
+    bytes_run["data"]["corpus"] = str(tokenize_corpus(corpus, tokenizer, verbose=False).path)
+    (tmp_path / "bytes.json").write_text(json.dumps(bytes_run))
+    code = train_cli.main(["--config", str(tmp_path / "bytes.json"), "--workdir", str(tmp_path / "r2"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "holds tokens" in err and "\n" not in err
