@@ -4,6 +4,8 @@
     python train.py --config configs/run_tiny.json --workdir runs/x --set train.lr=3e-4
     python train.py --workdir runs/x --resume         # continue from the newest checkpoint
     python train.py --plot runs/x                     # PNG curves of a run
+    python train.py --set mesh.fsdp=8                 # lay the run out over devices (hnet.sharding)
+    python train.py --coordinator HOST:PORT --num-processes 2 --process-id 0 ...   # one of several hosts
 
 Bad input (config, data, run folder) prints one line starting with "error:" and exits 2.
 SIGTERM/SIGINT: the current step finishes, a checkpoint is saved, and the process exits 0.
@@ -26,12 +28,34 @@ def parse_args(argv):
     parser.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps in this call")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     parser.add_argument("--plot", metavar="RUN_DIR", help="write PNG curves of RUN_DIR's metrics and exit")
+    cluster = parser.add_argument_group("multi-process runs (see hnet/distributed.py)")
+    cluster.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator "
+                         "(default: $JAX_COORDINATOR_ADDRESS)")
+    cluster.add_argument("--num-processes", type=int, help="number of processes (default: $JAX_NUM_PROCESSES)")
+    cluster.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1 (default: $JAX_PROCESS_ID)")
+    cluster.add_argument("--distributed", action="store_true",
+                         help="let JAX detect the cluster (TPU pod slice, SLURM, Open MPI, Kubernetes)")
+    cluster.add_argument("--distributed-timeout", type=int, default=300, metavar="SECONDS",
+                         help="how long to wait for the other processes (start-up, heartbeats, shutdown)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from hnet import distributed
     from hnet.config import ConfigError
+
+    if not args.plot:
+        # Before anything touches a device (importing hnet.train_loop does): join the other
+        # processes of a multi-process run.
+        try:
+            distributed.maybe_initialize(args.coordinator, args.num_processes, args.process_id,
+                                         auto=args.distributed, timeout_s=args.distributed_timeout)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    import jax
+
     from hnet.data import DataError
     from hnet.train_loop import RunError
 
@@ -48,13 +72,20 @@ def main(argv=None) -> int:
         if args.resume and not args.workdir:
             raise RunError("--resume needs --workdir RUN_DIR")
         run = None
-        if args.config or args.overrides or not args.resume:
+        if args.config or not args.resume:
             run = load_run_config(args.config, args.overrides)
+        elif args.overrides:  # --resume --set mesh.fsdp=2: the saved run, changed (e.g. onto other devices)
+            saved = Path(args.workdir) / "config.json"
+            if not saved.is_file():
+                raise RunError(f"--resume: {args.workdir} holds no run (no config.json)")
+            run = load_run_config(saved, args.overrides)
         workdir = Path(args.workdir) if args.workdir else Path("runs") / f"{Path(args.config or 'run_tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         summary = train(run, workdir, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
     except (ConfigError, DataError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if jax.process_index() != 0:  # process 0 reports for the run
+        return 0
     result = summary["eval"]
     print(f"{summary['status']} at step {summary['step']} ({summary['bytes_seen']:,d} bytes seen)")
     if result:

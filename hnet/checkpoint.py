@@ -10,6 +10,11 @@ Layout inside a run folder:
 
 Orbax writes each step into a temporary folder and renames it when complete, so a process killed
 during a save leaves the previous checkpoints loadable.
+
+Arrays are saved sharded: in a multi-process run every process calls `save` and writes the shards
+it holds (process 0 writes the JSON items), so the run folder must be on a filesystem all hosts
+share. `restore` reads them onto whatever shardings the abstract state asks for, so a checkpoint
+saved on one mesh (e.g. 8 devices) resumes on another (e.g. 2).
 """
 
 from __future__ import annotations
@@ -53,7 +58,10 @@ class Checkpointer:
         return restored["meta"]
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """-> (state shaped like abstract_state, data-iterator state, meta)."""
+        """-> (state shaped and sharded like abstract_state, data-iterator state, meta).
+
+        abstract_state: jax.ShapeDtypeStructs carrying the target NamedShardings.
+        """
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(

@@ -1,16 +1,22 @@
 """Run configuration for train.py: model, data, optimisation and loop settings, all explicit.
 
-A run config is JSON with three sections; every key is known (unknown keys are errors):
+A run config is JSON with these sections; every key is known (unknown keys are errors):
 
     {
       "model": {"config": "hnet_1stage_tiny.json", "dtype": "float32"},   # base file + overrides
-      "data":  {"corpus": "default"},                                     # or a prepared folder
-      "train": {"steps": 600, "batch_size": 8, "seq_len": 512, "lr": 2e-3, ...}
+      "data":  {"corpus": "default", "tokenizer": null},                  # or a prepared folder; BPE
+      "train": {"steps": 600, "batch_size": 8, "seq_len": 512, "lr": 2e-3, ...},
+      "mesh":  {"data": -1, "fsdp": -1, "tensor": 1}                      # optional: device layout
     }
 
 `model` may also be a path string, or a full inline model config. Paths are looked up as given,
 then next to the run config, then in the repository's configs/ folder. Command-line overrides
 (`--set train.lr=3e-4 --set model.dtype=bfloat16`) take JSON values (or bare strings).
+
+`data.tokenizer` chooses what the model reads: null = bytes (vocab_size 256); {"vocab_size": V}
+= train a byte-level BPE tokenizer of V ids on the training split at the start of the run; or a
+path to a tokenizer.json (made by hnet.tokenizer). The model's vocab_size must equal V. In a token
+run `train.seq_len` counts tokens; bytes_seen, bytes/s and bits per byte still count text bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from hnet.config import ConfigError, ModelConfig, check_fields, config_from_dict
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_RUN = CONFIGS_DIR / "run_tiny.json"
 SCHEDULES = ("wsd", "cosine", "constant")
+SECTIONS = ("model", "data", "train", "mesh")
 
 
 @dataclass(frozen=True)
@@ -33,13 +40,14 @@ class DataConfig:
     corpus: str = "default"          # "default" (Python stdlib sources) or a prepared corpus folder
     train_split: str = "train"
     eval_split: str = "validation"
+    tokenizer: None | str | dict = None  # None: bytes; {"vocab_size": V}: train BPE; or a tokenizer.json path
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 400
     batch_size: int = 8              # global sequences per optimizer step
-    seq_len: int = 512               # bytes per sequence
+    seq_len: int = 512               # elements per sequence: bytes, or tokens in a token run
     grad_accum: int = 1              # the batch is split into this many micro-batches
     seed: int = 0
     # Optimizer: AdamW with global-norm clipping.
@@ -65,28 +73,43 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes (hnet.sharding); -1 = the rest of the devices.
+
+    data and fsdp both -1 (the default): all devices go to data, or to fsdp for large models
+    (hnet.sharding.AUTO_FSDP_MIN_PARAMS). E.g. mesh.fsdp=8 on 8 devices is pure FSDP.
+    """
+
+    data: int = -1                   # data parallel: parameters replicated, batch split
+    fsdp: int = -1                   # fully sharded data parallel: batch and parameters split
+    tensor: int = 1                  # tensor parallel: heads, MLP hidden and vocabulary split
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: dict                      # the resolved model config dictionary
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
     @property
     def model_config(self) -> ModelConfig:
         return config_from_dict(self.model)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
+        return {"model": self.model, "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train),
+                "mesh": dataclasses.asdict(self.mesh)}
 
 
-def _find(path: str, base: Path | None) -> Path:
-    candidates = [Path(path)]
+def _find(path: str, base: Path | None, what: str = "model config") -> Path:
+    candidates = [Path(path).expanduser()]
     if base is not None:
         candidates.append(base / path)
     candidates.append(CONFIGS_DIR / path)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"model config {path!r} not found (looked in ., {base or '-'}, {CONFIGS_DIR})")
+    raise ConfigError(f"{what} {path!r} not found (looked in ., {base or '-'}, {CONFIGS_DIR})")
 
 
 def _resolve_model(value, base: Path | None) -> dict:
@@ -128,8 +151,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except json.JSONDecodeError:
         value = raw
     parts = key.strip().split(".")
-    if len(parts) != 2 or parts[0] not in ("model", "data", "train"):
-        raise ConfigError(f"--set {text!r}: key must be model.X, data.X or train.X")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise ConfigError(f"--set {text!r}: key must be model.X, data.X, train.X or mesh.X")
     return parts, value
 
 
@@ -137,27 +160,34 @@ def run_config_from_dict(data: dict, overrides: list[str] = (), base: Path | Non
     """Resolve, apply overrides, validate. Raises ConfigError with a one-line message."""
     if not isinstance(data, dict):
         raise ConfigError("run config: expected a JSON object")
-    unknown = sorted(set(data) - {"model", "data", "train"})
+    unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"run config: unknown section(s) {', '.join(unknown)} (known: data, model, train)")
+        raise ConfigError(f"run config: unknown section(s) {', '.join(unknown)} (known: {', '.join(sorted(SECTIONS))})")
     if "model" not in data:
         raise ConfigError("run config: missing the 'model' section")
     sections = {"model": _resolve_model(data["model"], base), "data": dict(data.get("data", {})),
-                "train": dict(data.get("train", {}))}
+                "train": dict(data.get("train", {})), "mesh": dict(data.get("mesh", {}))}
     for text in overrides:
         (section, key), value = parse_override(text)
         sections[section][key] = value
     model_config = config_from_dict(sections["model"])
+    tokenizer = sections["data"].get("tokenizer")
+    if isinstance(tokenizer, str) and not Path(tokenizer).is_absolute():  # saved runs keep working from any folder
+        sections["data"]["tokenizer"] = str(_find(tokenizer, base, "data.tokenizer").resolve())
     run = RunConfig(
         model=json.loads(json.dumps(model_config.to_dict())),  # plain JSON types, as saved in checkpoints
         data=_section(DataConfig, sections["data"], "data"),
         train=_section(TrainConfig, sections["train"], "train"),
+        mesh=_section(MeshConfig, sections["mesh"], "mesh"),
     )
     validate_run(run, model_config)
     return run
 
 
 def validate_run(run: RunConfig, model_config: ModelConfig) -> None:
+    for name, size in dataclasses.asdict(run.mesh).items():  # fitting the devices is checked in hnet.sharding
+        if size != -1 and size < 1:
+            raise ConfigError(f"mesh.{name}: expected a positive size or -1 (the rest of the devices), got {size}")
     t = run.train
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches",
                  "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
@@ -174,6 +204,28 @@ def validate_run(run: RunConfig, model_config: ModelConfig) -> None:
     if t.stage_lr_multipliers is not None and len(t.stage_lr_multipliers) != model_config.depth + 1:
         raise ConfigError(f"train.stage_lr_multipliers: expected {model_config.depth + 1} entries "
                           f"(one per stage), got {len(t.stage_lr_multipliers)}")
+    validate_tokenizer_spec(run.data.tokenizer, model_config)
+
+
+def validate_tokenizer_spec(spec, model_config: ModelConfig) -> None:
+    """data.tokenizer: None, {"vocab_size": V} matching the model, or a path (checked when loaded)."""
+    vocab = model_config.vocab_size
+    if spec is None:
+        if vocab != 256:
+            raise ConfigError(f"model vocab_size is {vocab} but data.tokenizer is null (bytes need 256); "
+                              f"set data.tokenizer, e.g. {{\"vocab_size\": {vocab}}}")
+    elif isinstance(spec, dict):
+        if set(spec) != {"vocab_size"}:
+            raise ConfigError(f"data.tokenizer: expected {{\"vocab_size\": V}}, got keys {sorted(spec)}")
+        size = spec["vocab_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 257:
+            raise ConfigError(f"data.tokenizer.vocab_size: expected an integer >= 257 (256 bytes + BOS), got {size!r}")
+        if size != vocab:
+            raise ConfigError(f"data.tokenizer.vocab_size {size} differs from the model's vocab_size {vocab}")
+    elif not isinstance(spec, str):
+        raise ConfigError(f"data.tokenizer: expected null, {{\"vocab_size\": V}} or a tokenizer.json path, got {spec!r}")
+    elif model_config.is_hierarchical:
+        raise ConfigError("data.tokenizer: an H-Net reads bytes; tokenizers are for flat Transformer baselines")
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

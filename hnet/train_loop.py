@@ -1,24 +1,38 @@
 """The training loop: one jitted step (gradient accumulation, non-finite skip), periodic
 evaluation, JSON Lines metrics, orbax checkpoints, resume and preemption handling.
 
+The steps run over a device mesh (hnet.sharding, the run config's `mesh` section): one jit each,
+with explicit shardings for the state and the batch, on one device or many processes alike.
+Every process reads its own rows of each batch; process 0 alone prints and writes metrics.
+
 Loss = next-byte cross-entropy (nats) + ratio_loss_weight * sum over stages of the ratio loss.
+A token run (data.tokenizer, a flat Transformer) predicts BPE tokens instead of bytes; its bits per
+byte are the summed token NLL / (ln 2 x the bytes those tokens cover), see hnet.data.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from hnet import data as data_lib
+from hnet import sharding
+from hnet import tokenizer as tokenizer_lib
 from hnet.checkpoint import Checkpointer
 from hnet.model import build_model, cross_entropy
 from hnet.optim import make_optimizer
@@ -52,30 +66,93 @@ def loss_and_metrics(model, input_ids, targets, mask, ratio_loss_weight: float):
 
 @dataclass
 class StepFunctions:
+    """The jitted steps of one run, laid out over `mesh` (see hnet.sharding).
+
+    Arrays in and out are global: the train state is sharded by `state_shardings` (parameters and
+    optimizer state by their logical axes), batches are split over data x fsdp.
+    """
+
     train_step: callable   # (state, input_ids (A, b, L), targets (A, b, L)) -> (state, metrics)
-    eval_step: callable    # (params, input_ids, targets, mask) -> sums
+    eval_step: callable    # (params, input_ids (B, L), targets, mask) -> sums
+    init: callable         # () -> a fresh train state, already sharded
     schedule: callable
     tx: optax.GradientTransformation
+    mesh: Mesh
+    state_shardings: Any            # NamedSharding leaves, structured like the train state
+    abstract_state: Any             # ShapeDtypeStructs with those shardings (checkpoint restore)
+    micro_batch_sharding: NamedSharding   # (A, b, L) train inputs
+    batch_sharding: NamedSharding         # (B, L) eval inputs
+
+    def place_train_batch(self, local: np.ndarray) -> jax.Array:
+        """This process's (A, b / P, L) rows -> the global (A, b, L) array (no cross-host traffic)."""
+        return sharding.place_local_batch(local, self.micro_batch_sharding, batch_dim=1)
+
+    def place_eval_batch(self, full: np.ndarray) -> jax.Array:
+        """A (B, L) batch that every process holds in full -> the global array."""
+        return sharding.place_global_batch(full, self.batch_sharding)
 
 
-_STEP_FUNCTIONS: dict[str, StepFunctions] = {}
+_STEP_FUNCTIONS: dict[tuple, StepFunctions] = {}
 
 
-def make_step_functions(graphdef, params, run: RunConfig) -> StepFunctions:
-    """The jitted train and eval steps for a model split as (graphdef, params).
+def _abstract_model(run: RunConfig):
+    """-> (graphdef, abstract params): shapes and logical axes only, nothing allocated."""
+    config, seed = run.model_config, run.train.seed
+    return nnx.split(nnx.eval_shape(lambda: build_model(config, seed=seed)), nnx.Param)
 
-    Cached per model and train config, so that a resumed or repeated run in the same process
+
+def run_mesh(run: RunConfig) -> Mesh:
+    """The mesh of run.mesh over all devices of all processes, checked against the run's batch.
+
+    Raises ConfigError (one line) when the sizes do not fit the devices or the batch.
+    """
+    _, abstract_params = _abstract_model(run)
+    mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), param_count=sharding.param_count(abstract_params))
+    sharding.check_batch(mesh, run.train.batch_size // run.train.grad_accum)
+    return mesh
+
+
+def make_step_functions(run: RunConfig, mesh: Mesh | None = None) -> tuple[Any, StepFunctions]:
+    """-> (graphdef, StepFunctions) for a run on `mesh` (default: run_mesh(run)).
+
+    Cached per model, train config and mesh, so that a resumed or repeated run in the same process
     reuses the compiled steps instead of compiling again.
     """
-    key = json.dumps({"model": run.model, "train": run.to_dict()["train"]}, sort_keys=True)
+    graphdef, abstract_params = _abstract_model(run)
+    if mesh is None:
+        mesh = run_mesh(run)
+    key = (json.dumps({"model": run.model, "train": run.to_dict()["train"]}, sort_keys=True), mesh)
     if key not in _STEP_FUNCTIONS:
-        _STEP_FUNCTIONS[key] = _build_step_functions(graphdef, params, run)
-    return _STEP_FUNCTIONS[key]
+        _STEP_FUNCTIONS[key] = _build_step_functions(graphdef, abstract_params, run, mesh)
+    return graphdef, _STEP_FUNCTIONS[key]
 
 
-def _build_step_functions(graphdef, params, run: RunConfig) -> StepFunctions:
+def _build_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -> StepFunctions:
     train = run.train
-    tx, schedule = make_optimizer(train, params)
+    config = run.model_config
+    tx, schedule = make_optimizer(train, abstract_params)
+
+    def fresh_state(params):
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "nonfinite_run": jnp.zeros((), jnp.int32),
+            "nonfinite_total": jnp.zeros((), jnp.int32),
+        }
+
+    abstract_state = jax.eval_shape(fresh_state, abstract_params)
+    state_shardings = sharding.tree_shardings(abstract_state, mesh)
+    replicated = sharding.replicated(mesh)
+    micro_batch_sharding = sharding.named_sharding(mesh, sharding.MICRO_BATCH_AXES, (1, train.batch_size // train.grad_accum, 1))
+    batch_sharding = sharding.named_sharding(mesh, sharding.BATCH_AXES, (train.batch_size, 1))
+
+    def on_mesh(fn):
+        """Trace `fn` with the mesh active, so the model's activation constraints apply."""
+        @functools.wraps(fn)
+        def traced(*args):
+            with sharding.use_mesh(mesh):
+                return fn(*args)
+        return traced
 
     def micro_grads(params, input_ids, targets):
         def loss_fn(params):
@@ -126,26 +203,39 @@ def _build_step_functions(graphdef, params, run: RunConfig) -> StepFunctions:
             sums[f"stage{s}_overflow"] = stage.overflow.astype(jnp.float32)
         return sums
 
+    init_from_params = jax.jit(fresh_state, out_shardings=state_shardings)
+    init_in_place = jax.jit(lambda: fresh_state(nnx.state(build_model(config, seed=train.seed), nnx.Param)),
+                            out_shardings=state_shardings)
+
+    def init():
+        if mesh.size == 1:
+            # Built eagerly: the parameters are bit-identical to hnet.build_model(config, seed).
+            return init_from_params(nnx.state(build_model(config, seed=train.seed), nnx.Param))
+        # Built inside one jit: each device materialises only its own shards.
+        return init_in_place()
+
+    params_shardings = state_shardings["params"]
     return StepFunctions(
-        train_step=jax.jit(train_step, donate_argnums=(0,)),
-        eval_step=jax.jit(eval_step),
+        train_step=jax.jit(on_mesh(train_step), donate_argnums=(0,),
+                           in_shardings=(state_shardings, micro_batch_sharding, micro_batch_sharding),
+                           out_shardings=(state_shardings, replicated)),
+        eval_step=jax.jit(on_mesh(eval_step), in_shardings=(params_shardings,) + (batch_sharding,) * 3,
+                          out_shardings=replicated),
+        init=init,
         schedule=schedule,
         tx=tx,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        abstract_state=sharding.abstract_with_shardings(abstract_state, state_shardings),
+        micro_batch_sharding=micro_batch_sharding,
+        batch_sharding=batch_sharding,
     )
 
 
-def init_state(run: RunConfig):
+def init_state(run: RunConfig, mesh: Mesh | None = None):
     """Fresh model parameters and optimizer state -> (graphdef, state dict, StepFunctions)."""
-    model = build_model(run.model_config, seed=run.train.seed)
-    graphdef, params = nnx.split(model, nnx.Param)
-    steps = make_step_functions(graphdef, params, run)
-    state = {
-        "params": params,
-        "opt_state": steps.tx.init(params),
-        "nonfinite_run": jnp.zeros((), jnp.int32),
-        "nonfinite_total": jnp.zeros((), jnp.int32),
-    }
-    return graphdef, state, steps
+    graphdef, steps = make_step_functions(run, mesh)
+    return graphdef, steps.init(), steps
 
 
 def evaluate(steps: StepFunctions, params, corpus, split: str, run: RunConfig, max_batches: int | None) -> dict:
@@ -153,16 +243,19 @@ def evaluate(steps: StepFunctions, params, corpus, split: str, run: RunConfig, m
     train = run.train
     max_sequences = None if max_batches is None else max_batches * train.batch_size
     totals: dict[str, float] = {}
+    covered_bytes = 0  # text bytes the scored targets stand for (= targets for a byte corpus)
     for batch in data_lib.eval_batches(corpus, split, train.seq_len, train.batch_size, max_sequences=max_sequences):
-        sums = steps.eval_step(params, batch["input_ids"], batch["targets"], batch["mask"])
+        sums = steps.eval_step(params, *(steps.place_eval_batch(batch[k]) for k in ("input_ids", "targets", "mask")))
         for key, value in jax.device_get(sums).items():
             totals[key] = totals.get(key, 0.0) + float(value)
+        covered_bytes += int(np.sum(corpus.bytes_per_id[batch["targets"]] * (batch["mask"] > 0)))
+    totals["tokens"], totals["bytes"] = totals["bytes"], covered_bytes  # eval_step's "bytes" counts targets
     return summarize_eval(totals, run.model_config.depth)
 
 
 def summarize_eval(totals: dict, depth: int) -> dict:
     result = {"bpb": totals["nll"] / (LN2 * totals["bytes"]), "nats_per_byte": totals["nll"] / totals["bytes"],
-              "bytes": int(totals["bytes"])}
+              "bytes": int(totals["bytes"]), "tokens": int(totals["tokens"])}
     for s in range(depth):
         boundaries = totals[f"stage{s}_boundaries"]
         result[f"stage{s}_bytes_per_chunk"] = totals["bytes"] / max(boundaries, 1.0)
@@ -199,9 +292,13 @@ class _StopFlag:
 
 
 def open_corpus(run: RunConfig, verbose: bool):
+    """The run's byte corpus (a token run tokenizes it afterwards, see train())."""
     if run.data.corpus == "default":
         return data_lib.ensure_default_corpus(verbose=verbose)
-    return data_lib.PreparedCorpus(run.data.corpus)
+    corpus = data_lib.PreparedCorpus(run.data.corpus)
+    if corpus.is_tokens:
+        raise data_lib.DataError(f"data.corpus {corpus.path} holds tokens; give the byte corpus and set data.tokenizer")
+    return corpus
 
 
 def prepare_run_dir(workdir: Path, run: RunConfig | None, resume: bool) -> RunConfig:
@@ -219,10 +316,12 @@ def prepare_run_dir(workdir: Path, run: RunConfig | None, resume: bool) -> RunCo
             changed = sorted(k for k in set(run.model) | set(saved.model) if run.model.get(k) != saved.model.get(k))
             raise RunError(f"--resume: {workdir} was trained with a different model config (differs in: {', '.join(changed)})")
         return run if run is not None else saved
-    if config_path.exists() or (workdir / "checkpoints").exists():
+    if config_path.exists() or (workdir / "checkpoints").exists() or (workdir / tokenizer_lib.RUN_TOKENIZER_FILE).exists():
         raise RunError(f"{workdir} already holds a run; pass --resume to continue it or choose another --workdir")
+    _sync_processes("hnet: run folder checked")  # every process checks before process 0 writes
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    if jax.process_index() == 0:
+        config_path.write_text(json.dumps(run.to_dict(), indent=2) + "\n")
     return run
 
 
@@ -233,10 +332,18 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     max_steps: stop after this many steps in this call (checkpointing there), as if preempted.
     """
     workdir = Path(workdir)
+    mesh = run_mesh(run) if run is not None else None  # a layout error stops before the run folder is made
     run = prepare_run_dir(workdir, run, resume)
     train_cfg = run.train
+    is_main = jax.process_index() == 0  # only process 0 prints and writes metrics
+    verbose = verbose and is_main
     log = print if verbose else (lambda *a, **k: None)
     corpus = open_corpus(run, verbose)
+    tokenizer = tokenizer_lib.setup_run_tokenizer(run.data.tokenizer, workdir, corpus, run.data.train_split, log)
+    if tokenizer is not None:
+        if tokenizer.vocab_size != run.model["vocab_size"]:
+            raise RunError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {run.model['vocab_size']}")
+        corpus = tokenizer_lib.tokenize_corpus(corpus, tokenizer, verbose=verbose)
     process_count, process_index = jax.process_count(), jax.process_index()
     iterator = data_lib.make_dataset(
         corpus, run.data.train_split, train_cfg.seq_len, train_cfg.batch_size // process_count,
@@ -244,7 +351,9 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     )
     data_lib.PackedSequences(corpus, run.data.eval_split, train_cfg.seq_len)  # fail early if missing
 
-    graphdef, state, steps = init_state(run)
+    graphdef, steps = make_step_functions(run, mesh)
+    log(f"mesh: {sharding.describe(steps.mesh)}")
+    state = None if resume else steps.init()
     checkpointer = Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
     metrics_path = workdir / "metrics.jsonl"
     start_step, bytes_seen = 0, 0
@@ -255,14 +364,14 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
         meta = checkpointer.read_meta(latest)
         if meta.get("model") != run.model:
             raise RunError(f"--resume: the checkpoint at step {latest} was saved from a different model config")
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        try:
-            state, data_state, meta = checkpointer.restore(latest, abstract)
+        try:  # onto this run's mesh, whatever mesh saved it
+            state, data_state, meta = checkpointer.restore(latest, steps.abstract_state)
         except Exception as err:  # orbax raises many types; report one line
             raise RunError(f"--resume: cannot restore checkpoint {checkpointer.path(latest)}: {str(err).splitlines()[0]}") from None
         iterator.set_state(data_lib.iterator_state_from_json(data_state["iterator"]))
         start_step, bytes_seen = int(meta["step"]), int(meta["bytes_seen"])
-        _truncate_metrics(metrics_path, start_step)
+        if is_main:
+            _truncate_metrics(metrics_path, start_step)
         log(f"resumed {workdir} at step {start_step} ({bytes_seen:,d} bytes seen)")
 
     def save(step: int):
@@ -273,32 +382,38 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
 
     bar = _progress_bar(train_cfg.steps, start_step, progress and process_index == 0)
     accum, micro = train_cfg.grad_accum, train_cfg.batch_size // process_count // train_cfg.grad_accum
-    bytes_per_step = train_cfg.batch_size * train_cfg.seq_len
-    pending: list[tuple[int, dict]] = []
+    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len  # targets per step, all processes
+    pending: list[tuple[int, dict, int]] = []  # (step, device metrics, bytes this process covered)
     last_eval: dict = {}
     status = "completed"
     end_step = train_cfg.steps if max_steps is None else min(train_cfg.steps, start_step + max_steps)
-    interval_start, interval_steps = time.perf_counter(), 0
-    with _StopFlag() as stop, open(metrics_path, "a") as metrics_file:
+    interval_start = time.perf_counter()
+    with _StopFlag() as stop, open(metrics_path if is_main else os.devnull, "a") as metrics_file:
         step = start_step
         while step < end_step:
             batch = next(iterator)
             shape = (accum, micro, train_cfg.seq_len)
-            state, metrics = steps.train_step(state, batch["input_ids"].reshape(shape), batch["targets"].reshape(shape))
+            state, metrics = steps.train_step(state, steps.place_train_batch(batch["input_ids"].reshape(shape)),
+                                              steps.place_train_batch(batch["targets"].reshape(shape)))
             step += 1
-            bytes_seen += bytes_per_step
-            interval_steps += 1
-            pending.append((step, metrics))
+            # Text bytes this process's targets cover (batch_size / P * seq_len for bytes).
+            local_bytes = int(np.sum(corpus.bytes_per_id[batch["targets"]]))
+            pending.append((step, metrics, local_bytes))
             is_last = step == end_step
-            if step % train_cfg.log_every == 0 or is_last or stop.signal:
-                rows = _flush_metrics(pending, steps.schedule, bytes_per_step, start_bytes=bytes_seen - len(pending) * bytes_per_step)
+            stopping = _stop_agreed(stop.signal, at_sync_point=step % train_cfg.log_every == 0 or is_last)
+            # Flushed before every eval and save too, so that bytes_seen is exact there.
+            if (step % train_cfg.log_every == 0 or step % train_cfg.eval_every == 0
+                    or step % train_cfg.checkpoint_every == 0 or is_last or stopping):
+                step_bytes = _sum_over_processes(np.array([b for _, _, b in pending], dtype=np.int64))
+                rows = _flush_metrics(pending, step_bytes, steps.schedule, tokens_per_step, start_bytes=bytes_seen)
+                bytes_seen += int(step_bytes.sum())
                 elapsed = time.perf_counter() - interval_start  # after the transfer: steps run asynchronously
-                throughput = interval_steps * bytes_per_step / max(elapsed, 1e-9)
+                throughput = int(step_bytes.sum()) / max(elapsed, 1e-9)
                 for row in rows:
                     row["bytes_per_sec"] = throughput
                     metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
-                pending, interval_start, interval_steps = [], time.perf_counter(), 0
+                pending, interval_start = [], time.perf_counter()
                 _update_bar(bar, rows[-1], throughput, step)
                 if rows[-1]["nonfinite_run"] >= train_cfg.max_nonfinite_steps:
                     checkpointer.wait()
@@ -313,10 +428,11 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
                           **{f"eval_{k}": v for k, v in last_eval.items()}}
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                bar.write(f"step {step}: {run.data.eval_split} bpb {last_eval['bpb']:.4f}" + "".join(
-                    f", stage {s} bytes/chunk {last_eval[f'stage{s}_bytes_per_chunk']:.2f}" for s in range(run.model_config.depth)))
-            if stop.signal:
-                status = f"stopped by {stop.signal}"
+                if is_main:
+                    bar.write(f"step {step}: {run.data.eval_split} bpb {last_eval['bpb']:.4f}" + "".join(
+                        f", stage {s} bytes/chunk {last_eval[f'stage{s}_bytes_per_chunk']:.2f}" for s in range(run.model_config.depth)))
+            if stopping:
+                status = f"stopped by {stop.signal or 'a signal to another process'}"
                 break
             if step % train_cfg.checkpoint_every == 0 and step != end_step:
                 save(step)
@@ -328,18 +444,53 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
             "checkpoint": str(checkpointer.path(step)), "workdir": str(workdir)}
 
 
-def _flush_metrics(pending, schedule, bytes_per_step, start_bytes) -> list[dict]:
-    """Pull a window of step metrics to the host (one transfer) and make JSON rows."""
-    host = jax.device_get([m for _, m in pending])
+def _flush_metrics(pending, step_bytes, schedule, tokens_per_step, start_bytes) -> list[dict]:
+    """Pull a window of step metrics to the host (one transfer) and make JSON rows.
+
+    pending: (step, device metrics, _) per step; step_bytes: int64 (steps,) text bytes each step's
+    targets covered, all processes. bpb = ce x targets / (ln 2 x bytes): per byte, also for tokens.
+    """
+    host = jax.device_get([m for _, m, _ in pending])
     rows = []
-    for i, ((step, _), metrics) in enumerate(zip(pending, host)):
-        row = {"step": step, "bytes_seen": start_bytes + (i + 1) * bytes_per_step,
-               "lr": float(schedule(step - 1))}
+    bytes_seen = start_bytes
+    for (step, _, _), metrics, num_bytes in zip(pending, host, step_bytes):
+        bytes_seen += int(num_bytes)
+        row = {"step": step, "bytes_seen": bytes_seen, "lr": float(schedule(step - 1))}
         for key, value in metrics.items():
             row[key] = bool(value) if key == "finite" else (int(value) if key == "nonfinite_run" else float(value))
-        row["bpb"] = row["ce"] / LN2
+        row["bpb"] = row["ce"] * tokens_per_step / (LN2 * int(num_bytes))
         rows.append(row)
     return rows
+
+
+def _sum_over_processes(local: np.ndarray) -> np.ndarray:
+    """Element-wise sum of a small host array over all processes (identity with one process)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
+
+
+def _stop_agreed(signal_name: str | None, at_sync_point: bool) -> bool:
+    """Whether to stop after this step, the same answer on every process.
+
+    One process: as soon as a signal arrived. Several: only at sync points (log steps), where the
+    processes compare flags, so that all of them stop at the same step and save together.
+    """
+    if jax.process_count() == 1:
+        return signal_name is not None
+    if not at_sync_point:
+        return False
+    return bool(_sum_over_processes(np.array([signal_name is not None], dtype=np.int64))[0])
+
+
+def _sync_processes(name: str) -> None:
+    """Barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
