@@ -3,11 +3,20 @@
     python -m hnet.bench train                                   # configs/run_tiny.json
     python -m hnet.bench train --config configs/run_tiny.json --set train.batch_size=16 --steps 20
     python -m hnet.bench train --json                            # one JSON object instead of a table
+    python -m hnet.bench decode                                  # tiny and S configs, batch 1 and 32
+    python -m hnet.bench decode --configs configs/hnet_1stage_tiny.json --batch-sizes 1 --new-bytes 128
 
 `train` times the real training step (hnet.train_loop's jitted train_step, optimizer included) on
-synthetic random bytes, so no corpus is needed: the first call (compile + one step) is reported
-separately, then `--warmup` untimed steps, then the median of `--steps` timed steps, each waited
-for with jax.block_until_ready.
+synthetic random bytes (token ids for a BPE model), so no corpus is needed: the first call
+(compile + one step) is reported separately, then `--warmup` untimed steps, then the median of
+`--steps` timed steps, each waited for with jax.block_until_ready. Model FLOPs per step come from
+hnet.flops at the bytes per chunk the step measured; MFU = model FLOPs / (step time x device count
+x peak), with the dense bf16 peak of known accelerators (H100 SXM: 989 TFLOP/s) or --peak-tflops.
+
+`decode` times generation (hnet.decode.Generator: jitted prefill, then a lax.scan sampling loop)
+with randomly initialised weights in the config's dtype: bytes/s = batch x new bytes / time of the
+whole loop after a compile-and-run warm-up (EOS disabled, so every row generates every byte), and
+time to first byte = prefill of a `--prompt-bytes` prompt plus the first decode step, batch 1.
 """
 
 from __future__ import annotations
@@ -33,11 +42,26 @@ def model_config_name(config_path: str | Path | None) -> str:
     return Path(model).stem if isinstance(model, str) else "inline"
 
 
-def bench_train(config_path: str | None, overrides: list[str], steps: int, warmup: int) -> dict:
+# Dense bf16 peak FLOP/s per device, by jax device_kind prefix (vendor datasheets; H100 SXM).
+DEVICE_PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "TPU v5p": 459e12,
+                     "TPU v4": 275e12}
+
+
+def device_peak_flops(device) -> float | None:
+    """The bf16 dense peak of a known accelerator, None otherwise (e.g. CPU: pass --peak-tflops)."""
+    for prefix, flops in DEVICE_PEAK_FLOPS.items():
+        if device.device_kind.startswith(prefix):
+            return flops
+    return None
+
+
+def bench_train(config_path: str | None, overrides: list[str], steps: int, warmup: int,
+                peak_tflops: float | None = None) -> dict:
     """Time the training step of a run config; returns a dict of results (see `format_table`)."""
     import jax
     import numpy as np
 
+    from hnet.flops import is_token_model, training_flops_per_step
     from hnet.run_config import load_run_config
     from hnet.train_loop import init_state
 
@@ -49,12 +73,15 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     # The shapes train.py feeds: (grad_accum, batch / grad_accum, seq_len) int32 micro-batches.
     shape = (train.grad_accum, train.batch_size // train.grad_accum, train.seq_len)
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 256, size=shape[:-1] + (train.seq_len + 1,), dtype=np.int32)
-    input_ids, targets = jax.device_put(tokens[..., :-1]), jax.device_put(tokens[..., 1:])
+    vocab = run.model_config.vocab_size
+    tokens = rng.integers(0, min(vocab, 256), size=shape[:-1] + (train.seq_len + 1,), dtype=np.int32)
+    input_ids, targets = step_fns.place_train_batch(tokens[..., :-1]), step_fns.place_train_batch(tokens[..., 1:])
+    last_metrics = {}
 
     def one_step(state):
         state, metrics = step_fns.train_step(state, input_ids, targets)
         jax.block_until_ready((state, metrics))
+        last_metrics.update(metrics)
         return state
 
     start = time.perf_counter()
@@ -72,6 +99,12 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     device = jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     peak = (stats or {}).get("peak_bytes_in_use")
+    # Model FLOPs at the chunk sizes this step measured (hnet.flops); MFU against the device peak.
+    config = run.model_config
+    bytes_per_chunk = [float(last_metrics[f"stage{s}_bytes_per_chunk"]) for s in range(config.depth)]
+    step_flops = training_flops_per_step(config, train.batch_size, train.seq_len, bytes_per_chunk)
+    peak_flops = peak_tflops * 1e12 if peak_tflops else device_peak_flops(device)
+    positions_per_sec = train.batch_size * train.seq_len / step_s
     return {
         "benchmark": "train",
         "device": f"{device.device_kind} ({device.platform})",
@@ -88,9 +121,64 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
         "step_s_median": step_s,
         "step_s_min": min(times),
         "step_s_max": max(times),
-        "bytes_per_sec": train.batch_size * train.seq_len / step_s,
+        "bytes_per_sec": None if is_token_model(config) else positions_per_sec,
+        "tokens_per_sec": positions_per_sec if is_token_model(config) else None,
+        "bytes_per_chunk": bytes_per_chunk,
+        "model_flops_per_step": step_flops,
+        "peak_flops": peak_flops,
+        "mfu": step_flops / (step_s * peak_flops * jax.device_count()) if peak_flops else None,
         "peak_memory_bytes": peak,
     }
+
+
+def bench_decode(config_paths: list[str], batch_sizes: list[int], new_bytes: int, prompt_bytes: int) -> dict:
+    """Decode throughput per (config, batch size) and time to first byte per config."""
+    import jax
+    import numpy as np
+
+    import hnet
+    from hnet.decode import Generator, SamplingConfig
+
+    device = jax.devices()[0]
+    sampling = SamplingConfig(temperature=1.0, seed=0)
+    rows = []
+    for path in config_paths:
+        config = hnet.load_config(path)
+        model = hnet.build_model(config, seed=0)
+        rng = np.random.default_rng(0)
+        for batch in batch_sizes:
+            generator = Generator(model, chunk_steps=32)
+            prompts = [bytes(rng.integers(32, 127, size=16, dtype=np.uint8)) for _ in range(batch)]
+            run = lambda: generator.generate(prompts, max_new_bytes=new_bytes, sampling=sampling, eos_id=-1)
+            start = time.perf_counter()
+            run()
+            compile_s = time.perf_counter() - start
+            start = time.perf_counter()
+            result = run()
+            elapsed = time.perf_counter() - start
+            generated = sum(len(out) for out in result.outputs)
+            rows.append({"config": Path(path).stem, "dtype": config.dtype, "batch": batch, "new_bytes": new_bytes,
+                         "seconds": elapsed, "bytes_per_sec": generated / elapsed, "compile_s": compile_s})
+        # Time to first byte: prefill of a long prompt and one decode step.
+        generator = Generator(model, chunk_steps=1)
+        prompt = bytes(rng.integers(32, 127, size=prompt_bytes, dtype=np.uint8))
+        first = lambda: next(iter(generator.stream([prompt], max_new_bytes=1, sampling=sampling, eos_id=-1)))
+        first()  # compile
+        start = time.perf_counter()
+        first()
+        rows[-1]["time_to_first_byte_s"] = time.perf_counter() - start
+        rows[-1]["prompt_bytes"] = prompt_bytes
+    return {"benchmark": "decode", "device": f"{device.device_kind} ({device.platform})", "rows": rows}
+
+
+def format_decode_table(result: dict) -> str:
+    header = f"device: {result['device']}\n"
+    lines = [f"{'config':<22}{'dtype':<10}{'batch':>6}{'bytes/s':>12}{'compile s':>11}{'time to first byte':>24}"]
+    for row in result["rows"]:
+        first = f"{row['time_to_first_byte_s'] * 1e3:.1f} ms ({row['prompt_bytes']} B)" if "time_to_first_byte_s" in row else ""
+        lines.append(f"{row['config']:<22}{row['dtype']:<10}{row['batch']:>6}{row['bytes_per_sec']:>12,.0f}"
+                     f"{row['compile_s']:>11.1f}{first:>24}")
+    return header + "\n".join(lines)
 
 
 def format_table(result: dict) -> str:
@@ -105,7 +193,12 @@ def format_table(result: dict) -> str:
         ("compile (first step)", f"{result['compile_s']:.2f} s"),
         (f"step time (median of {result['timed_steps']})",
          f"{result['step_s_median'] * 1e3:.1f} ms (min {result['step_s_min'] * 1e3:.1f}, max {result['step_s_max'] * 1e3:.1f})"),
-        ("throughput", f"{result['bytes_per_sec']:,.0f} bytes/s"),
+        ("throughput", f"{result['bytes_per_sec']:,.0f} bytes/s" if result["bytes_per_sec"] is not None
+         else f"{result['tokens_per_sec']:,.0f} tokens/s"),
+        ("bytes per chunk (this step)", ", ".join(f"{b:.2f}" for b in result["bytes_per_chunk"]) or "-"),
+        ("model FLOPs per step", f"{result['model_flops_per_step'] / 1e12:,.3f} TFLOP (hnet.flops, training)"),
+        ("MFU", "n/a (unknown device peak; pass --peak-tflops)" if result["mfu"] is None
+         else f"{100 * result['mfu']:.1f}% of {result['peak_flops'] / 1e12:,.0f} TFLOP/s per device"),
         ("peak device memory", "n/a" if peak is None else f"{peak / 2**20:,.1f} MiB"),
     ]
     width = max(len(name) for name, _ in rows) + 2
@@ -123,10 +216,20 @@ def parse_args(argv):
                        help="override a run-config value, e.g. train.batch_size=16 (repeatable)")
     train.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     train.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (default: 2)")
+    train.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known bf16 peak, e.g. 989 for H100)")
     train.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    decode = commands.add_parser("decode", help="time generation: bytes/s and time to first byte")
+    decode.add_argument("--configs", nargs="+", default=["configs/hnet_1stage_tiny.json", "configs/hnet_1stage_S.json"],
+                        help="model configs (default: the tiny and S 1-stage H-Nets)")
+    decode.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="(default: 1 32)")
+    decode.add_argument("--new-bytes", type=int, default=256, help="bytes generated per row (default: 256)")
+    decode.add_argument("--prompt-bytes", type=int, default=1000, help="prompt length for time to first byte (default: 1000)")
+    decode.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
+    if args.command == "train" and (args.steps < 1 or args.warmup < 0):
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.command == "decode" and (min(args.batch_sizes) < 1 or args.new_bytes < 1 or args.prompt_bytes < 1):
+        parser.error("--batch-sizes, --new-bytes and --prompt-bytes must be >= 1")
     return args
 
 
@@ -137,11 +240,15 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     try:
         if args.command == "train":
-            result = bench_train(args.config, args.overrides, args.steps, args.warmup)
+            result = bench_train(args.config, args.overrides, args.steps, args.warmup, args.peak_tflops)
+            table = format_table(result)
+        else:
+            result = bench_decode(args.configs, args.batch_sizes, args.new_bytes, args.prompt_bytes)
+            table = format_decode_table(result)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return None
-    print(json.dumps(result) if args.json else format_table(result))
+    print(json.dumps(result) if args.json else table)
     return result
 
 

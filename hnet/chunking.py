@@ -26,13 +26,20 @@ class Routing(nnx.Module):
         self.k_proj = param(jnp.eye(d_model, dtype=jnp.float32), ("embed", "embed_out"))
 
     def __call__(self, hidden: jax.Array, doc_start: jax.Array) -> jax.Array:
-        hidden = hidden.astype(jnp.float32)
-        q = _unit(hidden[:, :-1] @ self.q_proj[...])
-        k = _unit(hidden[:, 1:] @ self.k_proj[...])
-        cos = jnp.sum(q * k, axis=-1)
-        prob = jnp.clip((1.0 - cos) / 2.0, 0.0, 1.0)
+        prob = self.pair_prob(hidden[:, :-1], hidden[:, 1:])
         prob = jnp.pad(prob, ((0, 0), (1, 0)), constant_values=1.0)
         return jnp.where(doc_start, 1.0, prob)
+
+    def step(self, previous: jax.Array, hidden: jax.Array, doc_start: jax.Array) -> jax.Array:
+        """One position: previous and current hidden (B, D), doc_start (B,) -> p (B,) float32."""
+        return jnp.where(doc_start, 1.0, self.pair_prob(previous, hidden))
+
+    def pair_prob(self, previous: jax.Array, current: jax.Array) -> jax.Array:
+        """(..., D) hidden states at t-1 and t -> (...,) boundary probability at t."""
+        q = _unit(previous.astype(jnp.float32) @ self.q_proj[...])
+        k = _unit(current.astype(jnp.float32) @ self.k_proj[...])
+        cos = jnp.sum(q * k, axis=-1)
+        return jnp.clip((1.0 - cos) / 2.0, 0.0, 1.0)
 
 
 def _unit(x: jax.Array) -> jax.Array:
@@ -60,10 +67,9 @@ def space_boundaries(byte_ids: jax.Array) -> jax.Array:
     return jnp.pad(starts, ((0, 0), (1, 0)), constant_values=True)
 
 
-def stride_boundaries(shape: tuple[int, int], stride: int) -> jax.Array:
-    """(B, L) bool with True at positions 0, K, 2K, ..."""
-    positions = jnp.arange(shape[1])
-    return jnp.broadcast_to(positions % stride == 0, shape)
+def stride_boundaries(positions: jax.Array, stride: int) -> jax.Array:
+    """Integer positions (any shape) -> bool, True at positions 0, K, 2K, ..."""
+    return positions % stride == 0
 
 
 # ---- Chunk and dechunk ----

@@ -1,9 +1,16 @@
-"""Causal multi-head self-attention with RoPE, optional sliding window and grouped KV heads."""
+"""Causal multi-head self-attention with RoPE, optional sliding window and grouped KV heads.
+
+For generation, a layer keeps a KVCache: keys and values of the positions seen so far in C slots,
+position p in slot p % C. For a global layer C is the longest sequence the cache must hold; for
+a sliding-window layer C = window + 1, a ring buffer holding exactly the visible positions.
+"""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax import struct
 
+from hnet import sharding
 from hnet.layers.common import INIT_STD, linear
 
 
@@ -38,10 +45,12 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array, window: int) 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Masked softmax attention with a float32 softmax.
 
-    q: (B, Lq, H, Dh); k, v: (B, Lk, Hkv, Dh) with H a multiple of Hkv; mask: (Lq, Lk) bool.
-    Returns (B, Lq, H, Dh) in q's dtype.
+    q: (B, Lq, H, Dh); k, v: (B, Lk, Hkv, Dh) with H a multiple of Hkv; mask: (Lq, Lk) or
+    per row (B, Lq, Lk) bool. Returns (B, Lq, H, Dh) in q's dtype.
     """
     batch, q_len, heads, head_dim = q.shape
+    if mask.ndim == 3:
+        mask = mask[:, None, None]  # broadcast over (kv heads, group)
     kv_heads = k.shape[2]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
@@ -50,6 +59,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+@struct.dataclass
+class KVCache:
+    """key, value: (B, C, Hkv, Dh) with RoPE applied to keys; length: (B,) int32 positions seen."""
+
+    key: jax.Array
+    value: jax.Array
+    length: jax.Array
+
+
+def _cache_slots_filled(length: jax.Array, slots: int) -> jax.Array:
+    """(B,) positions seen -> (B, C) bool: which cache slots hold a position."""
+    return jnp.arange(slots)[None, :] < jnp.minimum(length, slots)[:, None]
 
 
 class CausalSelfAttention(nnx.Module):
@@ -82,8 +105,47 @@ class CausalSelfAttention(nnx.Module):
         return q, k, v
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return self.prefill(x)[0]
+
+    def cache_slots(self, max_length: int) -> int:
+        """Cache slots C for sequences of up to `max_length` positions."""
+        return max_length if self.window < 0 else min(max_length, self.window + 1)
+
+    def prefill(self, x: jax.Array, lengths: jax.Array | None = None, max_length: int | None = None):
+        """Causal attention over x (B, L, D) -> (y (B, L, D), KVCache or None).
+
+        With `lengths` (B,) (each row's real length; the rest is right padding) and `max_length`,
+        also returns the cache after each row's last real position, ready for `step`.
+        """
         batch, length, d_model = x.shape
         positions = jnp.arange(length)
         q, k, v = self.project_qkv(x, positions)
+        # Heads split over tensor: each device attends with its own heads.
+        q, k, v = (sharding.constrain(t, sharding.HEADS_AXES) for t in (q, k, v))
         out = attend(q, k, v, attention_mask(positions, positions, self.window))
-        return self.out_proj(out.reshape(batch, length, d_model))
+        out = sharding.constrain(out, sharding.HEADS_AXES)
+        y = self.out_proj(out.reshape(batch, length, d_model))
+        if lengths is None:
+            return y, None
+        # Slot j holds the latest position p < length with p % C == j.
+        slots = self.cache_slots(max_length)
+        slot = jnp.arange(slots)[None, :]
+        last = lengths[:, None] - 1
+        source = slot + slots * (jnp.maximum(last - slot, 0) // slots)  # (B, C)
+        filled = _cache_slots_filled(lengths, slots)
+        take = lambda t: jnp.where(filled[..., None, None], jnp.take_along_axis(
+            t, jnp.clip(source, 0, length - 1)[..., None, None], axis=1), 0).astype(t.dtype)
+        return y, KVCache(key=take(k), value=take(v), length=lengths.astype(jnp.int32))
+
+    def step(self, x: jax.Array, cache: KVCache):
+        """One new position per row: x (B, D) -> (y (B, D), updated KVCache)."""
+        batch, d_model = x.shape
+        slots = cache.key.shape[1]
+        q, k, v = self.project_qkv(x[:, None], cache.length[:, None])
+        write = jax.nn.one_hot(cache.length % slots, slots, dtype=bool)[..., None, None]  # (B, C, 1, 1)
+        cache = KVCache(key=jnp.where(write, k, cache.key), value=jnp.where(write, v, cache.value),
+                        length=cache.length + 1)
+        # Every filled slot is visible: the ring of a window layer holds exactly the window.
+        mask = _cache_slots_filled(cache.length, slots)[:, None, :]  # (B, 1, C)
+        out = attend(q, cache.key, cache.value, mask)
+        return self.out_proj(out.reshape(batch, d_model)), cache

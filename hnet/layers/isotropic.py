@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hnet import sharding
 from hnet.config import ModelConfig, parse_layout
 from hnet.layers.attention import CausalSelfAttention
 from hnet.layers.mamba2 import Mamba2
@@ -43,10 +44,22 @@ class Block(nnx.Module):
             self.mlp = SwiGLU(d_model, config.d_intermediate[stage], dtype=self.dtype, out_scale=out_scale, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.mixer(self.norm1(x).astype(self.dtype)).astype(jnp.float32)
+        return self.prefill(x)[0]
+
+    def prefill(self, x: jax.Array, lengths=None, max_length=None):
+        """(B, L, D) -> (y, mixer cache or None); see the mixers' `prefill`."""
+        return self._residual(x, lambda h: self.mixer.prefill(h, lengths, max_length))
+
+    def step(self, x: jax.Array, cache):
+        """One position per row: (B, D) -> (y (B, D), updated mixer cache)."""
+        return self._residual(x, lambda h: self.mixer.step(h, cache))
+
+    def _residual(self, x, mix):
+        mixed, cache = mix(self.norm1(x).astype(self.dtype))
+        x = x + mixed.astype(jnp.float32)
         if self.has_mlp:
             x = x + self.mlp(self.norm2(x).astype(self.dtype)).astype(jnp.float32)
-        return x
+        return x, cache
 
 
 class Isotropic(nnx.Module):
@@ -65,7 +78,23 @@ class Isotropic(nnx.Module):
         self.norm = RMSNorm(config.d_model[stage])
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return self.prefill(x)[0]
+
+    def prefill(self, x: jax.Array, lengths=None, max_length=None):
+        """(B, L, D) -> (y, tuple of block caches); caches only when `lengths` (B,) is given."""
         x = x.astype(jnp.float32)
+        caches = []
         for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+            x, cache = block.prefill(x, lengths, max_length)
+            x = sharding.constrain(x, sharding.RESIDUAL_AXES)  # the residual stream: batch-split
+            caches.append(cache)
+        return self.norm(x), tuple(caches)
+
+    def step(self, x: jax.Array, caches: tuple):
+        """One position per row: (B, D) -> (y (B, D) float32, updated block caches)."""
+        x = x.astype(jnp.float32)
+        new_caches = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block.step(x, cache)
+            new_caches.append(cache)
+        return self.norm(x), tuple(new_caches)

@@ -1,6 +1,7 @@
 """Mamba2 mixer in pure JAX, with the SSD chunked scan (Dao & Gu 2024) in float32.
 
 Shapes: B batch, L length, D width, H heads, P head dim (64), S state size, Q scan chunk size.
+For generation a layer keeps a MambaCache: the last K-1 conv inputs and the SSM state.
 """
 
 import math
@@ -8,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax import struct
 
 from hnet.config import SSMConfig
 from hnet.layers.common import INIT_STD, linear, param
@@ -86,6 +88,14 @@ def ssd_step(state, x, dt, A, B, C):
     return y, state
 
 
+@struct.dataclass
+class MambaCache:
+    """conv: (B, K-1, Di + 2S) the last conv inputs (oldest first); ssm: (B, H, P, S) float32 state."""
+
+    conv: jax.Array
+    ssm: jax.Array
+
+
 class Mamba2(nnx.Module):
     """(B, L, D) -> (B, L, D) Mamba2 mixer.
 
@@ -137,8 +147,36 @@ class Mamba2(nnx.Module):
         return self.out_proj(y.astype(self.dtype))
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
-        z, xBC, dt_raw = self.split_projection(self.in_proj(hidden))
-        xBC = jax.nn.silu(causal_depthwise_conv(xBC, self.conv_weight[...], self.conv_bias[...]))
+        return self.prefill(hidden)[0]
+
+    def prefill(self, hidden: jax.Array, lengths: jax.Array | None = None, max_length: int | None = None):
+        """hidden (B, L, D) -> (y (B, L, D), MambaCache or None).
+
+        With `lengths` (B,) (each row's real length; the rest is right padding) also returns the
+        cache after each row's last real position. `max_length` is unused (the state is fixed-size).
+        """
+        z, conv_input, dt_raw = self.split_projection(self.in_proj(hidden))
+        xBC = jax.nn.silu(causal_depthwise_conv(conv_input, self.conv_weight[...], self.conv_bias[...]))
         x, dt, A, B, C = self.ssm_inputs(xBC, dt_raw)
-        y, _ = ssd_scan(x, dt, A, B, C, self.chunk_size)
-        return self.output(y, x, z)
+        if lengths is not None:  # dt = 0 on padding: the state passes through unchanged
+            dt = jnp.where(jnp.arange(hidden.shape[1])[None, :, None] < lengths[:, None, None], dt, 0.0)
+        y, final_state = ssd_scan(x, dt, A, B, C, self.chunk_size)
+        out = self.output(y, x, z)
+        if lengths is None:
+            return out, None
+        kernel = self.conv_weight.shape[0]
+        index = lengths[:, None] - (kernel - 1) + jnp.arange(kernel - 1)[None, :]  # (B, K-1)
+        conv = jnp.take_along_axis(conv_input, jnp.clip(index, 0, hidden.shape[1] - 1)[..., None], axis=1)
+        conv = jnp.where((index >= 0)[..., None], conv, 0).astype(conv_input.dtype)
+        return out, MambaCache(conv=conv, ssm=final_state)
+
+    def step(self, hidden: jax.Array, cache: MambaCache):
+        """One new position per row: hidden (B, D) -> (y (B, D), updated MambaCache)."""
+        z, conv_input, dt_raw = self.split_projection(self.in_proj(hidden))
+        window = jnp.concatenate([cache.conv, conv_input[:, None]], axis=1)  # (B, K, Di + 2S)
+        weight = self.conv_weight[...].astype(window.dtype)
+        conv = sum(window[:, k] * weight[k] for k in range(window.shape[1]))  # same order as the forward
+        xBC = jax.nn.silu(conv + self.conv_bias[...].astype(window.dtype))
+        x, dt, A, B, C = self.ssm_inputs(xBC, dt_raw)
+        y, ssm = ssd_step(cache.ssm, x, dt, A, B, C)
+        return self.output(y, x, z), MambaCache(conv=window[:, 1:], ssm=ssm)

@@ -3,6 +3,7 @@
 import jax
 from flax import nnx
 
+from hnet import sharding
 from hnet.layers.common import INIT_STD, linear
 
 
@@ -24,4 +25,5 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         value, gate = jax.numpy.split(self.fc1(x), 2, axis=-1)
-        return self.fc2(value * jax.nn.silu(gate))
+        hidden = sharding.constrain(value * jax.nn.silu(gate), sharding.MLP_AXES)  # split over tensor
+        return self.fc2(hidden)
