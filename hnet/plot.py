@@ -9,6 +9,8 @@ Writes two files into RUN_DIR:
     curves_chunks.png   bytes per chunk of each chunking stage, training and evaluation,
                         against bytes seen
 
+`plot_compare` draws several runs' evaluation curves into one PNG (eval.py --compare).
+
 matplotlib is optional (`pip install matplotlib`); it is imported only when plotting.
 """
 
@@ -151,6 +153,33 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     written.append(_finish(fig, [ax], run_dir / "curves_chunks.png", f"{title}: bytes per chunk"))
     plt.close(fig)
     return written
+
+
+def plot_compare(summaries, path: str | Path) -> Path:
+    """One PNG comparing runs: evaluation bpb against training bytes (left) and against training
+    FLOPs (right). summaries: hnet.report.RunSummary list (curve = (bytes, FLOPs or None, bpb))."""
+    plt = _import_pyplot()
+    fig, (ax_bytes, ax_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for summary in summaries:
+        if not summary.curve:
+            continue
+        xs, flops, ys = zip(*summary.curve)
+        (line,) = ax_bytes.plot(xs, ys, "o-", markersize=4, label=summary.name)
+        points = [(f, y) for f, y in zip(flops, ys) if f is not None]
+        if points:
+            ax_flops.plot(*zip(*points), "o-", markersize=4, color=line.get_color(), label=summary.name)
+    for ax, xlabel in ((ax_bytes, "training bytes"), (ax_flops, "training FLOPs")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("evaluation bits per byte")
+        ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("evaluation bits per byte")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> int:
