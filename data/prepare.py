@@ -5,6 +5,7 @@
     python -m data.prepare jsonl FILES_OR_DIRS... --out DIR [--text-field text]
     python -m data.prepare parquet FILES_OR_DIRS... --out DIR [--text-column text]   # needs pyarrow
     python -m data.prepare enwik8 --input enwik8.zip --out DIR
+    python -m data.prepare pg_en --out DIR [--data-dir DIR] [--max-train-bytes N]
 
 `python -m data.prepare SOURCE --help` describes each source. Every source is
 also runnable on its own, e.g. `python -m data.text.prepare ...`.
@@ -24,6 +25,7 @@ import sys
 from data.enwik8 import prepare as enwik8
 from data.jsonl import prepare as jsonl
 from data.parquet import prepare as parquet
+from data.pg_en import prepare as pg_en
 from data.shards import run_cli
 from data.stdlib import prepare as stdlib
 from data.text import prepare as text
@@ -34,6 +36,7 @@ SOURCES = {
     "jsonl": jsonl,
     "parquet": parquet,
     "enwik8": enwik8,
+    "pg_en": pg_en,
 }
 
 

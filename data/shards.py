@@ -1,6 +1,6 @@
 """Shared shard writer for prepared corpora (format "hnet-bytes-v1").
 
-Every preparer (stdlib, text, jsonl, parquet, enwik8) streams documents into a
+Every preparer (stdlib, text, jsonl, parquet, enwik8, pg_en) streams documents into a
 `CorpusWriter`; nothing here knows where the documents come from.
 
 A prepared corpus is a folder:
@@ -331,3 +331,12 @@ def run_cli(run, args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def preparer_main(module: str, doc: str, add_arguments, argv=None) -> int:
+    """The standalone command line of one preparer (`python -m data.<name>.prepare`)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_cli(args.run, args)

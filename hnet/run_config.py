@@ -151,6 +151,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except json.JSONDecodeError:
         value = raw
     parts = key.strip().split(".")
+    if parts == ["model"]:  # model=PATH or model={"config": PATH, ...}: replaces the whole model section
+        return parts, value
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise ConfigError(f"--set {text!r}: key must be model.X, data.X, train.X or mesh.X")
     return parts, value
@@ -168,7 +170,11 @@ def run_config_from_dict(data: dict, overrides: list[str] = (), base: Path | Non
     sections = {"model": _resolve_model(data["model"], base), "data": dict(data.get("data", {})),
                 "train": dict(data.get("train", {})), "mesh": dict(data.get("mesh", {}))}
     for text in overrides:
-        (section, key), value = parse_override(text)
+        path, value = parse_override(text)
+        if path == ["model"]:
+            sections["model"] = _resolve_model(value, base)
+            continue
+        (section, key) = path
         sections[section][key] = value
     model_config = config_from_dict(sections["model"])
     tokenizer = sections["data"].get("tokenizer")

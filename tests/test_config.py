@@ -99,3 +99,11 @@ def test_capacity_rule():
     assert config.capacity(8192, 0) == 1792
     assert config.stage_lengths(8192) == [8192, 1792]
     assert config.capacity(100, 0) == 100  # never more than the input length
+
+
+def test_run_config_model_override_replaces_the_model_section():
+    from hnet.run_config import load_run_config
+
+    run = load_run_config(None, ['model={"config": "transformer_bpe_tiny.json"}', 'data.tokenizer={"vocab_size": 4096}'])
+    assert run.model_config.vocab_size == 4096 and run.model_config.depth == 0
+    assert run.train.seq_len == load_run_config(None).train.seq_len  # the rest of the run config is kept

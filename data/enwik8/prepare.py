@@ -33,7 +33,7 @@ from data.shards import (
     add_common_arguments,
     check_destination,
     format_summary,
-    run_cli,
+    preparer_main,
 )
 
 ENWIK8_BYTES = 100_000_000
@@ -117,14 +117,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.enwik8.prepare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_cli(run, args)
+    return preparer_main("data.enwik8.prepare", __doc__, add_arguments, argv)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from data.shards import (
     check_fractions,
     format_summary,
     fraction_splits,
-    run_cli,
+    preparer_main,
     split_for_key,
 )
 
@@ -164,14 +164,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.jsonl.prepare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_cli(run, args)
+    return preparer_main("data.jsonl.prepare", __doc__, add_arguments, argv)
 
 
 if __name__ == "__main__":

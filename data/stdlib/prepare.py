@@ -26,7 +26,7 @@ from data.shards import (
     DEFAULT_SHARD_BYTES,
     add_common_arguments,
     format_summary,
-    run_cli,
+    preparer_main,
     split_for_key,
 )
 
@@ -115,14 +115,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.stdlib.prepare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_cli(run, args)
+    return preparer_main("data.stdlib.prepare", __doc__, add_arguments, argv)
 
 
 if __name__ == "__main__":

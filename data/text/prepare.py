@@ -39,7 +39,7 @@ from data.shards import (
     check_destination,
     check_fractions,
     format_summary,
-    run_cli,
+    preparer_main,
     split_for_key,
 )
 
@@ -218,14 +218,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.text.prepare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_cli(run, args)
+    return preparer_main("data.text.prepare", __doc__, add_arguments, argv)
 
 
 if __name__ == "__main__":
