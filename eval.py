@@ -36,8 +36,9 @@ def parse_args(argv):
     scoring.add_argument("--window", type=int, help="positions per model pass (default: the run's train.seq_len; 1024 for exports)")
     scoring.add_argument("--stride", type=int, help="new positions scored per window of a long document (default: window // 2)")
     scoring.add_argument("--batch-size", type=int, default=8, help="windows per model call (default 8)")
-    scoring.add_argument("--capacity-slack", type=float,
-                         help="H-Net chunk capacity slack for evaluation (default: 2.0, or the model's if larger)")
+    scoring.add_argument("--capacity-slack", type=_capacity_slack, metavar="SLACK",
+                         help="override the H-Net's chunk capacity slack (a number >= 1, or 'exact': nothing dropped); "
+                              "default: the model's own, as trained")
     scoring.add_argument("--no-compressors", action="store_true", help="skip the gzip/bzip2/xz/zstd reference lines")
     modes = parser.add_argument_group("modes (default: evaluate)")
     modes.add_argument("--show-boundaries", action="store_true", help="print text with each stage's chunk boundaries marked")
@@ -57,6 +58,16 @@ def parse_args(argv):
 
 class UsageError(ValueError):
     """A bad combination of options (one-line message)."""
+
+
+def _capacity_slack(text: str):
+    """--capacity-slack: 'exact' or a number."""
+    if text == "exact":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'exact', got {text!r}") from None
 
 
 def check_args(args) -> None:
@@ -189,7 +200,11 @@ def run_evaluate(args, checkpoints) -> dict:
         out["models"].append(entry)
         if show:
             print(f"\n{entry['description']}")
-            slack = f", capacity slack {result.capacity_slack:g}" if result.capacity_slack else ""
+            slack = ""
+            if result.capacity_slack is not None:
+                slack = f", capacity slack {result.capacity_slack}"
+                if result.capacity_slack != result.trained_capacity_slack:
+                    slack += f" (overridden: trained with {result.trained_capacity_slack})"
             unit = "tokens" if checkpoint.tokenizer else "bytes"
             print(f"  window {result.window} {unit}, stride {result.stride}{slack}")
             print(f"  bits per byte     {result.bpb:.4f}")
@@ -199,7 +214,7 @@ def run_evaluate(args, checkpoints) -> dict:
                 print(f"  bytes per token   {result.bytes / max(result.positions, 1):.3f}")
             for s, stats in enumerate(result.stages):
                 share = stats.share_after_separator
-                print(f"  stage {s}: {stats.bytes_per_chunk:.2f} bytes/chunk, overflow {stats.overflow_rate:.2%}, "
+                print(f"  stage {s}: {stats.bytes_per_chunk:.2f} bytes/chunk, dropped boundaries {stats.dropped_rate:.2%}, "
                       f"{'-' if share != share else f'{share:.1%}'} of boundaries after whitespace/punctuation")
                 print(f"           chunk lengths (bytes): {format_histogram(stats.histogram)}")
             print(f"  {result.seconds:.1f} s incl. compilation ({result.bytes / max(result.seconds, 1e-9):,.0f} bytes/s)")
@@ -253,7 +268,7 @@ def run_show_boundaries(args, checkpoints) -> dict:
             print("   (no chunking stages)\n")
         for label, pos, st in zip(labels, positions, stats):
             share = st.share_after_separator
-            print(f"-- {label}: {st.boundaries} chunks, {st.bytes_per_chunk:.2f} bytes/chunk, "
+            print(f"-- {label}: {st.chunks} chunks, {st.bytes_per_chunk:.2f} bytes/chunk, "
                   f"{'-' if share != share else f'{share:.1%}'} of boundaries after whitespace/punctuation")
             print(f"   chunk lengths (bytes): {format_histogram(st.histogram)}")
             print(render_terminal(text, pos, colour))

@@ -19,7 +19,7 @@ flax.config.update("flax_always_shard_variable", False)
 # Public names, imported lazily so that `python -m hnet.config` etc. run their module cleanly.
 _EXPORTS = {
     "ConfigError": "hnet.config", "ModelConfig": "hnet.config", "load_config": "hnet.config",
-    "BOS_ID": "hnet.model", "EOS_ID": "hnet.model", "HNetLM": "hnet.model", "TransformerLM": "hnet.model",
+    "BOS_ID": "hnet.vocab", "EOS_ID": "hnet.vocab", "HNetLM": "hnet.model", "TransformerLM": "hnet.model",
     "ModelOutput": "hnet.model", "StageOutput": "hnet.model", "build_model": "hnet.model",
     "cross_entropy": "hnet.model",
 }

@@ -7,8 +7,8 @@ each selected chunk). So a stage-1 boundary at stage-1 position m starts at byte
 chunk_position_0[m]; stage-s boundaries are always a subset of stage-(s-1) boundaries.
 
 Statistics per stage (`BoundaryStats`), over the positions given to it:
-- bytes per chunk: positions / boundaries (what training reports as StageOutput.bytes_per_chunk);
-- overflow rate: boundaries dropped for lack of chunk capacity / boundaries;
+- bytes per chunk: positions / chunks (what training reports as StageOutput.bytes_per_chunk);
+- dropped rate: boundaries the router chose that the capacity rule did not keep / boundaries;
 - share after separators: of the boundaries that the model chose (not the forced ones at a
   document or window start), the share whose preceding byte is ASCII whitespace or punctuation
   (hnet.chunking.SEPARATOR_BYTES, the same set "space" routing uses, so a "space" model scores 1);
@@ -40,33 +40,31 @@ _SEPARATOR_TABLE = np.array([b in SEPARATOR_BYTES for b in range(256)])
 
 
 def byte_boundaries(stages) -> tuple[np.ndarray, np.ndarray]:
-    """Every stage's boundaries as masks over the model's input positions.
+    """Every stage's chunk starts and dropped boundaries as masks over the model's input positions.
 
     stages: per chunking stage (outermost first) a tuple of host arrays
-        boundary_mask (B, L_s) bool, valid_mask (B, L_s) bool, chunk_position (B, M_s) int
+        boundary_mask (B, L_s) bool, chunk_mask (B, L_s) bool, chunk_position (B, M_s) int
     (StageOutput fields; L_0 = L is the input length, L_{s+1} = M_s).
-    Returns (boundaries, overflowed): bool (depth, B, L). boundaries[s, b, t] is True when a
-    stage-s chunk starts at input position t; overflowed marks the stage-s boundaries that did
-    not fit in the stage's chunk capacity (they are boundaries too, as in training's counts).
+    Returns (chunk_starts, dropped): bool (depth, B, L). chunk_starts[s, b, t] is True when a
+    stage-s chunk starts at input position t; dropped marks the stage-s boundaries the router
+    chose that the capacity rule did not keep.
     """
     depth = len(stages)
     batch, length = stages[0][0].shape if depth else (0, 0)
-    boundaries = np.zeros((depth, batch, length), bool)
-    overflowed = np.zeros((depth, batch, length), bool)
+    chunk_starts = np.zeros((depth, batch, length), bool)
+    dropped = np.zeros((depth, batch, length), bool)
     rows = np.arange(batch)[:, None]
     # position_of[b, i]: input position of stage-s position i (length for an empty slot).
     position_of = np.broadcast_to(np.arange(length), (batch, length))
-    for s, (mask, valid, chunk_position) in enumerate(stages):
-        mask = np.asarray(mask) & np.asarray(valid)
-        capacity = chunk_position.shape[1]
-        chunk_id = np.cumsum(mask, axis=1) - 1
-        for out, selected in ((boundaries[s], mask), (overflowed[s], mask & (chunk_id >= capacity))):
+    for s, (boundary_mask, chunk_mask, chunk_position) in enumerate(stages):
+        chunk_mask = np.asarray(chunk_mask)
+        for out, selected in ((chunk_starts[s], chunk_mask), (dropped[s], np.asarray(boundary_mask) & ~chunk_mask)):
             b, i = np.nonzero(selected)
             out[b, position_of[b, i]] = True
         # Stage s+1 position m is stage-s position chunk_position[m]; empty slots point past the end.
         padded = np.concatenate([position_of, np.full((batch, 1), length)], axis=1)
         position_of = padded[rows, np.minimum(np.asarray(chunk_position), padded.shape[1] - 1)]
-    return boundaries, overflowed
+    return chunk_starts, dropped
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,41 +90,42 @@ def chunk_lengths(boundary: np.ndarray) -> np.ndarray:
 
 @dataclass
 class BoundaryStats:
-    """Running boundary statistics of one chunking stage over whole documents."""
+    """Running chunk statistics of one chunking stage over whole documents."""
 
     positions: int = 0         # input positions seen (bytes; a document's BOS counts as one)
-    boundaries: int = 0
-    overflow: int = 0
-    chosen: int = 0            # boundaries not forced by a document or window start
+    chunks: int = 0            # chunk starts
+    dropped: int = 0           # boundaries the router chose that did not become chunks
+    chosen: int = 0            # chunk starts not forced by a document or window start
     chosen_after_separator: int = 0
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(HIST_MAX + 1, np.int64))
 
-    def add(self, stream, boundary, overflowed=None, forced=None) -> None:
-        """One document's positions: stream (n,) byte values at the input positions, boundary
-        (n,) bool, overflowed (n,) bool, forced (n,) bool (boundaries the model did not choose:
+    def add(self, stream, chunk_start, dropped=None, forced=None) -> None:
+        """One document's positions: stream (n,) byte values at the input positions, chunk_start
+        (n,) bool, dropped (n,) bool, forced (n,) bool (chunk starts the model did not choose:
         the document start, window starts). Position 0 always starts a chunk, a forced one."""
-        boundary = np.array(boundary, bool)
-        n = len(boundary)
+        chunk_start = np.array(chunk_start, bool)
+        n = len(chunk_start)
         forced = np.zeros(n, bool) if forced is None else np.array(forced, bool)
         if n:
-            boundary[0] = forced[0] = True
-        chosen = boundary & ~forced
+            chunk_start[0] = forced[0] = True
+        chosen = chunk_start & ~forced
         self.positions += n
-        self.boundaries += int(boundary.sum())
-        self.overflow += 0 if overflowed is None else int(np.asarray(overflowed).sum())
+        self.chunks += int(chunk_start.sum())
+        self.dropped += 0 if dropped is None else int(np.asarray(dropped).sum())
         self.chosen += int(chosen.sum())
         self.chosen_after_separator += int((chosen & after_separator(stream)).sum())
         if n:
-            lengths = np.minimum(chunk_lengths(boundary), HIST_MAX)
+            lengths = np.minimum(chunk_lengths(chunk_start), HIST_MAX)
             self.histogram += np.bincount(lengths, minlength=HIST_MAX + 1)
 
     @property
     def bytes_per_chunk(self) -> float:
-        return self.positions / max(self.boundaries, 1)
+        return self.positions / max(self.chunks, 1)
 
     @property
-    def overflow_rate(self) -> float:
-        return self.overflow / max(self.boundaries, 1)
+    def dropped_rate(self) -> float:
+        """Dropped / the router's boundaries (chunks + dropped)."""
+        return self.dropped / max(self.chunks + self.dropped, 1)
 
     @property
     def share_after_separator(self) -> float:
@@ -134,17 +133,15 @@ class BoundaryStats:
         return self.chosen_after_separator / self.chosen if self.chosen else float("nan")
 
     def to_dict(self) -> dict:
-        chunks = int(self.histogram.sum())
         return {
             "positions": self.positions,
-            "boundaries": self.boundaries,
+            "chunks": self.chunks,
             "bytes_per_chunk": self.bytes_per_chunk,
-            "overflow": self.overflow,
-            "overflow_rate": self.overflow_rate,
+            "dropped": self.dropped,
+            "dropped_rate": self.dropped_rate,
             "share_after_separator": None if self.chosen == 0 else self.share_after_separator,
             # chunk_length_histogram[k]: chunks of k bytes (k = HIST_MAX: HIST_MAX or more).
             "chunk_length_histogram": [int(c) for c in self.histogram],
-            "chunks": chunks,
         }
 
 
@@ -241,7 +238,7 @@ def render_html(text: bytes, models: list[ShownModel]) -> str:
     sections = []
     for model in models:
         rows = "".join(
-            f"<tr><td>{html.escape(label)}</td><td>{st.boundaries}</td><td>{st.bytes_per_chunk:.2f}</td>"
+            f"<tr><td>{html.escape(label)}</td><td>{st.chunks}</td><td>{st.bytes_per_chunk:.2f}</td>"
             f"<td>{_percent(st.share_after_separator)}</td></tr>"
             for label, st in zip(model.labels, model.stats)
         )

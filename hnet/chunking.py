@@ -1,7 +1,12 @@
-"""Dynamic chunking: routing (boundary prediction), chunk under a static capacity, dechunk.
+"""Dynamic chunking: routing (boundary prediction), the capacity rule, chunk, dechunk, ratio loss.
 
 Shapes: B batch, L positions of the stage's input, M chunk capacity (static), D width.
-See DESIGN.md section 1 for the equations and section 2 for the static-shape plan.
+
+A boundary (the router's decision, p > 0.5) becomes a chunk when the capacity rule
+(hnet.config.CapacityRule, a token bucket per document, then one per row) keeps it. The rule looks
+only at earlier positions, so training, evaluation and generation chunk a document the same way
+whatever the row length, window or cache size. docs/ARCHITECTURE.md has
+the equations and the function implementing each.
 """
 
 import jax
@@ -9,9 +14,17 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import struct
 
+from hnet.config import CapacityRule
 from hnet.layers.common import param
+from hnet.segments import Segments
 
 PROB_CLIP = 1e-4  # smoothing probabilities are clipped to [1e-4, 1 - 1e-4]
+BOUNDARY_THRESHOLD = 0.5  # a boundary where p > 0.5 (the reference's argmax over (1 - p, p))
+
+
+def is_boundary(boundary_prob: jax.Array) -> jax.Array:
+    """The router's decision: p > 0.5, any shape -> bool."""
+    return boundary_prob > BOUNDARY_THRESHOLD
 
 
 class Routing(nnx.Module):
@@ -26,6 +39,7 @@ class Routing(nnx.Module):
         self.k_proj = param(jnp.eye(d_model, dtype=jnp.float32), ("embed", "embed_out"))
 
     def __call__(self, hidden: jax.Array, doc_start: jax.Array) -> jax.Array:
+        """hidden (B, L, D), doc_start (B, L) bool -> p (B, L) float32."""
         prob = self.pair_prob(hidden[:, :-1], hidden[:, 1:])
         prob = jnp.pad(prob, ((0, 0), (1, 0)), constant_values=1.0)
         return jnp.where(doc_start, 1.0, prob)
@@ -72,41 +86,117 @@ def stride_boundaries(positions: jax.Array, stride: int) -> jax.Array:
     return positions % stride == 0
 
 
-# ---- Chunk and dechunk ----
+# ---- Which boundaries become chunks: the capacity rule ----
+
+
+def _min_with_zero(values: jax.Array, segment_index: jax.Array | None) -> jax.Array:
+    """min(0, running minimum of `values` (B, L) int32 along axis 1 within each segment).
+
+    segment_index (B, L): non-decreasing segment numbers (None: one segment per row). Cheap to
+    compile: one plain cummin. Clipping at 0 bounds the values to [-L, 0], so subtracting
+    segment number * (L + 1) makes every earlier segment's values larger than all of the
+    current one's; the running minimum then sees only the current segment. Exact in int32 while
+    L * (L + 1) fits; longer rows take an associative scan.
+    """
+    clipped = jnp.minimum(values, 0)
+    if segment_index is None:
+        return jax.lax.cummin(clipped, axis=1)
+    length = values.shape[1]
+    if length * (length + 1) < 2**31 - 1:
+        offset = segment_index * (length + 1)
+        return jax.lax.cummin(clipped - offset, axis=1) + offset
+    start = jnp.pad(segment_index[:, 1:] != segment_index[:, :-1], ((0, 0), (1, 0)), constant_values=True)
+
+    def combine(left, right):
+        value_l, start_l = left
+        value_r, start_r = right
+        return jnp.where(start_r, value_r, jnp.minimum(value_l, value_r)), start_l | start_r
+
+    return jax.lax.associative_scan(combine, (clipped, start), axis=1)[0]
+
+
+def bucket_counts(boundary_mask: jax.Array, segments: Segments | None, rule: CapacityRule) -> jax.Array:
+    """Chunks the capacity rule keeps: (B, L) bool boundaries -> (B, L) int32 kept count of the
+    position's segment (its document, or the whole row for segments=None) up to each position.
+
+    Keeping greedily, kept_t = min(kept_{t-1} + b_t, A_t) with the allowance A_t = rule.allowance
+    non-decreasing; unrolled, kept_t = S_t + min(0, min_{s<=t} (A_s - S_s)) with S the segment's
+    running count of boundaries: a cumsum and a cummin, no sequential scan over L.
+    """
+    counts = jnp.cumsum(boundary_mask, axis=1, dtype=jnp.int32)
+    row_position = jnp.arange(boundary_mask.shape[1], dtype=jnp.int32)
+    if segments is None:
+        running, position, index = counts, jnp.broadcast_to(row_position, counts.shape), None
+    else:  # subtract the count before the segment began
+        begin = row_position - segments.position
+        before = jnp.take_along_axis(counts - boundary_mask, begin, axis=1)
+        running, position, index = counts - before, segments.position, segments.index
+    return running + _min_with_zero(rule.allowance(position) - running, index)
+
+
+def _increments(counts: jax.Array, start: jax.Array) -> jax.Array:
+    """(B, L) running counts that restart where `start` ((B, L) or (L,)) -> bool, True where the count went up."""
+    previous = jnp.where(start, 0, jnp.pad(counts[:, :-1], ((0, 0), (1, 0))))
+    return counts > previous
+
+
+def bucket_keeps(previous_count: jax.Array, boundary: jax.Array, position: jax.Array, rule: CapacityRule) -> jax.Array:
+    """The step form of bucket_counts: whether a boundary (B,) at segment position `position` (B,)
+    is kept, given the chunks previous_count (B,) its segment kept before."""
+    return boundary & (previous_count + 1 <= rule.allowance(position))
 
 
 @struct.dataclass
 class ChunkLayout:
-    """Where each position's chunk lives under a static capacity M.
+    """Which positions start chunks and where the chunks live in the static M slots.
 
+    chunk_mask: (B, L) bool, the position starts a chunk; doc_chunks: (B, L) int32, chunks the
+    document-level rule kept in the position's document so far (the decode cache's counter);
     chunk_position: (B, M) int32, the input position of each chunk (L for an empty slot);
-    chunk_valid: (B, M) bool, slot holds a chunk; plug_index: (B, L) int32, the slot whose value
-    position t takes when dechunking (its chunk, or the last slot for positions whose chunk
-    overflowed, which is still causal); overflow: (B,) int32, boundaries dropped for lack of room.
+    chunk_valid: (B, M) bool, the slot holds a chunk; plug_index: (B, L) int32, the chunk each
+    position belongs to (the last one starting at or before it); dropped: (B,) int32, boundaries
+    that did not become chunks.
     """
 
+    chunk_mask: jax.Array
+    doc_chunks: jax.Array
     chunk_position: jax.Array
     chunk_valid: jax.Array
     plug_index: jax.Array
-    overflow: jax.Array
+    dropped: jax.Array
 
 
-def chunk_layout(boundary_mask: jax.Array, capacity: int) -> ChunkLayout:
-    """(B, L) bool boundaries -> ChunkLayout, keeping the first `capacity` chunks in order."""
+def chunk_layout(boundary_mask: jax.Array, segments: Segments, rule: CapacityRule, capacity: int) -> ChunkLayout:
+    """(B, L) bool boundaries -> ChunkLayout under the capacity rule, in two levels:
+
+    1. per document: chunk k may start at document position u while k < burst + rate (u + 1);
+    2. per row, over what step 1 kept: chunk k of the row may start at row position t while
+       k < burst + rate (t + 1). A row holding one document never loses anything here; a row
+       packing several can (their bursts add up), and it still only looks at positions <= t.
+    Both levels depend only on earlier positions, so the chunks of a prefix never depend on the
+    row length, and `capacity` = rule.row_capacity(L) slots always hold every chunk.
+    """
     batch, length = boundary_mask.shape
-    chunk_id = jnp.cumsum(boundary_mask.astype(jnp.int32), axis=1) - 1  # (B, L)
-    kept = boundary_mask & (chunk_id < capacity)
-    slot = jnp.where(kept, chunk_id, capacity)  # out-of-range slots are dropped by the scatter
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    doc_chunks = bucket_counts(boundary_mask, segments, rule)
+    doc_kept = _increments(doc_chunks, segments.start)
+    row_chunks = bucket_counts(doc_kept, None, rule)
+    chunk_mask = _increments(row_chunks, jnp.arange(length) == 0)
+    chunk_id = row_chunks - 1  # (B, L): the chunk each position belongs to; below capacity by the rule
+    row_position = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    slot = jnp.where(chunk_mask, chunk_id, capacity)  # positions without a chunk are dropped by the scatter
     chunk_position = jnp.full((batch, capacity), length, jnp.int32)
-    chunk_position = chunk_position.at[jnp.arange(batch)[:, None], slot].set(positions, mode="drop")
-    overflow = jnp.sum(boundary_mask & (chunk_id >= capacity), axis=1, dtype=jnp.int32)
+    chunk_position = chunk_position.at[jnp.arange(batch)[:, None], slot].set(row_position, mode="drop")
     return ChunkLayout(
+        chunk_mask=chunk_mask,
+        doc_chunks=doc_chunks,
         chunk_position=chunk_position,
         chunk_valid=chunk_position < length,
         plug_index=jnp.clip(chunk_id, 0, capacity - 1),
-        overflow=overflow,
+        dropped=jnp.sum(boundary_mask & ~chunk_mask, axis=1, dtype=jnp.int32),
     )
+
+
+# ---- Chunk and dechunk ----
 
 
 def gather_chunks(values: jax.Array, layout: ChunkLayout) -> jax.Array:
@@ -117,13 +207,20 @@ def gather_chunks(values: jax.Array, layout: ChunkLayout) -> jax.Array:
     return jnp.take_along_axis(values, index, axis=1)
 
 
-def ema_smooth(chunk_values: jax.Array, chunk_prob: jax.Array) -> jax.Array:
-    """Smoothing over chunks: out_k = P_k z_k + (1 - P_k) out_{k-1}, with P clipped to [1e-4, 1 - 1e-4].
+def smoothing_prob(boundary_prob: jax.Array, doc_start: jax.Array) -> jax.Array:
+    """EMA weight P of a chunk: its boundary probability clipped to [1e-4, 1 - 1e-4], and exactly 1
+    at a document start, so that nothing of the previous document leaks in. Any shape, float32."""
+    clipped = jnp.clip(boundary_prob.astype(jnp.float32), PROB_CLIP, 1.0 - PROB_CLIP)
+    return jnp.where(doc_start, 1.0, clipped)
 
-    chunk_values (B, M, D), chunk_prob (B, M) -> float32 (B, M, D). A linear recurrence, so it
-    runs as an associative scan with combine((a1, u1), (a2, u2)) = (a1 a2, a2 u1 + u2).
+
+def ema_smooth(chunk_values: jax.Array, chunk_prob: jax.Array, chunk_doc_start: jax.Array) -> jax.Array:
+    """Smoothing over chunks: out_k = P_k z_k + (1 - P_k) out_{k-1}, P = smoothing_prob.
+
+    chunk_values (B, M, D), chunk_prob and chunk_doc_start (B, M) -> float32 (B, M, D). A linear
+    recurrence, so it runs as an associative scan with combine((a1, u1), (a2, u2)) = (a1 a2, a2 u1 + u2).
     """
-    prob = jnp.clip(chunk_prob.astype(jnp.float32), PROB_CLIP, 1.0 - PROB_CLIP)[..., None]
+    prob = smoothing_prob(chunk_prob, chunk_doc_start)[..., None]
     decay, update = 1.0 - prob, prob * chunk_values.astype(jnp.float32)
 
     def combine(left, right):
@@ -135,10 +232,21 @@ def ema_smooth(chunk_values: jax.Array, chunk_prob: jax.Array) -> jax.Array:
     return smoothed
 
 
-def dechunk(chunk_values: jax.Array, chunk_prob: jax.Array, layout: ChunkLayout) -> jax.Array:
+def ema_step(previous: jax.Array, chunk_value: jax.Array, boundary_prob: jax.Array, doc_start: jax.Array) -> jax.Array:
+    """One step of ema_smooth: previous (B, D), chunk_value (B, D), boundary_prob and doc_start (B,) -> (B, D)."""
+    prob = smoothing_prob(boundary_prob, doc_start)[:, None]
+    return prob * chunk_value.astype(jnp.float32) + (1.0 - prob) * previous
+
+
+def dechunk(chunk_values: jax.Array, chunk_prob: jax.Array, chunk_doc_start: jax.Array, layout: ChunkLayout) -> jax.Array:
     """Chunk outputs (B, M, D) -> float32 (B, L, D): smooth, then each position takes its chunk's value."""
-    smoothed = ema_smooth(chunk_values, chunk_prob)
+    smoothed = ema_smooth(chunk_values, chunk_prob, chunk_doc_start)
     return jnp.take_along_axis(smoothed, layout.plug_index[..., None], axis=1)
+
+
+def confidence(boundary_prob: jax.Array, chunk_mask: jax.Array) -> jax.Array:
+    """c_t = p_t where a chunk starts, else 1 - p_t (any shape)."""
+    return jnp.where(chunk_mask, boundary_prob, 1.0 - boundary_prob)
 
 
 def straight_through(confidence: jax.Array) -> jax.Array:
@@ -146,14 +254,16 @@ def straight_through(confidence: jax.Array) -> jax.Array:
     return 1.0 + confidence - jax.lax.stop_gradient(confidence)
 
 
-def ratio_loss(boundary_mask: jax.Array, boundary_prob: jax.Array, valid: jax.Array, target: float) -> jax.Array:
+def ratio_loss(boundary_mask: jax.Array, boundary_prob: jax.Array, valid: jax.Array, target: float):
     """L = N/(N-1) ((N-1) F G + (1-F)(1-G)), F = fraction selected, G = mean p, over valid positions.
 
-    Minimum 1 at F = G = 1/N. (B, L) inputs -> scalar float32.
+    Minimum 1 at F = G = 1/N. F counts the router's boundaries (before the capacity rule), so the
+    loss regulates what the router wants. (B, L) inputs -> (L, F, G), scalars float32.
     """
     valid = valid.astype(jnp.float32)
     count = jnp.maximum(valid.sum(), 1.0)
     selected = jnp.sum(boundary_mask * valid) / count
     mean_prob = jnp.sum(boundary_prob * valid) / count
     n = target
-    return n / (n - 1.0) * ((n - 1.0) * selected * mean_prob + (1.0 - selected) * (1.0 - mean_prob))
+    loss = n / (n - 1.0) * ((n - 1.0) * selected * mean_prob + (1.0 - selected) * (1.0 - mean_prob))
+    return loss, selected, mean_prob

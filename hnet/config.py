@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hnet.vocab import BOS_ID, BYTE_VOCAB_SIZE, TOKEN_BOS_ID
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a one-line message naming the offending field."""
@@ -67,6 +69,50 @@ class AttnConfig:
     num_kv_heads: tuple[int, ...] | None = None
 
 
+EXACT = "exact"  # capacity_slack setting under which no boundary is ever dropped
+RATE_UNIT = 4096  # chunk rates are whole multiples of 1 / RATE_UNIT, so the rule is integer arithmetic
+
+
+@dataclass(frozen=True)
+class CapacityRule:
+    """How many chunks a document may have started by each of its positions: a token bucket.
+
+    Chunk k of a document (k = 0, 1, ...) may start at document position u only while
+    k < burst + rate * (u + 1), rate = rate_units / RATE_UNIT (= capacity_slack / N, at most 1).
+    The same allowance then applies to the row over what the documents kept (chunk k of the row
+    at row position t while k < burst + rate * (t + 1)), which binds only in rows packing several
+    documents. So whether a position starts a chunk depends only on earlier positions, never on
+    the row length, padding, an evaluation window or a cache size (prefix consistency), and a row
+    of L positions never needs more than row_capacity(L) chunk slots. With rate 1 nothing is ever
+    dropped: the exact setting.
+    """
+
+    rate_units: int
+    burst: int
+    multiple: int
+
+    @property
+    def is_exact(self) -> bool:
+        return self.rate_units >= RATE_UNIT
+
+    def allowance(self, doc_position):
+        """ceil(burst + rate * (u + 1)) for document positions u: a Python int or an int32 array.
+
+        Integer arithmetic only (split so that nothing overflows int32), so the parallel forward
+        and the one-step decode compute exactly the same numbers.
+        """
+        count = doc_position + 1
+        whole, part = count // RATE_UNIT, count % RATE_UNIT
+        return self.burst + whole * self.rate_units + (part * self.rate_units + RATE_UNIT - 1) // RATE_UNIT
+
+    def row_capacity(self, length: int) -> int:
+        """Static chunk slots M for rows of `length` positions (at most `length`)."""
+        if self.is_exact:
+            return length
+        wanted = self.allowance(length - 1)
+        return min(length, -(-wanted // self.multiple) * self.multiple)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch_layout: tuple  # nested tuple of layout strings, see module docstring
@@ -81,9 +127,14 @@ class ModelConfig:
     target_ratio: tuple[float, ...] | None = None
     # Boundary rule per chunking stage: "learned", "space" (outermost stage only) or "stride:K".
     routing: tuple[str, ...] | None = None
-    # Chunk capacity M = round_up(ceil(L / N * capacity_slack), capacity_multiple), at most L.
-    capacity_slack: float = 1.25
+    # Chunk capacity (CapacityRule): a token bucket of `capacity_burst` chunks plus
+    # capacity_slack / N chunks per position, per document and per row; "exact" (or a slack >= N)
+    # never drops a boundary. Static chunk slots are rounded up to a multiple of `capacity_multiple`.
+    capacity_slack: float | str = 2.0
+    capacity_burst: int = 16
     capacity_multiple: int = 128
+    # Id that starts every document (byte models: BOS_ID = 254; hnet.tokenizer puts <|bos|> at 0).
+    bos_id: int | None = None
     # Compute dtype of matmuls; parameters and the residual stream stay float32.
     dtype: str = "bfloat16"
 
@@ -115,11 +166,22 @@ class ModelConfig:
             return "stride", int(mode.split(":", 1)[1])
         return mode, 0
 
+    @property
+    def capacity_is_exact(self) -> bool:
+        """True when no chunking stage can ever drop a boundary."""
+        return all(self.capacity_rule(s).is_exact for s in range(self.depth))
+
+    def capacity_rule(self, stage: int) -> CapacityRule:
+        """The chunk capacity rule of a chunking stage (see CapacityRule)."""
+        if self.capacity_slack == EXACT:
+            rate_units = RATE_UNIT
+        else:
+            rate_units = min(RATE_UNIT, math.ceil(self.capacity_slack / self.ratio(stage) * RATE_UNIT))
+        return CapacityRule(rate_units=rate_units, burst=self.capacity_burst, multiple=self.capacity_multiple)
+
     def capacity(self, length: int, stage: int) -> int:
-        """Static chunk capacity of a chunking stage whose input has `length` positions."""
-        wanted = math.ceil(length / self.ratio(stage) * self.capacity_slack)
-        multiple = self.capacity_multiple
-        return min(length, -(-wanted // multiple) * multiple)
+        """Static chunk capacity M of a chunking stage whose input rows have `length` positions."""
+        return self.capacity_rule(stage).row_capacity(length)
 
     def stage_lengths(self, length: int) -> list[int]:
         """Static sequence length at each stage for an input of `length` bytes."""
@@ -320,9 +382,16 @@ def validate(config: ModelConfig) -> ModelConfig:
             raise ConfigError(f"routing[{s}]: {name!r} takes no argument, got {mode!r}")
         if name == "space" and s != 0:
             raise ConfigError(f"routing[{s}]: 'space' needs bytes as input, so only the outermost stage can use it")
-    if not isinstance(config.capacity_slack, (int, float)) or config.capacity_slack < 1:
-        raise ConfigError(f"capacity_slack: expected a number >= 1, got {config.capacity_slack!r}")
+    slack = config.capacity_slack
+    if slack != EXACT and (not isinstance(slack, (int, float)) or isinstance(slack, bool) or not slack >= 1):
+        raise ConfigError(f"capacity_slack: expected a number >= 1 or {EXACT!r}, got {slack!r}")
+    positive_ints("capacity_burst", [config.capacity_burst], allow_zero=True)
     positive_ints("capacity_multiple", [config.capacity_multiple])
+    bos_id = config.bos_id
+    if bos_id is None:
+        bos_id = BOS_ID if config.vocab_size == BYTE_VOCAB_SIZE else TOKEN_BOS_ID
+    if not isinstance(bos_id, int) or isinstance(bos_id, bool) or not 0 <= bos_id < config.vocab_size:
+        raise ConfigError(f"bos_id: expected an id below vocab_size {config.vocab_size}, got {bos_id!r}")
     if config.dtype not in DTYPES:
         raise ConfigError(f"dtype: expected one of {DTYPES}, got {config.dtype!r}")
     if not isinstance(config.tie_embeddings, bool):
@@ -332,6 +401,8 @@ def validate(config: ModelConfig) -> ModelConfig:
         attn_cfg=attn,
         target_ratio=tuple(float(r) for r in target),
         routing=tuple(routing),
+        capacity_slack=slack if slack == EXACT else float(slack),
+        bos_id=bos_id,
     )
 
 

@@ -54,8 +54,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-BOS_ID = 254  # byte id put before every document
-EOS_ID = 255  # byte id the model may use to end generation (not inserted by packing)
+from hnet.vocab import BOS_ID, EOS_ID  # noqa: F401  (re-exported: hnet.data.BOS_ID)
 
 FORMAT = "hnet-bytes-v1"
 TOKENS_FORMAT = "hnet-tokens-v1"

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from flax import struct
 
-from hnet.data import BOS_ID, EOS_ID
+from hnet.vocab import BOS_ID, EOS_ID
 from hnet.model import LanguageModel, ModelCache
 
 PROMPT_MULTIPLE = 64  # prompts are padded to a multiple of this, so few prefill shapes compile

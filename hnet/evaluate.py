@@ -31,9 +31,10 @@ influences real positions (the models are causal).
 
 Chunk statistics (H-Nets) are counted over the input positions whose prediction is scored (the
 BOS and every byte but the last, n per document), each once, with each stage's boundaries
-mapped to byte positions (hnet.boundaries). Evaluation may use a larger chunk capacity than
-training (capacity_slack; the default here is EVAL_CAPACITY_SLACK) so that no boundary is
-dropped; the overflow that remains is reported.
+mapped to byte positions (hnet.boundaries). Evaluation uses the model's own capacity rule, the
+one it was trained with (a document is chunked exactly as in training and generation); the
+capacity slack can be overridden (Scorer's capacity_slack, eval.py --capacity-slack), which then
+shows in the result. Boundaries the rule dropped are reported per stage.
 """
 
 from __future__ import annotations
@@ -52,11 +53,10 @@ from flax import nnx
 
 from hnet import config as config_lib
 from hnet.boundaries import BoundaryStats, byte_boundaries
-from hnet.data import BOS_ID, PreparedCorpus
+from hnet.data import PreparedCorpus
 from hnet.model import build_model, cross_entropy
 
 LN2 = math.log(2.0)
-EVAL_CAPACITY_SLACK = 2.0  # default chunk capacity slack for evaluation (training default: 1.25)
 PAD_ID = 0                 # right padding of short windows (never scored, never seen by real positions)
 
 
@@ -155,25 +155,25 @@ class DocumentScores:
     """One scored document. n = targets (bytes or tokens).
 
     stream: int32 (n + 1,) [BOS] + ids; nll: float32 (n,), NLL in nats of predicting stream[t+1]
-    from position t; boundaries, overflowed, forced: bool (depth, n) per stage over the input
+    from position t; chunk_starts, dropped, forced: bool (depth, n) per stage over the input
     positions 0 .. n-1 (byte positions of the stream); forced marks window starts inside the
     document, where the model starts a chunk whatever it would otherwise choose.
     """
 
     stream: np.ndarray
     nll: np.ndarray
-    boundaries: np.ndarray
-    overflowed: np.ndarray
+    chunk_starts: np.ndarray
+    dropped: np.ndarray
     forced: np.ndarray
 
 
 @partial(jax.jit, static_argnums=0)
 def score_batch(graphdef, state, input_ids, targets):
-    """Per-position NLL (B, L) float32 in nats and, per chunking stage, (boundary_mask, valid_mask,
+    """Per-position NLL (B, L) float32 in nats and, per chunking stage, (boundary_mask, chunk_mask,
     chunk_position) of a model split as (graphdef, state). Compiled once per model structure and
     input shape, so scorers of models with equal structure (e.g. checkpoints of one run) share it."""
     out = nnx.merge(graphdef, state)(input_ids)
-    stages = tuple((s.boundary_mask, s.valid_mask, s.chunk_position) for s in out.stages)
+    stages = tuple((s.boundary_mask, s.chunk_mask, s.chunk_position) for s in out.stages)
     return cross_entropy(out.logits, targets), stages
 
 
@@ -188,8 +188,8 @@ class Scorer:
 
     model: a LanguageModel; tokenizer: a BPETokenizer for token models (vocab_size != 256), else
     None; window W and stride S as in the module docstring (stride None: W // 2);
-    capacity_slack: chunk capacity slack for evaluation (None: EVAL_CAPACITY_SLACK, or the
-    model's own if larger).
+    capacity_slack: None (the model's own capacity rule, as trained) or an override (a number
+    or "exact"), recorded in the result.
     """
 
     def __init__(self, model, *, window: int, stride: int | None = None, batch_size: int = 8,
@@ -201,17 +201,19 @@ class Scorer:
             raise EvalError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}")
         if window < 1 or batch_size < 1:
             raise EvalError(f"window and batch size must be positive, got {window} and {batch_size}")
-        if config.depth:
-            slack = capacity_slack if capacity_slack is not None else max(EVAL_CAPACITY_SLACK, config.capacity_slack)
+        if tokenizer is not None and tokenizer.bos_id != config.bos_id:
+            raise EvalError(f"the tokenizer's BOS id is {tokenizer.bos_id} but the model's bos_id is {config.bos_id}")
+        self.trained_capacity_slack = config.capacity_slack if config.depth else None
+        if config.depth and capacity_slack is not None:
             try:
-                config = config_lib.replace(config, capacity_slack=float(slack))
+                config = config_lib.replace(config, capacity_slack=capacity_slack)
             except config_lib.ConfigError as err:
                 raise EvalError(f"--capacity-slack: {err}") from None
             model = with_config(model, config)
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.window, self.stride, self.batch_size = window, stride or max(window // 2, 1), batch_size
         plan_windows(1, self.window, self.stride)  # check the stride once
-        self.bos_id = tokenizer.bos_id if tokenizer is not None else BOS_ID
+        self.bos_id = config.bos_id
         self._graphdef, state = nnx.split(model)
         # Committed to one device like load_model's parameters, so that a built model and a loaded
         # one of the same structure share score_batch's compiled code (committedness is part of
@@ -237,7 +239,7 @@ class Scorer:
             plan = plan_windows(n, self.window, self.stride)
             scores = DocumentScores(
                 stream=np.asarray(stream, np.int32), nll=np.zeros(n, np.float32),
-                boundaries=np.zeros((self.depth, n), bool), overflowed=np.zeros((self.depth, n), bool),
+                chunk_starts=np.zeros((self.depth, n), bool), dropped=np.zeros((self.depth, n), bool),
                 forced=np.zeros((self.depth, n), bool),
             )
             pending[doc] = [scores, len(plan)]
@@ -261,14 +263,14 @@ class Scorer:
             input_ids[r, :length] = stream[start:start + length]
             targets[r, :length] = stream[start + 1:start + length + 1]
         nll, stages = jax.device_get(score_batch(self._graphdef, self._state, input_ids, targets))
-        boundaries, overflowed = byte_boundaries(stages) if stages else (None, None)
+        chunk_starts, dropped = byte_boundaries(stages) if stages else (None, None)
         for r, (doc, (start, score_from, length)) in enumerate(batch):
             scores = pending[doc][0]
             span = slice(start + score_from, start + length)
             scores.nll[span] = nll[r, score_from:length]
-            if boundaries is not None:
-                scores.boundaries[:, span] = boundaries[:, r, score_from:length]
-                scores.overflowed[:, span] = overflowed[:, r, score_from:length]
+            if chunk_starts is not None:
+                scores.chunk_starts[:, span] = chunk_starts[:, r, score_from:length]
+                scores.dropped[:, span] = dropped[:, r, score_from:length]
                 if start > 0 and score_from == 0:
                     scores.forced[:, start] = True
             pending[doc][1] -= 1
@@ -277,7 +279,7 @@ class Scorer:
         """Score every document; bits per byte and chunk statistics over all of them."""
         docs = documents.docs if isinstance(documents, Documents) else list(documents)
         result = EvalResult(window=self.window, stride=self.stride, capacity_slack=self.config.capacity_slack if self.depth else None,
-                            stages=[BoundaryStats() for _ in range(self.depth)])
+                            trained_capacity_slack=self.trained_capacity_slack, stages=[BoundaryStats() for _ in range(self.depth)])
         began = time.perf_counter()
         streams = (self.stream(doc) for doc in docs)
         for doc, scores in zip(docs, self.score_streams(streams)):
@@ -290,7 +292,7 @@ class Scorer:
             result.positions += len(scores.nll)
             result.documents += 1
             for s, stats in enumerate(result.stages):
-                stats.add(scores.stream[:-1], scores.boundaries[s], scores.overflowed[s], scores.forced[s])
+                stats.add(scores.stream[:-1], scores.chunk_starts[s], scores.dropped[s], scores.forced[s])
             if progress is not None:
                 progress(len(doc))
         result.seconds = time.perf_counter() - began
@@ -318,10 +320,10 @@ class Scorer:
         positions, stats = [], []
         for s in range(self.depth):
             # Stream position p >= 1 is text byte p - 1.
-            boundary, overflowed, forced = scores.boundaries[s][1:], scores.overflowed[s][1:], scores.forced[s][1:]
+            chunk_start, dropped, forced = scores.chunk_starts[s][1:], scores.dropped[s][1:], scores.forced[s][1:]
             st = BoundaryStats()
-            st.add(data, boundary, overflowed, forced)
-            positions.append(np.flatnonzero(boundary))
+            st.add(data, chunk_start, dropped, forced)
+            positions.append(np.flatnonzero(chunk_start))
             stats.append(st)
         return positions, stats
 
@@ -342,7 +344,8 @@ class EvalResult:
 
     window: int
     stride: int
-    capacity_slack: float | None
+    capacity_slack: float | str | None           # the capacity slack evaluated with (H-Nets)
+    trained_capacity_slack: float | str | None   # the model's own; differs when overridden
     nll: float = 0.0
     bytes: int = 0
     positions: int = 0
@@ -369,6 +372,7 @@ class EvalResult:
             "bytes": self.bytes, "documents": self.documents, "positions": self.positions,
             "bytes_per_position": self.bytes / max(self.positions, 1),
             "window": self.window, "stride": self.stride, "capacity_slack": self.capacity_slack,
+            "trained_capacity_slack": self.trained_capacity_slack,
             "seconds": self.seconds,
         }
         out["stages"] = [stats.to_dict() for stats in self.stages]

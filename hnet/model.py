@@ -8,7 +8,11 @@ The outermost decoder's final RMSNorm is the model's final norm.
 
 Generation: `prefill` runs the parallel forward over (right-padded) prompts and returns the caches
 after each row's last prompt position; `step` then advances one byte per row. An inner stage
-advances only for the rows whose routing emits a boundary at that byte (see HNetStage.step).
+advances only for the rows that start a chunk at that byte (see HNetStage.step).
+
+Exactness: each document of a packed row is computed as if alone (hnet.segments), and whether a
+position starts a chunk depends only on earlier positions of its document (hnet.config.
+CapacityRule), so the forward over any row length, evaluation windows and decoding agree.
 """
 
 from __future__ import annotations
@@ -22,24 +26,26 @@ from flax import struct
 
 from hnet import chunking, sharding
 from hnet.config import ModelConfig
-from hnet.data import BOS_ID, EOS_ID  # noqa: F401  (EOS_ID is re-exported: hnet.EOS_ID)
 from hnet.layers.common import linear, param
 from hnet.layers.isotropic import Isotropic, residual_count
-
+from hnet.segments import Segments, at_positions
 
 
 @struct.dataclass
 class StageOutput:
     """What one chunking stage reports (outermost stage first in ModelOutput.stages).
 
-    Arrays over the stage's input positions (B, L_s): boundary_mask (bool), boundary_prob
-    (float32), valid_mask (bool; False on right padding of inner stages). chunk_position (B, M_s):
-    input position of each chunk, L_s for empty slots. Scalars over the batch: ratio_loss,
-    selected_fraction (F), mean_prob (G), boundary_count, position_count, bytes_per_chunk,
-    overflow (boundaries dropped for lack of capacity).
+    Arrays over the stage's input positions (B, L_s): boundary_mask (bool, the router's
+    boundaries), chunk_mask (bool, the positions that start a chunk: the boundaries the capacity
+    rule kept), boundary_prob (float32), valid_mask (bool; False on right padding of inner
+    stages). chunk_position (B, M_s): input position of each chunk, L_s for empty slots. Scalars
+    over the batch: ratio_loss, selected_fraction (F), mean_prob (G), boundary_count,
+    chunk_count, position_count, bytes_per_chunk (input bytes per chunk of this stage), dropped
+    (boundaries that did not become chunks: boundary_count - chunk_count).
     """
 
     boundary_mask: jax.Array
+    chunk_mask: jax.Array
     boundary_prob: jax.Array
     valid_mask: jax.Array
     chunk_position: jax.Array
@@ -47,9 +53,10 @@ class StageOutput:
     selected_fraction: jax.Array
     mean_prob: jax.Array
     boundary_count: jax.Array
+    chunk_count: jax.Array
     position_count: jax.Array
     bytes_per_chunk: jax.Array
-    overflow: jax.Array
+    dropped: jax.Array
 
 
 @struct.dataclass
@@ -68,7 +75,9 @@ class StageCache:
     main network's block caches. last_hidden (B, D) float32: encoder output at the previous
     position (routing compares it with the current one). last_smoothed (B, D) float32: the
     dechunked value of the latest chunk. last_byte (B,) int32: the previous input byte ("space"
-    routing). length (B,): positions seen; chunks (B,): chunks passed to the inner stage.
+    routing). length (B,): positions seen; chunks (B,): chunks passed to the inner stage;
+    doc_length (B,): positions of the current document seen; doc_chunks (B,): chunks the capacity
+    rule let the current document keep (ChunkLayout.doc_chunks).
     """
 
     encoder: tuple
@@ -79,6 +88,8 @@ class StageCache:
     last_byte: jax.Array
     length: jax.Array
     chunks: jax.Array
+    doc_length: jax.Array
+    doc_chunks: jax.Array
 
 
 @struct.dataclass
@@ -90,12 +101,6 @@ class ModelCache:
     stage: Any
     length: jax.Array
     max_lengths: tuple = struct.field(pytree_node=False)
-
-
-def _at_positions(values: jax.Array, positions: jax.Array) -> jax.Array:
-    """values (B, L, ...) at one position per row (B,) -> (B, ...)."""
-    index = positions.reshape((-1,) + (1,) * (values.ndim - 1))
-    return jnp.take_along_axis(values, index, axis=1)[:, 0]
 
 
 def _keep_rows(active: jax.Array, new, old):
@@ -125,71 +130,69 @@ class HNetStage(nnx.Module):
         self.routing_mode, self.stride = config.routing_mode(stage)
         if self.routing_mode == "learned":
             self.routing = chunking.Routing(d_model)
+        self.capacity_rule = config.capacity_rule(stage)
         self.inner = HNetStage(config, stage + 1, n_res_outer + residual_count(encoder_layout), rngs)
         self.decoder = Isotropic(decoder_layout, config, stage, n_res_outer, rngs)
         self.residual_proj = linear(d_model, d_model, ("embed", "embed_out"), rngs, dtype=jnp.float32, std=0.0)
         if d_inner > d_model:  # learned padding that widens chunk features to the inner width
             self.pad_dimension = param(jnp.zeros((d_inner - d_model,), jnp.float32), ("embed",))
 
-    def boundaries(self, hidden, doc_start, byte_ids):
+    def boundaries(self, hidden, segments: Segments, byte_ids):
         """-> boundary_prob (B, L) float32, boundary_mask (B, L) bool, before validity masking."""
         if self.routing_mode == "learned":
-            prob = self.routing(hidden, doc_start)
-            return prob, prob > 0.5
+            prob = self.routing(hidden, segments.start)
+            return prob, chunking.is_boundary(prob)
         if self.routing_mode == "space":
             mask = chunking.space_boundaries(byte_ids)
         else:
-            mask = chunking.stride_boundaries(jnp.broadcast_to(jnp.arange(doc_start.shape[1]), doc_start.shape), self.stride)
-        mask = mask | doc_start
+            mask = chunking.stride_boundaries(segments.position, self.stride)
+        mask = mask | segments.start
         return mask.astype(jnp.float32), mask
 
-    def __call__(self, x, valid, doc_start, byte_ids=None, num_bytes=None):
-        """x (B, L, D) float32; valid, doc_start (B, L) bool; byte_ids (B, L) int (outermost only).
+    def prefill(self, x, valid, segments: Segments, byte_ids=None, num_bytes=None, lengths=None, max_lengths=None):
+        """The forward pass over x (B, L, D) float32, each document of a row on its own.
 
-        Returns (y (B, L, D) float32, tuple of StageOutput for this stage and the ones inside).
-        """
-        y, stages, _ = self.prefill(x, valid, doc_start, byte_ids, num_bytes)
-        return y, stages
-
-    def prefill(self, x, valid, doc_start, byte_ids=None, num_bytes=None, lengths=None, max_lengths=None):
-        """The forward pass; with `lengths` (B,) real lengths (valid = positions < lengths) and
-        static per-stage `max_lengths`, also the cache after each row's last real position.
+        valid (B, L) bool (False on right padding); segments: the rows' documents; byte_ids (B, L)
+        int (outermost stage only, for "space" routing); num_bytes: scalar, real bytes in the batch.
+        With `lengths` (B,) real lengths (valid = positions < lengths) and static per-stage
+        `max_lengths`, also returns the cache after each row's last real position.
 
         Returns (y (B, L, D), stage reports, StageCache / main block caches / None).
         """
         max_length = None if max_lengths is None else max_lengths[self.stage]
         if self.is_main:
-            y, caches = self.main.prefill(x, lengths, max_length)
+            y, caches = self.main.prefill(x, segments, lengths, max_length)
             return y, (), caches
-        config, stage = self.config, self.stage
         d_model = x.shape[-1]
-        hidden, encoder_cache = self.encoder.prefill(x, lengths, max_length)
-        boundary_prob, boundary_mask = self.boundaries(hidden, doc_start, byte_ids)
+        hidden, encoder_cache = self.encoder.prefill(x, segments, lengths, max_length)
+        boundary_prob, boundary_mask = self.boundaries(hidden, segments, byte_ids)
         boundary_mask = boundary_mask & valid
         boundary_prob = jnp.where(valid, boundary_prob, 0.0)
 
-        layout = chunking.chunk_layout(boundary_mask, config.capacity(x.shape[1], stage))
+        layout = chunking.chunk_layout(boundary_mask, segments, self.capacity_rule, self.config.capacity(x.shape[1], self.stage))
         chunks = sharding.constrain(self.widen(chunking.gather_chunks(hidden, layout)), sharding.RESIDUAL_AXES)
-        inner_doc_start = chunking.gather_chunks(doc_start, layout) & layout.chunk_valid
+        inner_segments = Segments.from_starts(chunking.gather_chunks(segments.start, layout) & layout.chunk_valid)
         inner_lengths = None if lengths is None else layout.chunk_valid.sum(axis=1, dtype=jnp.int32)
         inner_out, inner_stages, inner_cache = self.inner.prefill(
-            chunks, layout.chunk_valid, inner_doc_start, num_bytes=num_bytes, lengths=inner_lengths, max_lengths=max_lengths)
+            chunks, layout.chunk_valid, inner_segments, num_bytes=num_bytes, lengths=inner_lengths, max_lengths=max_lengths)
 
         chunk_prob = chunking.gather_chunks(boundary_prob, layout)
-        smoothed = sharding.constrain(chunking.dechunk(inner_out[..., :d_model], chunk_prob, layout), sharding.RESIDUAL_AXES)
-        confidence = jnp.where(boundary_mask, boundary_prob, 1.0 - boundary_prob)
+        smoothed = chunking.dechunk(inner_out[..., :d_model], chunk_prob, inner_segments.start, layout)
+        smoothed = sharding.constrain(smoothed, sharding.RESIDUAL_AXES)
+        confidence = chunking.confidence(boundary_prob, layout.chunk_mask)
         y = smoothed * chunking.straight_through(confidence)[..., None] + self.residual_proj(hidden)
-        out, decoder_cache = self.decoder.prefill(y, lengths, max_length)
+        out, decoder_cache = self.decoder.prefill(y, segments, lengths, max_length)
 
         report = self.report(boundary_mask, boundary_prob, valid, layout, num_bytes)
         cache = None
         if lengths is not None:
             last = jnp.maximum(lengths - 1, 0)
-            last_byte = jnp.zeros_like(lengths) if byte_ids is None else _at_positions(byte_ids, last)
+            last_byte = jnp.zeros_like(lengths) if byte_ids is None else at_positions(byte_ids, last)
             cache = StageCache(
                 encoder=encoder_cache, decoder=decoder_cache, inner=inner_cache,
-                last_hidden=_at_positions(hidden, last), last_smoothed=_at_positions(smoothed, last),
+                last_hidden=at_positions(hidden, last), last_smoothed=at_positions(smoothed, last),
                 last_byte=last_byte.astype(jnp.int32), length=lengths.astype(jnp.int32), chunks=inner_lengths,
+                doc_length=at_positions(segments.position, last) + 1, doc_chunks=at_positions(layout.doc_chunks, last),
             )
         return out, (report,) + inner_stages, cache
 
@@ -200,16 +203,17 @@ class HNetStage(nnx.Module):
         pad = jnp.broadcast_to(self.pad_dimension[...], chunks.shape[:-1] + self.pad_dimension.shape)
         return jnp.concatenate([chunks, pad], axis=-1)
 
-    def step_boundary(self, hidden, doc_start, byte, cache: StageCache):
-        """One position: hidden (B, D), doc_start (B,), byte (B,) -> (prob (B,) float32, mask (B,) bool)."""
+    def step_boundary(self, hidden, doc_start, doc_position, byte, cache: StageCache):
+        """One position: hidden (B, D), doc_start (B,), doc_position (B,), byte (B,)
+        -> (prob (B,) float32, mask (B,) bool), as `boundaries` computes them."""
         if self.routing_mode == "learned":
             prob = self.routing.step(cache.last_hidden, hidden, doc_start)
-            return prob, prob > 0.5
+            return prob, chunking.is_boundary(prob)
         if self.routing_mode == "space":
             pair = jnp.stack([cache.last_byte, byte], axis=1)
-            mask = chunking.space_boundaries(pair)[:, 1] | (cache.length == 0)
+            mask = chunking.space_boundaries(pair)[:, 1]
         else:
-            mask = chunking.stride_boundaries(cache.length, self.stride)
+            mask = chunking.stride_boundaries(doc_position, self.stride)
         mask = mask | doc_start
         return mask.astype(jnp.float32), mask
 
@@ -217,62 +221,64 @@ class HNetStage(nnx.Module):
         """Advance the rows where `active` (B,) by one position; the other rows keep their state.
 
         x (B, D) float32, doc_start (B,) bool, byte (B,) int32 (outermost stage; else ignored).
-        Returns (y (B, D) float32, the updated cache, boundaries): boundaries is a tuple of (B,)
-        bool, one per stage from this one inward, True where that stage starts a chunk at this
-        position. The inner stage runs only when some row emits a boundary, and only those rows'
-        inner state changes.
+        Returns (y (B, D) float32, the updated cache, chunk starts): a tuple of (B,) bool, one per
+        stage from this one inward, True where that stage starts a chunk at this position. The
+        inner stage runs only when some row starts a chunk, and only those rows' inner state changes.
         """
         if self.is_main:
-            y, caches = self.main.step(x, cache)
+            y, caches = self.main.step(x, cache, doc_start)
             return y, _keep_rows(active, caches, cache), ()
         d_model = x.shape[-1]
-        hidden, encoder_cache = self.encoder.step(x, cache.encoder)
-        boundary_prob, boundary_mask = self.step_boundary(hidden, doc_start, byte, cache)
-        # As in the forward: a boundary past the inner capacity is not passed on (overflow).
-        to_inner = active & boundary_mask & (cache.chunks < max_lengths[self.stage + 1])
+        hidden, encoder_cache = self.encoder.step(x, cache.encoder, doc_start)
+        doc_position = jnp.where(doc_start, 0, cache.doc_length)
+        doc_chunks = jnp.where(doc_start, 0, cache.doc_chunks)
+        boundary_prob, boundary_mask = self.step_boundary(hidden, doc_start, doc_position, byte, cache)
+        # The capacity rule as in the forward (chunking.chunk_layout): per document, then per row.
+        kept = chunking.bucket_keeps(doc_chunks, boundary_mask, doc_position, self.capacity_rule)
+        chunk_mask = chunking.bucket_keeps(cache.chunks, kept, cache.length, self.capacity_rule)
+        to_inner = active & chunk_mask
         chunk = self.widen(hidden)
 
         def run_inner():
             return self.inner.step(chunk, doc_start, byte, cache.inner, to_inner, max_lengths)
 
         def skip_inner():
-            no_boundaries = tuple(jnp.zeros_like(to_inner) for _ in range(self.config.depth - self.stage - 1))
-            return jnp.zeros_like(chunk), cache.inner, no_boundaries
+            no_chunks = tuple(jnp.zeros_like(to_inner) for _ in range(self.config.depth - self.stage - 1))
+            return jnp.zeros_like(chunk), cache.inner, no_chunks
 
-        inner_out, inner_cache, inner_boundaries = jax.lax.cond(jnp.any(to_inner), run_inner, skip_inner)
-        smoothing = jnp.clip(boundary_prob, chunking.PROB_CLIP, 1.0 - chunking.PROB_CLIP)[:, None]
-        updated = smoothing * inner_out[:, :d_model] + (1.0 - smoothing) * cache.last_smoothed
+        inner_out, inner_cache, inner_chunks = jax.lax.cond(jnp.any(to_inner), run_inner, skip_inner)
+        updated = chunking.ema_step(cache.last_smoothed, inner_out[:, :d_model], boundary_prob, doc_start)
         smoothed = jnp.where(to_inner[:, None], updated, cache.last_smoothed)
-        confidence = jnp.where(boundary_mask, boundary_prob, 1.0 - boundary_prob)
+        confidence = chunking.confidence(boundary_prob, chunk_mask)
         y = smoothed * chunking.straight_through(confidence)[:, None] + self.residual_proj(hidden)
-        out, decoder_cache = self.decoder.step(y, cache.decoder)
+        out, decoder_cache = self.decoder.step(y, cache.decoder, doc_start)
         new_cache = StageCache(
             encoder=encoder_cache, decoder=decoder_cache, inner=inner_cache, last_hidden=hidden.astype(jnp.float32),
             last_smoothed=smoothed, last_byte=byte.astype(jnp.int32), length=cache.length + 1,
-            chunks=cache.chunks + to_inner.astype(jnp.int32),
+            chunks=cache.chunks + chunk_mask.astype(jnp.int32),
+            doc_length=doc_position + 1, doc_chunks=doc_chunks + kept.astype(jnp.int32),
         )
-        return out, _keep_rows(active, new_cache, cache), (boundary_mask & active,) + inner_boundaries
+        return out, _keep_rows(active, new_cache, cache), (to_inner,) + inner_chunks
 
-    def report(self, boundary_mask, boundary_prob, valid, layout, num_bytes) -> StageOutput:
-        valid_f = valid.astype(jnp.float32)
-        position_count = valid_f.sum()
-        boundary_count = boundary_mask.astype(jnp.float32).sum()
-        if self.routing_mode == "learned":
-            loss = chunking.ratio_loss(boundary_mask, boundary_prob, valid, self.config.ratio(self.stage))
-        else:
+    def report(self, boundary_mask, boundary_prob, valid, layout: chunking.ChunkLayout, num_bytes) -> StageOutput:
+        loss, selected, mean_prob = chunking.ratio_loss(boundary_mask, boundary_prob, valid, self.config.ratio(self.stage))
+        if self.routing_mode != "learned":
             loss = jnp.zeros((), jnp.float32)  # heuristic boundaries have nothing to learn
+        chunk_count = layout.chunk_mask.sum(dtype=jnp.float32)
         return StageOutput(
             boundary_mask=boundary_mask,
+            chunk_mask=layout.chunk_mask,
             boundary_prob=boundary_prob,
             valid_mask=valid,
             chunk_position=layout.chunk_position,
             ratio_loss=loss,
-            selected_fraction=boundary_count / jnp.maximum(position_count, 1.0),
-            mean_prob=jnp.sum(boundary_prob * valid_f) / jnp.maximum(position_count, 1.0),
-            boundary_count=boundary_count,
-            position_count=position_count,
-            bytes_per_chunk=num_bytes / jnp.maximum(boundary_count, 1.0),
-            overflow=layout.overflow.sum(),
+            selected_fraction=selected,
+            mean_prob=mean_prob,
+            boundary_count=boundary_mask.sum(dtype=jnp.float32),
+            chunk_count=chunk_count,
+            position_count=valid.sum(dtype=jnp.float32),
+            bytes_per_chunk=num_bytes / jnp.maximum(chunk_count, 1.0),
+            dropped=layout.dropped.sum(dtype=jnp.float32),
         )
 
 
@@ -298,19 +304,20 @@ class LanguageModel(nnx.Module):
     def prefill(self, input_ids: jax.Array, lengths: jax.Array | None = None, max_length: int | None = None):
         """The forward pass over input_ids (B, L) -> (ModelOutput, ModelCache or None).
 
-        With `lengths` (B,) (each row's prompt length; the rest is right padding, which never
-        influences real positions) and a static `max_length` (the longest sequence generation
-        will reach), also returns the caches after each row's last prompt position.
+        A row may hold several documents, each starting at config.bos_id; each is computed as if
+        it were alone. With `lengths` (B,) (each row's prompt length; the rest is right padding,
+        which never influences real positions) and a static `max_length` (the longest sequence
+        generation will reach), also returns the caches after each row's last prompt position.
         """
         batch, length = input_ids.shape
         x = sharding.constrain(self.embedding(input_ids).astype(jnp.float32), sharding.RESIDUAL_AXES)
         positions = jnp.arange(length)[None, :]
         valid = jnp.ones((batch, length), bool) if lengths is None else positions < lengths[:, None]
-        doc_start = (input_ids == BOS_ID) | (positions == 0)
+        segments = Segments.from_starts((input_ids == self.config.bos_id) & valid)  # padding starts nothing
         max_lengths = None if lengths is None else tuple(self.config.stage_lengths(max_length))
         num_bytes = jnp.sum(valid, dtype=jnp.float32)
         hidden, stages, stage_cache = self.backbone.prefill(
-            x, valid, doc_start, byte_ids=input_ids, num_bytes=num_bytes, lengths=lengths, max_lengths=max_lengths)
+            x, valid, segments, byte_ids=input_ids, num_bytes=num_bytes, lengths=lengths, max_lengths=max_lengths)
         output = ModelOutput(logits=sharding.constrain(self.logits(hidden), sharding.LOGITS_AXES), stages=stages)
         if lengths is None:
             return output, None
@@ -320,7 +327,7 @@ class LanguageModel(nnx.Module):
         """One token per row: ids (B,) int32 -> (logits (B, V) float32 for the next token,
         ModelCache, boundaries: tuple of (B,) bool per stage, True where ids start a chunk)."""
         x = self.embedding(ids).astype(jnp.float32)
-        doc_start = (ids == BOS_ID) | (cache.length == 0)
+        doc_start = (ids == self.config.bos_id) | (cache.length == 0)
         active = jnp.ones(ids.shape, bool)
         hidden, stage_cache, boundaries = self.backbone.step(x, doc_start, ids, cache.stage, active, cache.max_lengths)
         cache = ModelCache(stage=stage_cache, length=cache.length + 1, max_lengths=cache.max_lengths)

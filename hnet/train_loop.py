@@ -60,7 +60,7 @@ def loss_and_metrics(model, input_ids, targets, mask, ratio_loss_weight: float):
     metrics = {"ce": ce, "ratio_loss": ratio}
     for s, stage in enumerate(out.stages):
         metrics[f"stage{s}_bytes_per_chunk"] = stage.bytes_per_chunk
-        metrics[f"stage{s}_overflow_rate"] = stage.overflow / jnp.maximum(stage.boundary_count, 1.0)
+        metrics[f"stage{s}_dropped_rate"] = stage.dropped / jnp.maximum(stage.boundary_count, 1.0)
     return ce + ratio_loss_weight * ratio, metrics
 
 
@@ -200,7 +200,8 @@ def _build_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh)
         sums = {"nll": jnp.sum(nll * mask), "bytes": jnp.sum(mask)}
         for s, stage in enumerate(out.stages):
             sums[f"stage{s}_boundaries"] = stage.boundary_count
-            sums[f"stage{s}_overflow"] = stage.overflow.astype(jnp.float32)
+            sums[f"stage{s}_chunks"] = stage.chunk_count
+            sums[f"stage{s}_dropped"] = stage.dropped
         return sums
 
     init_from_params = jax.jit(fresh_state, out_shardings=state_shardings)
@@ -257,9 +258,8 @@ def summarize_eval(totals: dict, depth: int) -> dict:
     result = {"bpb": totals["nll"] / (LN2 * totals["bytes"]), "nats_per_byte": totals["nll"] / totals["bytes"],
               "bytes": int(totals["bytes"]), "tokens": int(totals["tokens"])}
     for s in range(depth):
-        boundaries = totals[f"stage{s}_boundaries"]
-        result[f"stage{s}_bytes_per_chunk"] = totals["bytes"] / max(boundaries, 1.0)
-        result[f"stage{s}_overflow_rate"] = totals[f"stage{s}_overflow"] / max(boundaries, 1.0)
+        result[f"stage{s}_bytes_per_chunk"] = totals["bytes"] / max(totals[f"stage{s}_chunks"], 1.0)
+        result[f"stage{s}_dropped_rate"] = totals[f"stage{s}_dropped"] / max(totals[f"stage{s}_boundaries"], 1.0)
     return result
 
 
@@ -344,6 +344,8 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
         if tokenizer.vocab_size != run.model["vocab_size"]:
             raise RunError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {run.model['vocab_size']}")
         corpus = tokenizer_lib.tokenize_corpus(corpus, tokenizer, verbose=verbose)
+    if corpus.bos_id != run.model_config.bos_id:
+        raise RunError(f"the corpus starts documents with id {corpus.bos_id} but the model's bos_id is {run.model_config.bos_id}")
     process_count, process_index = jax.process_count(), jax.process_index()
     iterator = data_lib.make_dataset(
         corpus, run.data.train_split, train_cfg.seq_len, train_cfg.batch_size // process_count,
@@ -388,6 +390,8 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     status = "completed"
     end_step = train_cfg.steps if max_steps is None else min(train_cfg.steps, start_step + max_steps)
     interval_start = time.perf_counter()
+    warmup_steps = int(round(train_cfg.warmup_frac * train_cfg.steps))
+    warned_dropped = False
     with _StopFlag() as stop, open(metrics_path if is_main else os.devnull, "a") as metrics_file:
         step = start_step
         while step < end_step:
@@ -415,6 +419,8 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
                 metrics_file.flush()
                 pending, interval_start = [], time.perf_counter()
                 _update_bar(bar, rows[-1], throughput, step)
+                if not warned_dropped:
+                    warned_dropped = _warn_dropped(rows, warmup_steps, run.model_config, bar.write if is_main else None)
                 if rows[-1]["nonfinite_run"] >= train_cfg.max_nonfinite_steps:
                     checkpointer.wait()
                     good = checkpointer.latest_step()
@@ -507,10 +513,32 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step")
 
 
+DROPPED_WARNING = 0.01  # warn (once) when a step after warmup drops more than this share of a stage's boundaries
+
+
+def _warn_dropped(rows: list[dict], warmup_steps: int, config, write) -> bool:
+    """Print one warning for the first row after warmup whose dropped-boundary rate exceeds
+    DROPPED_WARNING; returns whether it warned."""
+    for row in rows:
+        if row["step"] <= warmup_steps:
+            continue
+        for s in range(config.depth):
+            rate = row.get(f"stage{s}_dropped_rate", 0.0)
+            if rate > DROPPED_WARNING:
+                if write is not None:
+                    write(f"warning: step {row['step']}: stage {s} dropped {rate:.1%} of its boundaries under the chunk "
+                          f"capacity rule (capacity_slack {config.capacity_slack}, burst {config.capacity_burst}); "
+                          f"a larger model.capacity_slack drops fewer (logged as stage{s}_dropped_rate)")
+                return True
+    return False
+
+
 def _update_bar(bar, row: dict, throughput: float, step: int) -> None:
     postfix = {"loss": f"{row['loss']:.3f}", "bpb": f"{row['bpb']:.3f}", "B/s": f"{throughput:,.0f}"}
     for key, value in row.items():
         if key.endswith("_bytes_per_chunk"):
             postfix[key.split("_")[0] + " B/chunk"] = f"{value:.2f}"
+        if key.endswith("_dropped_rate") and value > 0:
+            postfix[key.split("_")[0] + " dropped"] = f"{value:.1%}"
     bar.set_postfix(postfix, refresh=False)
     bar.update(step - bar.n)

@@ -1,4 +1,8 @@
 import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
 
 import pytest
 
@@ -95,10 +99,38 @@ def test_parameter_report_table(capsys):
 
 def test_capacity_rule():
     config = hnet.load_config(CONFIGS / "hnet_1stage_L.json")
-    # ceil(8192 / 6 * 1.25) = 1707 -> rounded up to a multiple of 128.
-    assert config.capacity(8192, 0) == 1792
-    assert config.stage_lengths(8192) == [8192, 1792]
+    rule = config.capacity_rule(0)
+    assert rule.rate_units == math.ceil(2.0 / 6 * config_lib.RATE_UNIT) and rule.burst == config.capacity_burst
+    # Allowance of a one-document row: burst + ceil(8192 * rate) = 16 + 2732, rounded up to 128.
+    assert rule.allowance(8191) == 16 + 2732
+    assert config.capacity(8192, 0) == 2816
+    assert config.stage_lengths(8192) == [8192, 2816]
     assert config.capacity(100, 0) == 100  # never more than the input length
+    # The allowance grows by the rate and is the same integer for ints and int32 arrays.
+    positions = np.arange(0, 200_000, 997)
+    np.testing.assert_array_equal(np.asarray(rule.allowance(jnp.asarray(positions, jnp.int32))),
+                                  [rule.allowance(int(u)) for u in positions])
+    assert all(np.diff([rule.allowance(int(u)) for u in positions]) >= 0)
+    exact = config_lib.replace(config, capacity_slack="exact")
+    assert exact.capacity_is_exact and exact.capacity(8192, 0) == 8192
+    assert config_lib.replace(config, capacity_slack=6).capacity_is_exact
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("capacity_slack", 0.5, "capacity_slack: expected a number >= 1 or 'exact'"),
+    ("capacity_slack", "tight", "capacity_slack: expected a number >= 1 or 'exact'"),
+    ("capacity_burst", -1, "capacity_burst"),
+    ("bos_id", 256, "bos_id: expected an id below vocab_size 256"),
+])
+def test_capacity_and_bos_fields_are_checked(field, value, message):
+    config = hnet.load_config(CONFIGS / "hnet_1stage_tiny.json")
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.replace(config, **{field: value})
+
+
+def test_bos_id_defaults_by_vocabulary():
+    assert hnet.load_config(CONFIGS / "hnet_1stage_tiny.json").bos_id == hnet.BOS_ID == 254
+    assert hnet.load_config(CONFIGS / "transformer_bpe_tiny.json").bos_id == 0  # hnet.tokenizer's <|bos|>
 
 
 def test_run_config_model_override_replaces_the_model_section():

@@ -25,9 +25,9 @@ TEXT = (b"def f(x):\n    return x + 1  # add one\n" + MULTIBYTE) * 3  # 3 x 111 
 
 @pytest.fixture(scope="module")
 def learned():
-    """A tiny 1-stage H-Net. Capacity slack 6 = N: chunk capacity = length, so nothing overflows
-    and windows of different lengths compute the same values."""
-    config = shrink(tiny_config("hnet_1stage_tiny", capacity_slack=6.0))
+    """A tiny untrained 1-stage H-Net at the default capacity rule (it drops boundaries; windows
+    of different lengths still chunk, and so score, the same context the same way)."""
+    config = shrink(tiny_config("hnet_1stage_tiny"))
     return hnet.build_model(config, seed=0)
 
 
@@ -88,7 +88,7 @@ def test_windowed_scoring_matches_one_pass(learned):
     doc = TEXT[:WINDOW - 1]
     stream = np.concatenate([[hnet.BOS_ID], np.frombuffer(doc, np.uint8)]).astype(np.int32)
     whole = Scorer(learned, window=WINDOW, batch_size=2)
-    windowed = Scorer(learned, window=WINDOW // 2, stride=WINDOW // 4, batch_size=2, capacity_slack=6.0)
+    windowed = Scorer(learned, window=WINDOW // 2, stride=WINDOW // 4, batch_size=2)
 
     # Reference: one forward over [BOS] + doc, by hand.
     ids, targets = np.zeros((2, WINDOW), np.int32), np.zeros((2, WINDOW), np.int32)
@@ -136,7 +136,7 @@ def test_uniform_token_model_bpb_and_byte_accounting(bpe):
     assert abs(result.bpb - math.log2(tokenizer.vocab_size) * tokens / result.bytes) < 1e-5
     # Its tokens are its chunks when shown side by side with H-Nets.
     positions, stats = scorer.boundary_positions(MULTIBYTE)
-    assert len(positions[0]) == len(tokenizer.encode(MULTIBYTE)) == stats[0].boundaries
+    assert len(positions[0]) == len(tokenizer.encode(MULTIBYTE)) == stats[0].chunks
     assert "".join(bnd.split_chunks(MULTIBYTE, positions[0])) == MULTIBYTE.decode()
 
 
@@ -149,30 +149,30 @@ def test_boundary_stats_on_a_handcrafted_mask():
     boundary[[0, 3, 5, 6, 10]] = True  # 'a' (forced), 'c' after ' ', ',' after 'd', 'e' after ',', 'h' after 'g'
     stats = bnd.BoundaryStats()
     stats.add(stream, boundary)
-    assert stats.boundaries == 5 and stats.positions == 11 and stats.bytes_per_chunk == 11 / 5
+    assert stats.chunks == 5 and stats.positions == 11 and stats.bytes_per_chunk == 11 / 5
     assert stats.chosen == 4 and stats.share_after_separator == 2 / 4
     assert list(bnd.chunk_lengths(boundary)) == [3, 2, 1, 4, 1]
     assert stats.histogram[1] == 2 and stats.histogram[2] == 1 and stats.histogram[3] == 1 and stats.histogram[4] == 1
     long = np.zeros(100, bool)
     stats.add(np.zeros(100, np.uint8), long)  # one chunk of 100 bytes, pooled in the last bin
-    assert stats.histogram[bnd.HIST_MAX] == 1 and stats.boundaries == 6
+    assert stats.histogram[bnd.HIST_MAX] == 1 and stats.chunks == 6
 
 
 def test_byte_boundaries_maps_inner_stages():
-    # Stage 0 over 8 bytes; stage 1 over the 4 stage-0 chunks (capacity 4); stage 2 over 2.
+    # Stage 0 over 8 bytes; stage 1 over the 4 stage-0 chunks; stage 2 over 2.
     mask0 = np.array([[1, 0, 1, 1, 0, 0, 1, 0]], bool)
     chunk0 = np.array([[0, 2, 3, 6]])
     mask1 = np.array([[1, 0, 0, 1]], bool)
     chunk1 = np.array([[0, 3]])
     mask2 = np.array([[1, 1]], bool)
-    stages = [(mask0, np.ones_like(mask0), chunk0), (mask1, np.ones_like(mask1), chunk1),
-              (mask2, np.ones_like(mask2), np.array([[0, 1]]))]
-    boundaries, overflowed = bnd.byte_boundaries(stages)
-    assert [list(np.flatnonzero(b[0])) for b in boundaries] == [[0, 2, 3, 6], [0, 6], [0, 6]]
-    assert not overflowed.any()
-    # Capacity 2 for 4 boundaries: the last two overflow.
-    boundaries, overflowed = bnd.byte_boundaries([(mask0, np.ones_like(mask0), np.array([[0, 2]]))])
-    assert list(np.flatnonzero(overflowed[0, 0])) == [3, 6]
+    stages = [(mask0, mask0, chunk0), (mask1, mask1, chunk1), (mask2, mask2, np.array([[0, 1]]))]
+    chunk_starts, dropped = bnd.byte_boundaries(stages)
+    assert [list(np.flatnonzero(b[0])) for b in chunk_starts] == [[0, 2, 3, 6], [0, 6], [0, 6]]
+    assert not dropped.any()
+    # The router chose 4 boundaries, the capacity rule kept 2: the other two are dropped.
+    kept = np.array([[1, 0, 1, 0, 0, 0, 0, 0]], bool)
+    chunk_starts, dropped = bnd.byte_boundaries([(mask0, kept, np.array([[0, 2]]))])
+    assert list(np.flatnonzero(chunk_starts[0, 0])) == [0, 2] and list(np.flatnonzero(dropped[0, 0])) == [3, 6]
 
 
 def test_show_boundaries_marks_the_models_positions(heuristic):
@@ -188,11 +188,11 @@ def test_show_boundaries_marks_the_models_positions(heuristic):
         ids = np.zeros((2, WINDOW), np.int32)
         ids[0, :length] = stream[start:start + length]
         _, stages = jax.device_get(hnet.evaluate.score_batch(scorer._graphdef, scorer._state, ids, ids))
-        (mask0, valid0, chunk0), (mask1, valid1, _) = stages
-        for i in np.flatnonzero(mask0[0] & valid0[0]):
+        (_, chunks0, chunk0), (_, chunks1, _) = stages
+        for i in np.flatnonzero(chunks0[0]):
             if score_from <= i < length:
                 expected0.add(start + i - 1)
-        for m in np.flatnonzero(mask1[0] & valid1[0]):
+        for m in np.flatnonzero(chunks1[0]):
             if score_from <= chunk0[0, m] < length:
                 expected1.add(start + chunk0[0, m] - 1)
     expected0.discard(-1), expected1.discard(-1)  # the BOS
@@ -225,10 +225,10 @@ def test_boundaries_inside_a_character_are_drawn_before_it():
 def test_space_routing_boundaries_all_follow_separators(heuristic):
     result = Scorer(heuristic, window=WINDOW, batch_size=2).evaluate([TEXT, MULTIBYTE])
     inner = result.stages[1]
-    assert result.stages[0].share_after_separator == 1.0 and result.stages[0].overflow == 0
+    assert result.stages[0].share_after_separator == 1.0 and result.stages[0].dropped == 0
     assert result.stages[0].chosen > 20
     assert result.stages[0].bytes_per_chunk < inner.bytes_per_chunk
-    assert all(stats.histogram.sum() == stats.boundaries for stats in result.stages)
+    assert all(stats.histogram.sum() == stats.chunks for stats in result.stages)
 
 
 # ---- reports and the command line -----------------------------------------------------------
@@ -272,17 +272,20 @@ def cli(args, capsys):
 
 def test_eval_cli_on_the_runs_own_data(runs, capsys):
     code, out, err = cli(["--checkpoint", runs["uniform"], "--checkpoint", runs["learned"], "--window", WINDOW,
-                          "--batch-size", 2, "--capacity-slack", 6, "--no-compressors", "--json"], capsys)
+                          "--batch-size", 2, "--no-compressors", "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)
     assert "split 'validation'" in result["data"] and result["bytes"] > 0
     uniform, learned = result["models"]
     assert abs(uniform["bpb"] - 8.0) < 1e-5 and uniform["bytes"] == learned["bytes"] == result["bytes"]
     assert len(learned["stages"]) == 1 and learned["stages"][0]["bytes_per_chunk"] >= 1.0
-    code, out, err = cli(["--checkpoint", runs["learned"], "--window", WINDOW, "--batch-size", 2, "--capacity-slack", 6,
+    assert learned["capacity_slack"] == learned["trained_capacity_slack"] == 2.0  # the model's own rule
+    assert learned["stages"][0]["dropped_rate"] == learned["stages"][0]["dropped"] / (learned["stages"][0]["chunks"] + learned["stages"][0]["dropped"])
+    code, out, err = cli(["--checkpoint", runs["learned"], "--window", WINDOW, "--batch-size", 2, "--capacity-slack", "exact",
                           "--max-bytes", 40], capsys)
     assert code == 0, err
     assert "scoring 40 bytes" in out and "bits per byte" in out and "stage 0:" in out and "chunk lengths" in out
+    assert "capacity slack exact (overridden: trained with 2.0)" in out and "dropped boundaries 0.00%" in out
     assert "compressors on the same 40 bytes (bits per byte): gzip -9 " in out and "xz -9e" in out
 
 

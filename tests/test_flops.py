@@ -77,8 +77,8 @@ def test_linear_flops_are_two_per_weight_per_position(name):
 
 @pytest.mark.parametrize("length,window", [(1, -1), (17, -1), (64, 7), (64, 63), (64, 64), (10, 255)])
 def test_visible_keys_match_the_attention_mask(length, window):
-    positions = jnp.arange(length)
-    assert flops.visible_keys(length, window) == int(attention_mask(positions, positions, window).sum())
+    one_document = jnp.zeros((1, length), jnp.int32)
+    assert flops.visible_keys(length, window) == int(attention_mask(jnp.arange(length), one_document, window).sum())
 
 
 def dot_general_flops(closed_jaxpr) -> int:

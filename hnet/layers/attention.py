@@ -3,6 +3,9 @@
 For generation, a layer keeps a KVCache: keys and values of the positions seen so far in C slots,
 position p in slot p % C. For a global layer C is the longest sequence the cache must hold; for
 a sliding-window layer C = window + 1, a ring buffer holding exactly the visible positions.
+
+Documents packed into one row never see each other (hnet.segments): keys of other documents are
+masked, and RoPE positions count from the document's start.
 """
 
 import jax
@@ -12,6 +15,7 @@ from flax import struct
 
 from hnet import sharding
 from hnet.layers.common import INIT_STD, linear
+from hnet.segments import Segments, at_positions
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, rotary_dim: int, base: float = 10000.0) -> jax.Array:
@@ -33,24 +37,25 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, rotary_dim: int, base: 
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
 
 
-def attention_mask(q_positions: jax.Array, k_positions: jax.Array, window: int) -> jax.Array:
-    """Boolean (Lq, Lk): key j is visible to query i when j <= i and (window < 0 or i - j <= window)."""
-    delta = q_positions[:, None] - k_positions[None, :]
+def attention_mask(positions: jax.Array, segment_index: jax.Array, window: int) -> jax.Array:
+    """Boolean (B, L, L): key j is visible to query i when j <= i, (window < 0 or i - j <= window)
+    and both are in the same document. positions (L,) int; segment_index (B, L) int32."""
+    delta = positions[:, None] - positions[None, :]
     visible = delta >= 0
     if window >= 0:
         visible &= delta <= window
-    return visible
+    same_document = segment_index[:, :, None] == segment_index[:, None, :]
+    return visible[None] & same_document
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Masked softmax attention with a float32 softmax.
 
-    q: (B, Lq, H, Dh); k, v: (B, Lk, Hkv, Dh) with H a multiple of Hkv; mask: (Lq, Lk) or
-    per row (B, Lq, Lk) bool. Returns (B, Lq, H, Dh) in q's dtype.
+    q: (B, Lq, H, Dh); k, v: (B, Lk, Hkv, Dh) with H a multiple of Hkv; mask: (B, Lq, Lk) bool
+    (every query sees at least itself). Returns (B, Lq, H, Dh) in q's dtype.
     """
     batch, q_len, heads, head_dim = q.shape
-    if mask.ndim == 3:
-        mask = mask[:, None, None]  # broadcast over (kv heads, group)
+    mask = mask[:, None, None]  # broadcast over (kv heads, group)
     kv_heads = k.shape[2]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
@@ -63,16 +68,21 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 @struct.dataclass
 class KVCache:
-    """key, value: (B, C, Hkv, Dh) with RoPE applied to keys; length: (B,) int32 positions seen."""
+    """key, value: (B, C, Hkv, Dh) with RoPE applied to keys; length: (B,) int32 positions seen;
+    doc_begin: (B,) int32 the position where the current document began (earlier keys are hidden)."""
 
     key: jax.Array
     value: jax.Array
     length: jax.Array
+    doc_begin: jax.Array
 
 
-def _cache_slots_filled(length: jax.Array, slots: int) -> jax.Array:
-    """(B,) positions seen -> (B, C) bool: which cache slots hold a position."""
-    return jnp.arange(slots)[None, :] < jnp.minimum(length, slots)[:, None]
+def _slot_positions(length: jax.Array, slots: int) -> jax.Array:
+    """(B,) positions seen -> (B, C) int32: the position each slot holds (the latest p < length with
+    p % C == slot), negative for a slot not written yet."""
+    slot = jnp.arange(slots)[None, :]
+    last = length[:, None] - 1
+    return slot + slots * ((last - slot) // slots)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -93,7 +103,7 @@ class CausalSelfAttention(nnx.Module):
         self.out_proj = linear(d_model, d_model, ("heads", "embed"), rngs, dtype=dtype, std=INIT_STD * out_scale)
 
     def project_qkv(self, x: jax.Array, positions: jax.Array):
-        """x (B, L, D) -> q (B, L, H, Dh), k and v (B, L, Hkv, Dh), RoPE applied to q and k."""
+        """x (B, L, D), positions (B, L) -> q (B, L, H, Dh), k and v (B, L, Hkv, Dh), RoPE applied."""
         batch, length, _ = x.shape
         qkv = self.wqkv(x)
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -104,48 +114,45 @@ class CausalSelfAttention(nnx.Module):
         k = rotary_embedding(k, positions, self.rotary_dim)
         return q, k, v
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.prefill(x)[0]
-
     def cache_slots(self, max_length: int) -> int:
         """Cache slots C for sequences of up to `max_length` positions."""
         return max_length if self.window < 0 else min(max_length, self.window + 1)
 
-    def prefill(self, x: jax.Array, lengths: jax.Array | None = None, max_length: int | None = None):
-        """Causal attention over x (B, L, D) -> (y (B, L, D), KVCache or None).
+    def prefill(self, x: jax.Array, segments: Segments, lengths: jax.Array | None = None, max_length: int | None = None):
+        """Causal attention within each document of x (B, L, D) -> (y (B, L, D), KVCache or None).
 
+        RoPE uses positions within the document, so a document attends exactly as it would alone.
         With `lengths` (B,) (each row's real length; the rest is right padding) and `max_length`,
         also returns the cache after each row's last real position, ready for `step`.
         """
         batch, length, d_model = x.shape
-        positions = jnp.arange(length)
-        q, k, v = self.project_qkv(x, positions)
+        q, k, v = self.project_qkv(x, segments.position)
         # Heads split over tensor: each device attends with its own heads.
         q, k, v = (sharding.constrain(t, sharding.HEADS_AXES) for t in (q, k, v))
-        out = attend(q, k, v, attention_mask(positions, positions, self.window))
+        out = attend(q, k, v, attention_mask(jnp.arange(length), segments.index, self.window))
         out = sharding.constrain(out, sharding.HEADS_AXES)
         y = self.out_proj(out.reshape(batch, length, d_model))
         if lengths is None:
             return y, None
-        # Slot j holds the latest position p < length with p % C == j.
         slots = self.cache_slots(max_length)
-        slot = jnp.arange(slots)[None, :]
-        last = lengths[:, None] - 1
-        source = slot + slots * (jnp.maximum(last - slot, 0) // slots)  # (B, C)
-        filled = _cache_slots_filled(lengths, slots)
-        take = lambda t: jnp.where(filled[..., None, None], jnp.take_along_axis(
+        source = _slot_positions(lengths, slots)  # (B, C)
+        take = lambda t: jnp.where((source >= 0)[..., None, None], jnp.take_along_axis(
             t, jnp.clip(source, 0, length - 1)[..., None, None], axis=1), 0).astype(t.dtype)
-        return y, KVCache(key=take(k), value=take(v), length=lengths.astype(jnp.int32))
+        last = jnp.maximum(lengths - 1, 0)
+        doc_begin = last - at_positions(segments.position, last)
+        return y, KVCache(key=take(k), value=take(v), length=lengths.astype(jnp.int32), doc_begin=doc_begin.astype(jnp.int32))
 
-    def step(self, x: jax.Array, cache: KVCache):
-        """One new position per row: x (B, D) -> (y (B, D), updated KVCache)."""
+    def step(self, x: jax.Array, cache: KVCache, doc_start: jax.Array):
+        """One new position per row: x (B, D), doc_start (B,) bool -> (y (B, D), updated KVCache)."""
         batch, d_model = x.shape
         slots = cache.key.shape[1]
-        q, k, v = self.project_qkv(x[:, None], cache.length[:, None])
+        doc_begin = jnp.where(doc_start, cache.length, cache.doc_begin)
+        q, k, v = self.project_qkv(x[:, None], (cache.length - doc_begin)[:, None])
         write = jax.nn.one_hot(cache.length % slots, slots, dtype=bool)[..., None, None]  # (B, C, 1, 1)
         cache = KVCache(key=jnp.where(write, k, cache.key), value=jnp.where(write, v, cache.value),
-                        length=cache.length + 1)
-        # Every filled slot is visible: the ring of a window layer holds exactly the window.
-        mask = _cache_slots_filled(cache.length, slots)[:, None, :]  # (B, 1, C)
+                        length=cache.length + 1, doc_begin=doc_begin)
+        # Visible: the slots holding this document's positions (a window layer's ring holds exactly
+        # the window, so nothing else needs masking).
+        mask = (_slot_positions(cache.length, slots) >= doc_begin[:, None])[:, None, :]  # (B, 1, C)
         out = attend(q, cache.key, cache.value, mask)
         return self.out_proj(out.reshape(batch, d_model)), cache

@@ -12,6 +12,7 @@ from hnet.layers.attention import CausalSelfAttention
 from hnet.layers.mamba2 import Mamba2
 from hnet.layers.mlp import SwiGLU
 from hnet.layers.norm import RMSNorm
+from hnet.segments import Segments
 
 
 def residual_count(layout: str) -> int:
@@ -43,16 +44,13 @@ class Block(nnx.Module):
             self.norm2 = RMSNorm(d_model)
             self.mlp = SwiGLU(d_model, config.d_intermediate[stage], dtype=self.dtype, out_scale=out_scale, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.prefill(x)[0]
-
-    def prefill(self, x: jax.Array, lengths=None, max_length=None):
+    def prefill(self, x: jax.Array, segments: Segments, lengths=None, max_length=None):
         """(B, L, D) -> (y, mixer cache or None); see the mixers' `prefill`."""
-        return self._residual(x, lambda h: self.mixer.prefill(h, lengths, max_length))
+        return self._residual(x, lambda h: self.mixer.prefill(h, segments, lengths, max_length))
 
-    def step(self, x: jax.Array, cache):
-        """One position per row: (B, D) -> (y (B, D), updated mixer cache)."""
-        return self._residual(x, lambda h: self.mixer.step(h, cache))
+    def step(self, x: jax.Array, cache, doc_start: jax.Array):
+        """One position per row: (B, D), doc_start (B,) bool -> (y (B, D), updated mixer cache)."""
+        return self._residual(x, lambda h: self.mixer.step(h, cache, doc_start))
 
     def _residual(self, x, mix):
         mixed, cache = mix(self.norm1(x).astype(self.dtype))
@@ -77,24 +75,21 @@ class Isotropic(nnx.Module):
         ])
         self.norm = RMSNorm(config.d_model[stage])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.prefill(x)[0]
-
-    def prefill(self, x: jax.Array, lengths=None, max_length=None):
+    def prefill(self, x: jax.Array, segments: Segments, lengths=None, max_length=None):
         """(B, L, D) -> (y, tuple of block caches); caches only when `lengths` (B,) is given."""
         x = x.astype(jnp.float32)
         caches = []
         for block in self.blocks:
-            x, cache = block.prefill(x, lengths, max_length)
+            x, cache = block.prefill(x, segments, lengths, max_length)
             x = sharding.constrain(x, sharding.RESIDUAL_AXES)  # the residual stream: batch-split
             caches.append(cache)
         return self.norm(x), tuple(caches)
 
-    def step(self, x: jax.Array, caches: tuple):
-        """One position per row: (B, D) -> (y (B, D) float32, updated block caches)."""
+    def step(self, x: jax.Array, caches: tuple, doc_start: jax.Array):
+        """One position per row: (B, D), doc_start (B,) bool -> (y (B, D) float32, updated block caches)."""
         x = x.astype(jnp.float32)
         new_caches = []
         for block, cache in zip(self.blocks, caches):
-            x, cache = block.step(x, cache)
+            x, cache = block.step(x, cache, doc_start)
             new_caches.append(cache)
         return self.norm(x), tuple(new_caches)

@@ -2,6 +2,8 @@
 
 Shapes: B batch, L length, D width, H heads, P head dim (64), S state size, Q scan chunk size.
 For generation a layer keeps a MambaCache: the last K-1 conv inputs and the SSM state.
+Each document of a packed row is computed as if alone: the conv does not reach across a document
+start and the scan's state resets there (hnet.segments).
 """
 
 import math
@@ -14,75 +16,103 @@ from flax import struct
 from hnet.config import SSMConfig
 from hnet.layers.common import INIT_STD, linear, param
 from hnet.layers.norm import RMSNorm
+from hnet.segments import Segments, at_positions
 
 
-def causal_depthwise_conv(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
-    """x (B, L, C), weight (K, C), bias (C,) -> (B, L, C); output t sees inputs t-K+1 .. t."""
+def causal_depthwise_conv(x: jax.Array, weight: jax.Array, bias: jax.Array, doc_position: jax.Array) -> jax.Array:
+    """x (B, L, C), weight (K, C), bias (C,), doc_position (B, L) -> (B, L, C).
+
+    Output t sees inputs t-K+1 .. t of its own document: a tap that would reach before the
+    document's start reads zero, as if the document were alone (zero left padding).
+    """
     kernel = weight.shape[0]
     length = x.shape[1]
     padded = jnp.pad(x, ((0, 0), (kernel - 1, 0), (0, 0)))
-    out = sum(padded[:, k:k + length, :] * weight[k].astype(x.dtype) for k in range(kernel))
+    out = 0
+    for k in range(kernel):
+        reach = kernel - 1 - k  # how many positions back tap k reads
+        tap = padded[:, k:k + length, :]
+        if reach:
+            tap = jnp.where((doc_position >= reach)[..., None], tap, 0)
+        out = out + tap * weight[k].astype(x.dtype)
     return out + bias.astype(x.dtype)
 
 
-def ssd_scan(x, dt, A, B, C, chunk_size: int, initial_state=None):
+def ssd_scan(x, dt, A, B, C, chunk_size: int, segment_index=None):
     """The selective state-space recurrence, computed chunk by chunk in matmul form.
 
-    Per head h:  state_t = exp(dt_t A_h) state_{t-1} + dt_t x_t ⊗ B_t,   y_t = state_t · C_t.
+    Per head h:  state_t = exp(dt_t A_h) state_{t-1} + dt_t x_t ⊗ B_t,   y_t = state_t · C_t,
+    with the state reset to zero at every document start (mamba_ssm's `seq_idx` semantics), so
+    no document sees another one.
 
     x: (B, L, H, P); dt: (B, L, H) (after softplus); A: (H,) negative; B, C: (B, L, S) shared by
-    all heads; initial_state: (B, H, P, S) or None (zeros).
-    Returns y (B, L, H, P) and the final state (B, H, P, S), both float32.
+    all heads; segment_index: (B, L) int32 document number of each position, non-decreasing
+    along the row (None: one document).
+    Returns y (B, L, H, P) and the final state (B, H, P, S) of each row's last document, float32.
     """
     f32 = jnp.float32
     x, dt, A, B, C = (t.astype(f32) for t in (x, dt, A, B, C))
     batch, length, heads, head_dim = x.shape
     d_state = B.shape[-1]
+    if segment_index is None:
+        segment_index = jnp.zeros((batch, length), jnp.int32)
     chunk = min(chunk_size, length)
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
     if pad:  # dt = 0 on padding: decay 1 and no input, so the final state is unchanged.
         x, dt, B, C = (jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, dt, B, C))
+        segment_index = jnp.pad(segment_index, ((0, 0), (0, pad)), mode="edge")
     x = x.reshape(batch, n_chunks, chunk, heads, head_dim)
     dt = dt.reshape(batch, n_chunks, chunk, heads)
     B = B.reshape(batch, n_chunks, chunk, d_state)
     C = C.reshape(batch, n_chunks, chunk, d_state)
+    segment = segment_index.reshape(batch, n_chunks, chunk)
+    # Document of the state entering each chunk: the previous chunk's last position (the first
+    # chunk: its own first position).
+    chunk_last = segment[:, :, -1]
+    segment_in = jnp.concatenate([segment[:, :1, 0], chunk_last[:, :-1]], axis=1)  # (B, nc)
 
     log_decay = jnp.cumsum(dt * A, axis=2)  # (B, nc, Q, H): sum of dt*A up to and including i
-    # Within a chunk: y_i = sum_{j<=i} (C_i·B_j) exp(logdecay_i - logdecay_j) dt_j x_j.
-    segment = log_decay[:, :, :, None, :] - log_decay[:, :, None, :, :]  # (B, nc, Qi, Qj, H)
-    causal = jnp.tril(jnp.ones((chunk, chunk), bool))[None, None, :, :, None]
-    decay = jnp.exp(jnp.where(causal, segment, -jnp.inf))
+    # Within a chunk: y_i = sum_{j<=i, same document} (C_i·B_j) exp(logdecay_i - logdecay_j) dt_j x_j.
+    segsum = log_decay[:, :, :, None, :] - log_decay[:, :, None, :, :]  # (B, nc, Qi, Qj, H)
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))[None, None]
+    visible = causal & (segment[:, :, :, None] == segment[:, :, None, :])  # (B, nc, Qi, Qj)
+    decay = jnp.exp(jnp.where(visible[..., None], segsum, -jnp.inf))
     scores = jnp.einsum("bcis,bcjs->bcij", C, B)
     weights = scores[..., None] * decay * dt[:, :, None, :, :]
     y = jnp.einsum("bcijh,bcjhp->bcihp", weights, x)
 
-    # State contributed by each chunk alone, at its end.
-    decay_to_end = jnp.exp(log_decay[:, :, -1:, :] - log_decay)  # (B, nc, Q, H)
+    # State contributed by each chunk alone at its end: only its last document's positions.
+    in_last_doc = (segment == chunk_last[:, :, None])[..., None]  # (B, nc, Q, 1)
+    decay_to_end = jnp.where(in_last_doc, jnp.exp(log_decay[:, :, -1:, :] - log_decay), 0.0)  # (B, nc, Q, H)
     chunk_states = jnp.einsum("bcjs,bcjh,bcjhp->bchps", B, decay_to_end * dt, x)
-    # Carry states across chunks (a short sequential scan over n_chunks).
-    chunk_decay = jnp.exp(log_decay[:, :, -1, :])  # (B, nc, H)
-    if initial_state is None:
-        initial_state = jnp.zeros((batch, heads, head_dim, d_state), f32)
+    # Carry states across chunks (a short sequential scan over n_chunks); a document starting
+    # inside a chunk cuts the carried state off.
+    continues = chunk_last == segment_in  # (B, nc): no document starts inside the chunk
+    chunk_decay = jnp.where(continues[..., None], jnp.exp(log_decay[:, :, -1, :]), 0.0)  # (B, nc, H)
+    initial_state = jnp.zeros((batch, heads, head_dim, d_state), f32)
 
     def carry_step(state, inputs):
         decay_c, new_c = inputs
         return decay_c[:, :, None, None] * state + new_c, state
 
     final_state, states_in = jax.lax.scan(
-        carry_step, initial_state.astype(f32), (chunk_decay.swapaxes(0, 1), chunk_states.swapaxes(0, 1))
+        carry_step, initial_state, (chunk_decay.swapaxes(0, 1), chunk_states.swapaxes(0, 1))
     )
     states_in = states_in.swapaxes(0, 1)  # (B, nc, H, P, S): state entering each chunk
-    y = y + jnp.einsum("bcis,bchps,bcih->bcihp", C, states_in, jnp.exp(log_decay))
+    # The entering state reaches the positions of its own document only.
+    carried_decay = jnp.where((segment == segment_in[:, :, None])[..., None], jnp.exp(log_decay), 0.0)
+    y = y + jnp.einsum("bcis,bchps,bcih->bcihp", C, states_in, carried_decay)
     y = y.reshape(batch, n_chunks * chunk, heads, head_dim)[:, :length]
     return y, final_state
 
 
-def ssd_step(state, x, dt, A, B, C):
-    """One recurrence step. state (B, H, P, S), x (B, H, P), dt (B, H), B/C (B, S) -> (y (B, H, P), state)."""
+def ssd_step(state, x, dt, A, B, C, doc_start):
+    """One recurrence step. state (B, H, P, S), x (B, H, P), dt (B, H), B/C (B, S), doc_start (B,)
+    bool (the state resets first) -> (y (B, H, P), state)."""
     f32 = jnp.float32
     x, dt, B, C = (t.astype(f32) for t in (x, dt, B, C))
-    decay = jnp.exp(dt * A.astype(f32))
+    decay = jnp.where(doc_start[:, None], 0.0, jnp.exp(dt * A.astype(f32)))
     state = decay[:, :, None, None] * state + (dt[:, :, None] * x)[..., None] * B[:, None, None, :]
     y = jnp.einsum("bhps,bs->bhp", state, C)
     return y, state
@@ -146,37 +176,40 @@ class Mamba2(nnx.Module):
         y = self.norm(y * jax.nn.silu(z.astype(jnp.float32)))
         return self.out_proj(y.astype(self.dtype))
 
-    def __call__(self, hidden: jax.Array) -> jax.Array:
-        return self.prefill(hidden)[0]
-
-    def prefill(self, hidden: jax.Array, lengths: jax.Array | None = None, max_length: int | None = None):
-        """hidden (B, L, D) -> (y (B, L, D), MambaCache or None).
+    def prefill(self, hidden: jax.Array, segments: Segments, lengths: jax.Array | None = None, max_length: int | None = None):
+        """hidden (B, L, D) -> (y (B, L, D), MambaCache or None), each document on its own.
 
         With `lengths` (B,) (each row's real length; the rest is right padding) also returns the
         cache after each row's last real position. `max_length` is unused (the state is fixed-size).
         """
         z, conv_input, dt_raw = self.split_projection(self.in_proj(hidden))
-        xBC = jax.nn.silu(causal_depthwise_conv(conv_input, self.conv_weight[...], self.conv_bias[...]))
+        xBC = jax.nn.silu(causal_depthwise_conv(conv_input, self.conv_weight[...], self.conv_bias[...], segments.position))
         x, dt, A, B, C = self.ssm_inputs(xBC, dt_raw)
         if lengths is not None:  # dt = 0 on padding: the state passes through unchanged
             dt = jnp.where(jnp.arange(hidden.shape[1])[None, :, None] < lengths[:, None, None], dt, 0.0)
-        y, final_state = ssd_scan(x, dt, A, B, C, self.chunk_size)
+        y, final_state = ssd_scan(x, dt, A, B, C, self.chunk_size, segments.index)
         out = self.output(y, x, z)
         if lengths is None:
             return out, None
+        # The conv inputs of the last K-1 positions that belong to the row's last document.
         kernel = self.conv_weight.shape[0]
+        last = jnp.maximum(lengths - 1, 0)
+        doc_begin = last - at_positions(segments.position, last)
         index = lengths[:, None] - (kernel - 1) + jnp.arange(kernel - 1)[None, :]  # (B, K-1)
         conv = jnp.take_along_axis(conv_input, jnp.clip(index, 0, hidden.shape[1] - 1)[..., None], axis=1)
-        conv = jnp.where((index >= 0)[..., None], conv, 0).astype(conv_input.dtype)
+        conv = jnp.where((index >= doc_begin[:, None])[..., None], conv, 0).astype(conv_input.dtype)
         return out, MambaCache(conv=conv, ssm=final_state)
 
-    def step(self, hidden: jax.Array, cache: MambaCache):
-        """One new position per row: hidden (B, D) -> (y (B, D), updated MambaCache)."""
+    def step(self, hidden: jax.Array, cache: MambaCache, doc_start: jax.Array):
+        """One new position per row: hidden (B, D), doc_start (B,) bool -> (y (B, D), updated MambaCache)."""
         z, conv_input, dt_raw = self.split_projection(self.in_proj(hidden))
-        window = jnp.concatenate([cache.conv, conv_input[:, None]], axis=1)  # (B, K, Di + 2S)
+        previous = jnp.where(doc_start[:, None, None], 0, cache.conv)  # a new document sees no earlier input
+        window = jnp.concatenate([previous, conv_input[:, None]], axis=1)  # (B, K, Di + 2S)
         weight = self.conv_weight[...].astype(window.dtype)
-        conv = sum(window[:, k] * weight[k] for k in range(window.shape[1]))  # same order as the forward
+        conv = 0
+        for k in range(window.shape[1]):  # same order as the forward
+            conv = conv + window[:, k] * weight[k]
         xBC = jax.nn.silu(conv + self.conv_bias[...].astype(window.dtype))
         x, dt, A, B, C = self.ssm_inputs(xBC, dt_raw)
-        y, ssm = ssd_step(cache.ssm, x, dt, A, B, C)
+        y, ssm = ssd_step(cache.ssm, x, dt, A, B, C, doc_start)
         return self.output(y, x, z), MambaCache(conv=window[:, 1:], ssm=ssm)
