@@ -7,7 +7,8 @@
     python eval.py --checkpoint RUN_A --checkpoint RUN_B --robustness --rates 0.01,0.05,0.1
     python eval.py --compare RUN_A RUN_B --out reports/ab
 
-A checkpoint is a training run folder (its newest checkpoint, or --step) or an export folder.
+A checkpoint is a training run folder (its newest usable checkpoint, or --step; a damaged or
+incomplete one is skipped with a warning, see hnet/checkpoint.py) or an export folder.
 Data: the run's own evaluation corpus and split by default; --data takes a prepared corpus folder
 or a plain text file (one document, or split with --doc-separator). Every document is scored
 from a BOS; long documents with sliding windows (see hnet/evaluate.py). Bad input prints one

@@ -9,8 +9,10 @@ A single prompt streams its continuation as it is generated; several prompts (--
 --prompt repeated) run as one batch and print one block each. With --show-boundaries the
 generated text is printed at the end once per stage, with that stage's chunks marked (colours on
 a terminal, "|" otherwise).
-Bad input (missing or incompatible checkpoint, empty prompt, prompt longer than --max-length)
-prints one line starting with "error:" and exits 2.
+A run folder's newest usable checkpoint is loaded: a damaged or incomplete newer one is skipped
+with a warning (hnet/checkpoint.py); a damaged --step is an error.
+Bad input (missing, damaged or incompatible checkpoint, empty prompt, prompt longer than
+--max-length) prints one line starting with "error:" and exits 2.
 """
 
 import argparse
@@ -22,7 +24,7 @@ import numpy as np
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--checkpoint", required=True, help="training run folder (newest checkpoint) or export folder")
+    parser.add_argument("--checkpoint", required=True, help="training run folder (newest usable checkpoint) or export folder")
     parser.add_argument("--step", type=int, help="checkpoint step of a run folder (default: the newest)")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     parser.add_argument("--prompt-file", help="UTF-8 file with one prompt per line (blank lines skipped)")

@@ -7,8 +7,12 @@
     python train.py --set mesh.fsdp=8                 # lay the run out over devices (hnet.sharding)
     python train.py --coordinator HOST:PORT --num-processes 2 --process-id 0 ...   # one of several hosts
 
-Bad input (config, data, run folder) prints one line starting with "error:" and exits 2.
+Bad input (config, data, run folder, no usable checkpoint to resume) prints one line starting
+with "error:" and exits 2. --resume skips a damaged or incomplete newest checkpoint (one warning
+line each; see hnet/checkpoint.py) and continues from the newest good one.
 SIGTERM/SIGINT: the current step finishes, a checkpoint is saved, and the process exits 0.
+In a multi-process run, a lost process makes the others print one "error:" line and exit 3
+(hnet/distributed.py); restart all of them with --resume.
 """
 
 import argparse
@@ -84,6 +88,12 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() == 1:
+            raise
+        # Most often a collective whose other side died: one line, and no wait for it at exit.
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        distributed.exit_after_lost_process(f"a step failed ({lines[0][:200]})")
     if jax.process_index() != 0:  # process 0 reports for the run
         return 0
     result = summary["eval"]

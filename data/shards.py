@@ -7,14 +7,17 @@ A prepared corpus is a folder:
 
     meta.json                    {"format": "hnet-bytes-v1", "source": str,
                                   "splits": {split: {"shards": [...], "num_bytes": int,
-                                                     "num_docs": int, "sha256": hex}}}
+                                                     "num_docs": int, "sha256": hex,
+                                                     "shard_sha256": [hex, ...]}}}
     {split}_{i:05d}.bin          raw document bytes concatenated, no separators
     {split}_{i:05d}.idx.npy      int64 (num_docs_in_shard + 1,): document start offsets,
                                  first 0, last = size of the .bin
 
 Documents never cross shards; a shard is closed before it would grow past
 `shard_bytes` (a single document larger than that gets a shard of its own).
-Empty documents are dropped. The corpus is written into a temporary folder next
+Empty documents are dropped. "sha256" covers a split's .bin contents in order,
+"shard_sha256" each .bin file (corpora prepared before it was added lack it);
+`python -m data.verify DIR` checks them. The corpus is written into a temporary folder next
 to the destination and renamed into place at the end, so a crash never leaves a
 half-written corpus under the destination name.
 """
@@ -84,7 +87,9 @@ class _SplitWriter:
         self.shards: list[str] = []
         self.num_bytes = 0
         self.num_docs = 0
-        self.hasher = hashlib.sha256()
+        self.hasher = hashlib.sha256()  # all shards of the split, in order
+        self.shard_sha256: list[str] = []
+        self._shard_hasher = None  # the current shard
         self._file = None  # open .bin of the current shard
         self._offsets: list[int] = []  # current shard's doc start offsets + running end
 
@@ -92,6 +97,7 @@ class _SplitWriter:
         name = f"{self.split}_{len(self.shards):05d}.bin"
         self.shards.append(name)
         self._file = open(self.folder / name, "wb")
+        self._shard_hasher = hashlib.sha256()
         self._offsets = [0]
 
     def _close_shard(self) -> None:
@@ -99,6 +105,7 @@ class _SplitWriter:
             return
         self._file.close()
         self._file = None
+        self.shard_sha256.append(self._shard_hasher.hexdigest())
         idx_name = self.shards[-1][: -len(".bin")] + ".idx.npy"
         np.save(self.folder / idx_name, np.asarray(self._offsets, dtype=np.int64))
 
@@ -114,6 +121,7 @@ class _SplitWriter:
         for chunk in chunks:
             self._file.write(chunk)
             self.hasher.update(chunk)
+            self._shard_hasher.update(chunk)
             written += len(chunk)
         if written != size:
             raise PrepareError(
@@ -130,6 +138,7 @@ class _SplitWriter:
             "num_bytes": self.num_bytes,
             "num_docs": self.num_docs,
             "sha256": self.hasher.hexdigest(),
+            "shard_sha256": self.shard_sha256,
         }
 
 

@@ -79,6 +79,7 @@ class SplitInfo:
     num_docs: int
     sha256: str              # of the .bin contents, in order
     num_tokens: int          # elements in the shards: bytes (= num_bytes), or token ids
+    shard_sha256: tuple[str, ...] | None  # of each .bin file; None in corpora prepared before it
 
 
 class PreparedCorpus:
@@ -116,9 +117,14 @@ class PreparedCorpus:
                     num_docs=int(s["num_docs"]),
                     sha256=str(s["sha256"]),
                     num_tokens=int(s["num_tokens"] if self.is_tokens else s["num_bytes"]),
+                    shard_sha256=tuple(map(str, s["shard_sha256"])) if "shard_sha256" in s else None,
                 )
                 for name, s in splits.items()
             }
+            for name, info in self.splits.items():
+                if info.shard_sha256 is not None and len(info.shard_sha256) != len(info.shards):
+                    raise DataError(f"{meta_path}: split '{name}' lists {len(info.shards)} shards but "
+                                    f"{len(info.shard_sha256)} shard checksums")
             if self.is_tokens:
                 if meta["dtype"] not in TOKEN_DTYPES:
                     raise DataError(f"{meta_path}: dtype {meta['dtype']!r} is not one of {TOKEN_DTYPES}")
@@ -217,16 +223,26 @@ class PreparedCorpus:
                 yield data[begin:end]
 
     def verify_checksum(self, split: str) -> None:
-        """Stream all bytes of a split and compare their sha256 with meta.json (slow)."""
+        """Read every shard of a split and compare its sha256 with meta.json (slow: reads it all).
+
+        Each shard is checked against "shard_sha256" where meta.json records it, then the split
+        as a whole against "sha256". Raises DataError naming the first shard that differs.
+        Opening a corpus never does this (it checks sizes and offsets only).
+        """
         info = self.split_info(split)
-        hasher = hashlib.sha256()
-        for i in range(len(info.shards)):
-            data = self.shard_data(split, i)
-            for start in range(0, len(data), 1 << 24):
-                hasher.update(data[start : start + (1 << 24)])
-        if hasher.hexdigest() != info.sha256:
+        split_hasher = hashlib.sha256()
+        for i, shard in enumerate(info.shards):
+            shard_hasher = hashlib.sha256()
+            with open(self.path / shard, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    split_hasher.update(chunk)
+                    shard_hasher.update(chunk)
+            if info.shard_sha256 is not None and shard_hasher.hexdigest() != info.shard_sha256[i]:
+                raise DataError(f"{self.path / shard}: sha256 {shard_hasher.hexdigest()[:16]}… does not match "
+                                f"meta.json {info.shard_sha256[i][:16]}…")
+        if split_hasher.hexdigest() != info.sha256:
             raise DataError(
-                f"{self.path}: split '{split}' sha256 {hasher.hexdigest()} does not match "
+                f"{self.path}: split '{split}' sha256 {split_hasher.hexdigest()} does not match "
                 f"meta.json {info.sha256}"
             )
 

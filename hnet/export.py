@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from hnet.checkpoint import CheckpointError, checkpoint_steps, restore_newest, step_dir
 from hnet.config import ConfigError, ModelConfig, config_from_dict
 from hnet.model import LanguageModel, build_model
 
@@ -51,14 +52,6 @@ class LoadedModel:
     tokenizer_path: Path | None   # tokenizer.json for token models, else None
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Complete checkpoints of a run, oldest first (orbax renames a save into place when done)."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def abstract_params(config: ModelConfig):
     """(graphdef, parameter State of ShapeDtypeStructs) without allocating the parameters."""
     abstract_model = nnx.eval_shape(lambda: build_model(config))
@@ -80,6 +73,22 @@ def _restore_params(directory: Path, abstract, *, partial: bool):
     return restored["params"] if partial else restored
 
 
+def _restore_run_params(run_dir: Path, abstract, step: int | None):
+    """-> (parameters, step) of a run's newest usable checkpoint, or of `step`; warnings on stderr."""
+    def restore(candidate: int):
+        return _restore_params(step_dir(run_dir, candidate) / "state", abstract, partial=True)
+
+    try:
+        restored = restore_newest(run_dir, restore, step=step)
+    except CheckpointError as err:
+        raise LoadError(str(err)) from None
+    for status in restored.skipped:
+        print(f"warning: {status.describe()}; skipped, using step {restored.step}", file=sys.stderr)
+    if restored.status.state == "unverified":
+        print(f"warning: {restored.status.describe()}; loading it anyway", file=sys.stderr)
+    return restored.value, restored.step
+
+
 def _read_json(path: Path, what: str) -> dict:
     try:
         return json.loads(path.read_text())
@@ -90,7 +99,12 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
-    """A model from a training run folder (its newest checkpoint, or `step`) or an export folder."""
+    """A model from a training run folder (its newest usable checkpoint, or `step`) or an export folder.
+
+    A run's checkpoints are verified against their manifests (hnet.checkpoint): a damaged or
+    incomplete newer checkpoint is skipped with one warning line on stderr, and the newest usable
+    one is loaded; a given `step` that is not usable is a LoadError.
+    """
     path = Path(path)
     if not path.is_dir():
         raise LoadError(f"{path} does not exist or is not a folder")
@@ -100,26 +114,23 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
         if info.get("format") != EXPORT_FORMAT or info.get("format_version") != EXPORT_VERSION:
             raise LoadError(f"{path} is not a {EXPORT_FORMAT} v{EXPORT_VERSION} folder "
                             f"(found format {info.get('format')!r} v{info.get('format_version')!r})")
-        model_dict, params_dir, step = _read_json(path / "config.json", "model config"), path / "params", info.get("step")
+        model_dict, step = _read_json(path / "config.json", "model config"), info.get("step")
     else:
         model_dict = _read_json(path / "config.json", "run config").get("model")
-        steps = checkpoint_steps(path)
-        if not steps:
+        if not checkpoint_steps(path):
             raise LoadError(f"{path} has no complete checkpoint")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise LoadError(f"{path} has no checkpoint at step {step} (have {', '.join(map(str, steps))})")
-        params_dir = path / "checkpoints" / str(step) / "state"
     try:
         config = config_from_dict(model_dict)
     except ConfigError as err:
         raise LoadError(f"{path}: bad model config: {err}") from None
     graphdef, abstract = abstract_params(config)
-    try:
-        params = _restore_params(params_dir, abstract, partial=not is_export)
-    except Exception as err:  # orbax raises many types; a shape mismatch or missing file lands here
-        raise LoadError(f"cannot read parameters from {params_dir}: {str(err).splitlines()[0]}") from None
+    if is_export:
+        try:
+            params = _restore_params(path / "params", abstract, partial=False)
+        except Exception as err:  # orbax raises many types; a shape mismatch or missing file lands here
+            raise LoadError(f"cannot read parameters from {path / 'params'}: {str(err).splitlines()[0]}") from None
+    else:
+        params, step = _restore_run_params(path, abstract, step)
     params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)  # bf16 exports compute like training
     tokenizer = path / "tokenizer.json"
     return LoadedModel(model=nnx.merge(graphdef, params), config=config, kind="export" if is_export else "run",

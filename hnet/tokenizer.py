@@ -294,20 +294,23 @@ def _write_token_corpus(corpus: PreparedCorpus, tokenizer: BPETokenizer, folder:
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     splits = {}
     for name, info in corpus.splits.items():
-        hasher, num_tokens, shard_names = hashlib.sha256(), 0, []
+        hasher, num_tokens, shard_names, shard_sha256 = hashlib.sha256(), 0, [], []
         for i, shard in enumerate(info.shards):
-            offsets = [0]
+            offsets, shard_hasher = [0], hashlib.sha256()
             with open(folder / shard, "wb") as f:
                 for ids in tokenizer.encode_documents(corpus.documents(name, i)):
-                    ids = ids.astype(dtype)
-                    f.write(ids.tobytes())
-                    hasher.update(ids.tobytes())
+                    data = ids.astype(dtype).tobytes()
+                    f.write(data)
+                    hasher.update(data)
+                    shard_hasher.update(data)
                     offsets.append(offsets[-1] + len(ids))
+            shard_sha256.append(shard_hasher.hexdigest())
             np.save(folder / (shard.removesuffix(".bin") + ".idx.npy"), np.asarray(offsets, dtype=np.int64))
             num_tokens += offsets[-1]
             shard_names.append(shard)
         splits[name] = {"shards": shard_names, "num_tokens": num_tokens, "num_bytes": info.num_bytes,
-                        "num_docs": info.num_docs, "sha256": hasher.hexdigest(), "source_sha256": info.sha256}
+                        "num_docs": info.num_docs, "sha256": hasher.hexdigest(), "shard_sha256": shard_sha256,
+                        "source_sha256": info.sha256}
     np.save(folder / "token_bytes.npy", tokenizer.byte_lengths)
     tokenizer.save(folder / RUN_TOKENIZER_FILE)  # provenance
     meta = {"format": data_lib.TOKENS_FORMAT, "source": f"{corpus.path} tokenized (key {key})",

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from hnet import checkpoint as checkpoint_lib
 from hnet import data as data_lib
 from hnet import sharding
 from hnet import tokenizer as tokenizer_lib
@@ -356,20 +358,11 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     graphdef, steps = make_step_functions(run, mesh)
     log(f"mesh: {sharding.describe(steps.mesh)}")
     state = None if resume else steps.init()
-    checkpointer = Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
+    checkpointer = Checkpointer(workdir, keep=train_cfg.keep_checkpoints, primary=is_main)
     metrics_path = workdir / "metrics.jsonl"
     start_step, bytes_seen = 0, 0
     if resume:
-        latest = checkpointer.latest_step()
-        if latest is None:
-            raise RunError(f"--resume: {workdir} has no complete checkpoint")
-        meta = checkpointer.read_meta(latest)
-        if meta.get("model") != run.model:
-            raise RunError(f"--resume: the checkpoint at step {latest} was saved from a different model config")
-        try:  # onto this run's mesh, whatever mesh saved it
-            state, data_state, meta = checkpointer.restore(latest, steps.abstract_state)
-        except Exception as err:  # orbax raises many types; report one line
-            raise RunError(f"--resume: cannot restore checkpoint {checkpointer.path(latest)}: {str(err).splitlines()[0]}") from None
+        state, data_state, meta = resume_state(checkpointer, run, steps, is_main)
         iterator.set_state(data_lib.iterator_state_from_json(data_state["iterator"]))
         start_step, bytes_seen = int(meta["step"]), int(meta["bytes_seen"])
         if is_main:
@@ -448,6 +441,43 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     bar.close()
     return {"status": status, "step": step, "bytes_seen": bytes_seen, "eval": last_eval,
             "checkpoint": str(checkpointer.path(step)), "workdir": str(workdir)}
+
+
+def resume_state(checkpointer: Checkpointer, run: RunConfig, steps: StepFunctions, is_main: bool):
+    """Restore the newest usable checkpoint of a run -> (state, data-iterator state, meta).
+
+    Damaged or incomplete newer checkpoints are skipped with one warning line each and moved to
+    RUN_DIR/skipped_checkpoints (the run saves those steps again). Process 0 hashes the files; the
+    other processes check sizes and follow its verdict, so that all restore the same step.
+    Raises RunError (one line) when no checkpoint is usable.
+    """
+    def restore(step: int):
+        meta = checkpointer.read_meta(step)
+        if meta.get("model") != run.model:
+            raise RunError(f"--resume: the checkpoint at step {step} was saved from a different model config")
+        return checkpointer.restore(step, steps.abstract_state)  # onto this run's mesh, whatever mesh saved it
+
+    try:
+        restored = checkpoint_lib.restore_newest(checkpointer.run_dir, restore, hash_files=is_main,
+                                                 all_agree=_all_processes_agree, passthrough=(RunError,))
+    except checkpoint_lib.CheckpointError as err:
+        raise RunError(f"--resume: {err}") from None
+    moved = dict(checkpointer.set_aside_newer_than(restored.step))
+    _sync_processes("hnet: skipped checkpoints moved aside")
+    checkpointer.reload()
+    if is_main:
+        for status in restored.skipped:  # all newer than the restored step, so all moved
+            print(f"warning: {status.describe()}; skipped, moved to {moved[status.step]}", file=sys.stderr)
+        if restored.status.state == "unverified":
+            print(f"warning: {restored.status.describe()}; restoring it anyway", file=sys.stderr)
+    if restored.status.state == "good":
+        checkpointer.mark_good(restored.step)
+    return restored.value
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    """True iff `ok` is True on every process (identity with one process)."""
+    return int(_sum_over_processes(np.array([0 if ok else 1], dtype=np.int64))[0]) == 0
 
 
 def _flush_metrics(pending, step_bytes, schedule, tokens_per_step, start_bytes) -> list[dict]:

@@ -282,6 +282,47 @@ def test_data_errors(tmp_path, corpus_dir):
         PreparedCorpus(p).verify_checksum("train")
 
 
+def test_data_verify_names_a_flipped_shard_and_handles_old_corpora(tmp_path, corpus_dir, capsys):
+    from data import verify
+
+    meta = _meta(corpus_dir)
+    assert len(meta["splits"]["train"]["shard_sha256"]) == len(meta["splits"]["train"]["shards"]) >= 3
+    assert verify.main([str(corpus_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].split()[:2] == ["train", "ok"] and "sha256 per shard" in out[0]
+
+    # One byte flipped in the second shard, size unchanged: opening (what training does) still
+    # succeeds without reading the data, the check names the shard.
+    shard = corpus_dir / meta["splits"]["train"]["shards"][1]
+    data = bytearray(shard.read_bytes())
+    data[3] ^= 0x20
+    shard.write_bytes(bytes(data))
+    PreparedCorpus(corpus_dir)
+    assert verify.main([str(corpus_dir)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "MISMATCH" in out[0] and shard.name in out[0]
+
+    # A corpus prepared before per-shard checksums: checked as a whole split, and says so.
+    del meta["splits"]["train"]["shard_sha256"]
+    _set_meta(corpus_dir, meta)
+    assert PreparedCorpus(corpus_dir).split_info("train").shard_sha256 is None
+    assert verify.main([str(corpus_dir)]) == 1
+    assert "split 'train' sha256" in capsys.readouterr().out
+    old = write_corpus(tmp_path / "old", make_docs())
+    old_meta = _meta(old)
+    del old_meta["splits"]["train"]["shard_sha256"]
+    _set_meta(old, old_meta)
+    assert verify.main([str(old)]) == 0
+    assert "no per-shard checksum recorded" in capsys.readouterr().out
+
+    assert verify.main([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+    (old / "train_00000.bin").unlink()  # a missing shard: damaged, one line
+    assert verify.main([str(old)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("damaged:") and "missing" in out[0]
+
+
 # --------------------------------------------------------------------------
 # Preparers
 

@@ -19,6 +19,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from conftest import ROOT, shrink, tiny_config
 from hnet import distributed, sharding
+from hnet.checkpoint import check_step
 from hnet.config import ConfigError, load_config
 from hnet.data import ensure_default_corpus
 from hnet.model import build_model
@@ -225,6 +226,7 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(tmp_path):
     assert "completed at step 4" in outputs[0], outputs[0]
     assert "mesh:" not in outputs[1] and "completed" not in outputs[1]  # only process 0 reports
     assert (run_dir / "checkpoints" / "4").is_dir()
+    assert check_step(run_dir, 4).state == "good"  # process 0 wrote the manifest of both processes' files
 
     # One process, one device: the same run, resumed from the 2-process checkpoint.
     (output,) = finish([launch(["--workdir", str(run_dir), "--resume", "--set", "mesh.fsdp=-1"], devices=1)])
@@ -240,6 +242,27 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(tmp_path):
     assert set(evals[0]) == set(evals[1]) == {4, 6}
     for step in (4, 6):
         assert abs(evals[0][step] - evals[1][step]) <= LOSS_ATOL
+
+
+def test_a_lost_process_is_one_error_line_on_the_others():
+    """Process 1 dies; process 0 says so in one line and exits 3 before JAX's heartbeat abort."""
+    port, timeout_s = free_port(), 10
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "peer_loss_worker.py"), str(i), str(port), str(timeout_s)],
+                              cwd=ROOT, env={**subprocess_env(1), "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    try:
+        (out, err), _ = procs[0].communicate(timeout=120), procs[1].communicate(timeout=120)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert procs[1].returncode == 1
+    assert procs[0].returncode == distributed.EXIT_PROCESS_LOST, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: process 0 of 2: process 1 sent no heartbeat")
+    assert "--resume" in errors[0] and "still running" not in out
+    assert "stack trace" not in err and "Terminating process" not in err  # JAX's abort never came
 
 
 def eval_rows(run_dir: Path) -> list[dict]:

@@ -120,6 +120,8 @@ def test_token_corpus_holds_the_documents(tokenizer, corpus, tmp_path, monkeypat
         decoded = [tokenizer.decode(ids) for ids in tokens.documents(split)]
         assert decoded == originals
         assert tokens.split_info(split).num_bytes == sum(map(len, originals))
+        assert len(tokens.split_info(split).shard_sha256) == len(tokens.split_info(split).shards)
+        tokens.verify_checksum(split)  # per shard and per split, as recorded while writing
     # Packing puts BOS before each document, as for bytes.
     batch = next(eval_batches(tokens, "train", 16, 1))
     assert batch["input_ids"][0, 0] == tokenizer.bos_id
