@@ -107,12 +107,13 @@ class Checkpoint:
 
     def __init__(self, path: str, step=None):
         from hnet.export import load_model
+        from hnet.run_dir import RunDir
         from hnet.tokenizer import BPETokenizer
 
         self.loaded = load_model(path, step)
         self.path = Path(path)
         self.name = self.path.resolve().name
-        self.run = json.loads((self.path / "config.json").read_text()) if self.loaded.kind == "run" else None
+        self.run = json.loads(RunDir(self.path).config.read_text()) if self.loaded.kind == "run" else None
         self.tokenizer = BPETokenizer.load(self.loaded.tokenizer_path) if self.loaded.tokenizer_path else None
 
     @property
@@ -326,11 +327,7 @@ def run_compare(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hnet.config import ConfigError
-    from hnet.data import DataError
-    from hnet.evaluate import EvalError
-    from hnet.export import LoadError
-    from hnet.train_loop import RunError
+    from hnet.errors import ConfigError, DataError, EvalError, LoadError, RunError
 
     try:
         check_args(args)

@@ -40,7 +40,7 @@ def parse_args(argv):
 
 
 def read_prompts(args) -> list[bytes]:
-    from hnet.decode import GenerationError
+    from hnet.errors import GenerationError
 
     prompts = [p.encode("utf-8") for p in args.prompt]
     if args.prompt_file:
@@ -70,8 +70,9 @@ def show_with_boundaries(prompts, result) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hnet.decode import GenerationError, Generator, SamplingConfig, Utf8Stream
-    from hnet.export import LoadError, load_model
+    from hnet.decode import Generator, SamplingConfig, Utf8Stream
+    from hnet.errors import GenerationError, LoadError
+    from hnet.export import load_model
 
     try:
         prompts = read_prompts(args)

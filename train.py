@@ -47,7 +47,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from hnet import distributed
-    from hnet.config import ConfigError
+    from hnet.errors import ConfigError
 
     if not args.plot:
         # Before anything touches a device (importing hnet.train_loop does): join the other
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
             return 2
     import jax
 
-    from hnet.data import DataError
-    from hnet.train_loop import RunError
+    from hnet.errors import DataError, RunError
+    from hnet.run_dir import RunDir
 
     try:
         if args.plot:
@@ -79,9 +79,9 @@ def main(argv=None) -> int:
         if args.config or not args.resume:
             run = load_run_config(args.config, args.overrides)
         elif args.overrides:  # --resume --set mesh.fsdp=2: the saved run, changed (e.g. onto other devices)
-            saved = Path(args.workdir) / "config.json"
+            saved = RunDir(args.workdir).config
             if not saved.is_file():
-                raise RunError(f"--resume: {args.workdir} holds no run (no config.json)")
+                raise RunError(f"--resume: {args.workdir} holds no run (no {saved.name})")
             run = load_run_config(saved, args.overrides)
         workdir = Path(args.workdir) if args.workdir else Path("runs") / f"{Path(args.config or 'run_tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         summary = train(run, workdir, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)

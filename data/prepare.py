@@ -54,13 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
             description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        module.add_arguments(sub)  # also sets `run` as the default handler
+        module.add_arguments(sub)  # also sets the module's `prepare` as the default handler
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli(args.run, args)
+    return run_cli(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

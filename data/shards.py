@@ -32,12 +32,18 @@ import shutil
 import sys
 import secrets
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
-FORMAT = "hnet-bytes-v1"
+FORMAT = "hnet-bytes-v1"          # a byte corpus (this writer)
+TOKENS_FORMAT = "hnet-tokens-v1"  # a token corpus (hnet.tokenizer writes it with the same layout)
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024  # 256 MiB
+
+
+def cache_dir() -> Path:
+    """Folder for prepared data made on demand: $HNET_DATA_DIR, or ~/.cache/hnet-jax."""
+    return Path(os.environ.get("HNET_DATA_DIR") or os.path.join("~", ".cache", "hnet-jax")).expanduser()
 
 
 class PrepareError(Exception):
@@ -180,7 +186,7 @@ class CorpusWriter:
         self.meta: dict | None = None
         self.out.parent.mkdir(parents=True, exist_ok=True)
         # Same parent folder as the destination, so the final rename is atomic.
-        self.tmp = _make_sibling_dir(self.out, "tmp")
+        self.tmp = make_sibling_dir(self.out, "tmp")
         # Splits listed up front are recorded even if they end up empty.
         self._splits: dict[str, _SplitWriter] = {}
         for split in splits:
@@ -208,7 +214,7 @@ class CorpusWriter:
         with open(self.tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
-        _move_into_place(self.tmp, self.out, self.overwrite)
+        move_into_place(self.tmp, self.out, self.overwrite)
         self.meta = meta
         return meta
 
@@ -232,7 +238,38 @@ class CorpusWriter:
             self.abort()
 
 
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+def write_corpus(
+    out: str | os.PathLike,
+    documents: Iterable[tuple[str, bytes]],
+    *,
+    source: str,
+    splits: Iterable[str],
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> dict:
+    """Write (split, document bytes) pairs to a corpus at `out` and return its meta dict.
+
+    Documents that are not valid UTF-8 are dropped and counted; empty ones are dropped. The
+    whole corpus appears at `out` at once, or nothing does (CorpusWriter).
+    """
+    invalid = 0
+    with CorpusWriter(out, source=source, splits=splits, shard_bytes=shard_bytes, overwrite=overwrite) as writer:
+        for split, doc in documents:
+            try:
+                doc.decode("utf-8")
+            except UnicodeDecodeError:
+                invalid += 1
+                continue
+            writer.add(split, doc)
+    if verbose:
+        print(format_summary(writer.meta, out))
+        if invalid:
+            print(f"  dropped {invalid} document(s) that are not valid UTF-8")
+    return writer.meta
+
+
+def move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename tmp -> out. With overwrite, an existing `out` is first renamed aside
     and deleted afterwards (POSIX cannot rename over a non-empty folder, so there
     is a moment without `out`, but never a half-written one)."""
@@ -247,13 +284,13 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     if not overwrite:
         shutil.rmtree(tmp, ignore_errors=True)
         raise PrepareError(f"{out} already exists; pass --overwrite to replace it")
-    old = _make_sibling_dir(out, "old")
+    old = make_sibling_dir(out, "old")
     os.rename(out, old / out.name)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _make_sibling_dir(out: Path, tag: str) -> Path:
+def make_sibling_dir(out: Path, tag: str) -> Path:
     """A new hidden folder next to `out` (created with the usual umask permissions,
     unlike tempfile.mkdtemp's 0700)."""
     while True:
@@ -263,6 +300,57 @@ def _make_sibling_dir(out: Path, tag: str) -> Path:
             return path
         except FileExistsError:
             continue
+
+
+# --------------------------------------------------------------------------
+# Inputs
+
+
+def list_input_files(inputs: Iterable[str | os.PathLike], matches: Callable[[str], bool] = lambda name: True) -> list[Path]:
+    """Expand files and folders into the files to read: given files as they are, folders
+    recursively (hidden entries skipped, file names for which `matches` is true), each folder's
+    files sorted by relative POSIX path. A missing input is a PrepareError."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            found = []
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                found += [Path(dirpath, name) for name in filenames if not name.startswith(".") and matches(name)]
+            files.extend(sorted(found, key=lambda p: p.relative_to(path).as_posix()))
+        else:
+            raise PrepareError(f"input {path} does not exist")
+    return files
+
+
+# --------------------------------------------------------------------------
+# Verification (python -m data.verify; hnet.data.PreparedCorpus.verify_checksum)
+
+
+def verify_split(folder: Path, split: str, info: dict) -> None:
+    """Read every shard of a split (its meta.json entry `info`) and compare its sha256 with the
+    recorded "shard_sha256" (when present), then the whole split with "sha256". Raises
+    PrepareError naming the first shard that differs (or is missing)."""
+    split_hasher = hashlib.sha256()
+    recorded = info.get("shard_sha256")
+    for i, shard in enumerate(info["shards"]):
+        shard_hasher = hashlib.sha256()
+        try:
+            with open(folder / shard, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    split_hasher.update(chunk)
+                    shard_hasher.update(chunk)
+        except OSError as err:
+            raise PrepareError(f"{folder / shard}: cannot read ({err.strerror})") from None
+        if recorded is not None and shard_hasher.hexdigest() != recorded[i]:
+            raise PrepareError(f"{folder / shard}: sha256 {shard_hasher.hexdigest()[:16]}… does not match "
+                               f"meta.json {recorded[i][:16]}…")
+    if split_hasher.hexdigest() != info["sha256"]:
+        raise PrepareError(f"{folder}: split '{split}' sha256 {split_hasher.hexdigest()} does not match "
+                           f"meta.json {info['sha256']}")
 
 
 # --------------------------------------------------------------------------
@@ -331,11 +419,15 @@ def fraction_splits(validation_fraction: float, test_fraction: float) -> tuple[s
     return ("train", "validation", "test") if test_fraction > 0 else ("train", "validation")
 
 
-def run_cli(run, args: argparse.Namespace) -> int:
-    """Call a preparer's `run(args)`, turning PrepareError into one line on stderr
-    and exit code 2 (the code argparse also uses for bad arguments)."""
+def run_cli(args: argparse.Namespace) -> int:
+    """Call the preparer's `prepare` (set by its add_arguments as the `prepare` default) with the
+    parsed arguments, whose names are prepare's parameters; a PrepareError becomes one line on
+    stderr and exit code 2 (the code argparse also uses for bad arguments)."""
+    options = vars(args).copy()
+    prepare = options.pop("prepare")
+    options.pop("source", None)  # the subcommand name of `python -m data.prepare SOURCE`
     try:
-        run(args)
+        prepare(**options)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -347,5 +439,4 @@ def preparer_main(module: str, doc: str, add_arguments, argv=None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_cli(args.run, args)
+    return run_cli(parser.parse_args(argv))

@@ -16,7 +16,7 @@ import flax
 # must not try to shard variables eagerly when they are created.
 flax.config.update("flax_always_shard_variable", False)
 
-# Public names, imported lazily so that `python -m hnet.config` etc. run their module cleanly.
+# Public names, imported lazily so that `python -m hnet.param_report` etc. run their module cleanly.
 _EXPORTS = {
     "ConfigError": "hnet.config", "ModelConfig": "hnet.config", "load_config": "hnet.config",
     "BOS_ID": "hnet.vocab", "EOS_ID": "hnet.vocab", "HNetLM": "hnet.model", "TransformerLM": "hnet.model",

@@ -6,7 +6,7 @@
     python -m hnet.bench decode                                  # tiny and S configs, batch 1 and 32
     python -m hnet.bench decode --configs configs/hnet_1stage_tiny.json --batch-sizes 1 --new-bytes 128
 
-`train` times the real training step (hnet.train_loop's jitted train_step, optimizer included) on
+`train` times the real training step (hnet.train_step.train_step jitted, optimizer included) on
 synthetic random bytes (token ids for a BPE model), so no corpus is needed: the first call
 (compile + one step) is reported separately, then `--warmup` untimed steps, then the median of
 `--steps` timed steps, each waited for with jax.block_until_ready. Model FLOPs per step come from
@@ -61,9 +61,9 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     import jax
     import numpy as np
 
-    from hnet.flops import is_token_model, training_flops_per_step
+    from hnet.flops import training_flops_per_step
     from hnet.run_config import load_run_config
-    from hnet.train_loop import init_state
+    from hnet.train_step import init_state
 
     run = load_run_config(config_path, overrides)
     train = run.train
@@ -121,8 +121,8 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
         "step_s_median": step_s,
         "step_s_min": min(times),
         "step_s_max": max(times),
-        "bytes_per_sec": None if is_token_model(config) else positions_per_sec,
-        "tokens_per_sec": positions_per_sec if is_token_model(config) else None,
+        "bytes_per_sec": positions_per_sec if config.is_byte_model else None,
+        "tokens_per_sec": None if config.is_byte_model else positions_per_sec,
         "bytes_per_chunk": bytes_per_chunk,
         "model_flops_per_step": step_flops,
         "peak_flops": peak_flops,
@@ -236,7 +236,7 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> dict | None:
     """Run the chosen benchmark, print it, and return its result dict (None on a config error)."""
     args = parse_args(argv)
-    from hnet.config import ConfigError
+    from hnet.errors import ConfigError
 
     try:
         if args.command == "train":

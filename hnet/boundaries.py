@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hnet.chunking import SEPARATOR_BYTES
+from hnet.chunking import SEPARATOR_TABLE
 
 HIST_MAX = 32  # chunk lengths >= HIST_MAX bytes share the last histogram bin
-_SEPARATOR_TABLE = np.array([b in SEPARATOR_BYTES for b in range(256)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,7 +75,7 @@ def after_separator(stream: np.ndarray) -> np.ndarray:
     """uint8/int (n,) input positions -> bool (n,): the byte before position t is a separator."""
     prev = np.asarray(stream)[:-1]
     out = np.zeros(len(stream), bool)
-    out[1:] = _SEPARATOR_TABLE[np.clip(prev, 0, 255)]
+    out[1:] = SEPARATOR_TABLE[np.clip(prev, 0, 255)]
     return out
 
 

@@ -52,37 +52,19 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
+from hnet.errors import CheckpointError
+from hnet.run_dir import RunDir
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "hnet-checkpoint-manifest"
 MANIFEST_VERSION = 1
-SKIPPED_DIR = "skipped_checkpoints"
 USABLE = ("good", "unverified")
-
-
-class CheckpointError(Exception):
-    """No usable checkpoint, or the one asked for is not usable (one-line message)."""
 
 
 # --------------------------------------------------------------------------------------------
 # Manifests and checking (no orbax needed: plain files)
 # --------------------------------------------------------------------------------------------
-
-
-def checkpoint_steps(run_dir: str | Path) -> list[int]:
-    """Steps of the committed checkpoint folders RUN_DIR/checkpoints/<step>, oldest first.
-
-    Orbax saves into a temporary folder with another name and renames it when complete, so an
-    unfinished save is never listed here.
-    """
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def step_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / str(step)
 
 
 def _digest(path: Path) -> tuple[int, str]:
@@ -163,10 +145,11 @@ class CheckpointStatus:
 def check_step(run_dir: str | Path, step: int, steps: list[int] | None = None,
                hash_files: bool = True) -> CheckpointStatus:
     """The status of RUN_DIR/checkpoints/<step>; `steps` (all steps of the run) saves a listing."""
-    steps = checkpoint_steps(run_dir) if steps is None else steps
-    folder = step_dir(run_dir, step)
+    run = RunDir(run_dir)
+    steps = run.checkpoint_steps() if steps is None else steps
+    folder = run.checkpoint(step)
     if not (folder / MANIFEST).is_file():
-        with_manifest = [s for s in steps if (step_dir(run_dir, s) / MANIFEST).is_file()]
+        with_manifest = [s for s in steps if (run.checkpoint(s) / MANIFEST).is_file()]
         if with_manifest and step > max(with_manifest):
             return CheckpointStatus(step, folder, "incomplete", "no manifest, and saved after the newest checkpoint "
                                     "that has one: its save was interrupted or is still finishing")
@@ -181,7 +164,7 @@ def check_step(run_dir: str | Path, step: int, steps: list[int] | None = None,
 
 def survey(run_dir: str | Path, hash_files: bool = True) -> list[CheckpointStatus]:
     """The status of every checkpoint of a run, newest first."""
-    steps = checkpoint_steps(run_dir)
+    steps = RunDir(run_dir).checkpoint_steps()
     return [check_step(run_dir, step, steps, hash_files) for step in reversed(steps)]
 
 
@@ -206,7 +189,7 @@ def restore_newest(run_dir: str | Path, restore: Callable[[int], Any], *, step: 
     process), so that all of them restore the same step. Raises CheckpointError (one line) when
     nothing is usable, or when `step` is given and is not usable.
     """
-    steps = checkpoint_steps(run_dir)
+    steps = RunDir(run_dir).checkpoint_steps()
     if not steps:
         raise CheckpointError(f"{run_dir} has no complete checkpoint (no checkpoints/<step> folder)")
     if step is not None and step not in steps:
@@ -230,7 +213,7 @@ def restore_newest(run_dir: str | Path, restore: Callable[[int], Any], *, step: 
             raise CheckpointError(f"{status.describe()}; choose another step or omit --step for the newest usable one")
         skipped.append(status)
     found = "; ".join(f"{s.step} {s.state} ({s.reason})" for s in skipped)
-    raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'}: {found}")
+    raise CheckpointError(f"no usable checkpoint in {RunDir(run_dir).checkpoints}: {found}")
 
 
 def _first_line(err: BaseException) -> str:
@@ -240,12 +223,13 @@ def _first_line(err: BaseException) -> str:
 
 def set_aside(run_dir: str | Path, step: int) -> Path:
     """Move RUN_DIR/checkpoints/<step> to RUN_DIR/skipped_checkpoints/<step>[.N]; -> the new path."""
-    target = Path(run_dir) / SKIPPED_DIR / str(step)
+    run = RunDir(run_dir)
+    target = run.skipped_checkpoints / str(step)
     n = 1
     while target.exists():  # the same step skipped again: keep both
-        target, n = Path(run_dir) / SKIPPED_DIR / f"{step}.{n}", n + 1
+        target, n = run.skipped_checkpoints / f"{step}.{n}", n + 1
     target.parent.mkdir(exist_ok=True)
-    os.rename(step_dir(run_dir, step), target)
+    os.rename(run.checkpoint(step), target)
     return target
 
 
@@ -263,7 +247,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, keep: int = 3, async_save: bool = True, primary: bool | None = None):
         self.run_dir = Path(run_dir).absolute()
-        self.directory = self.run_dir / "checkpoints"
+        self.directory = RunDir(self.run_dir).checkpoints
         self.keep = keep
         self.async_save = async_save
         self.primary = jax.process_index() == 0 if primary is None else primary
@@ -325,7 +309,7 @@ class Checkpointer:
         Counting uses what this process wrote or verified (hashing each checkpoint at most once);
         a checkpoint is hashed again just before it would be deleted, so a damaged one never is.
         """
-        steps = checkpoint_steps(self.run_dir)
+        steps = RunDir(self.run_dir).checkpoint_steps()
         good = 0
         for step in reversed(steps):
             if good < self.keep:
@@ -356,7 +340,7 @@ class Checkpointer:
         """
         if not self.primary:
             return []
-        return [(s, set_aside(self.run_dir, s)) for s in checkpoint_steps(self.run_dir) if s > step]
+        return [(s, set_aside(self.run_dir, s)) for s in RunDir(self.run_dir).checkpoint_steps() if s > step]
 
     def reload(self) -> None:
         """Re-read the steps on disk (after set_aside_newer_than)."""
@@ -415,7 +399,7 @@ def verify_main(run_dir: str) -> int:
         return EXIT_BAD_INPUT
     for status in statuses:
         print(f"{status.step:>10d}  {status.state:<10s}  {status.reason}")
-    skipped = run_dir / SKIPPED_DIR
+    skipped = RunDir(run_dir).skipped_checkpoints
     if skipped.is_dir() and any(skipped.iterdir()):
         print(f"({sum(1 for _ in skipped.iterdir())} checkpoint(s) set aside by --resume in {skipped}, not checked)")
     usable = [s for s in statuses if s.usable]

@@ -3,18 +3,22 @@
 Shapes: B batch, L positions of the stage's input, M chunk capacity (static), D width.
 
 A boundary (the router's decision, p > 0.5) becomes a chunk when the capacity rule
-(hnet.config.CapacityRule, a token bucket per document, then one per row) keeps it. The rule looks
+(CapacityRule, a token bucket per document, then one per row) keeps it. The rule looks
 only at earlier positions, so training, evaluation and generation chunk a document the same way
-whatever the row length, window or cache size. docs/ARCHITECTURE.md has
-the equations and the function implementing each.
+whatever the row length, window or cache size. docs/ARCHITECTURE.md has the equations and
+the function implementing each.
 """
+
+import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax import struct
 
-from hnet.config import CapacityRule
+from hnet.config import EXACT, ModelConfig, round_up
 from hnet.layers.common import param
 from hnet.segments import Segments
 
@@ -64,7 +68,7 @@ def _unit(x: jax.Array) -> jax.Array:
 
 # Bytes after which a word starts: ASCII whitespace and ASCII punctuation.
 SEPARATOR_BYTES = frozenset(b" \t\n\r\x0b\x0c" + b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
-_SEPARATOR_TABLE = jnp.array([b in SEPARATOR_BYTES for b in range(256)])
+SEPARATOR_TABLE = np.array([b in SEPARATOR_BYTES for b in range(256)])  # (256,) bool, indexed by byte
 
 
 def space_boundaries(byte_ids: jax.Array) -> jax.Array:
@@ -76,7 +80,7 @@ def space_boundaries(byte_ids: jax.Array) -> jax.Array:
     continuation 0x80-0xBF) are never separators, so a character is never split; text without
     separators (e.g. CJK) forms one long chunk.
     """
-    is_separator = _SEPARATOR_TABLE[byte_ids]
+    is_separator = jnp.asarray(SEPARATOR_TABLE)[byte_ids]
     starts = ~is_separator[:, 1:] & is_separator[:, :-1]
     return jnp.pad(starts, ((0, 0), (1, 0)), constant_values=True)
 
@@ -87,6 +91,70 @@ def stride_boundaries(positions: jax.Array, stride: int) -> jax.Array:
 
 
 # ---- Which boundaries become chunks: the capacity rule ----
+
+
+RATE_UNIT = 4096  # chunk rates are whole multiples of 1 / RATE_UNIT, so the rule is integer arithmetic
+
+
+@dataclass(frozen=True)
+class CapacityRule:
+    """How many chunks a document may have started by each of its positions: a token bucket.
+
+    Chunk k of a document (k = 0, 1, ...) may start at document position u only while
+    k < burst + rate * (u + 1), rate = rate_units / RATE_UNIT (= capacity_slack / N, at most 1).
+    The same allowance then applies to the row over what the documents kept (chunk k of the row
+    at row position t while k < burst + rate * (t + 1)), which binds only in rows packing several
+    documents. So whether a position starts a chunk depends only on earlier positions, never on
+    the row length, padding, an evaluation window or a cache size (prefix consistency), and a row
+    of L positions never needs more than row_capacity(L) chunk slots. With rate 1 nothing is ever
+    dropped: the exact setting.
+    """
+
+    rate_units: int
+    burst: int
+    multiple: int
+
+    @property
+    def is_exact(self) -> bool:
+        return self.rate_units >= RATE_UNIT
+
+    def allowance(self, doc_position):
+        """ceil(burst + rate * (u + 1)) for document positions u: a Python int or an int32 array.
+
+        Integer arithmetic only (split so that nothing overflows int32), so the parallel forward
+        and the one-step decode compute exactly the same numbers.
+        """
+        count = doc_position + 1
+        whole, part = count // RATE_UNIT, count % RATE_UNIT
+        return self.burst + whole * self.rate_units + (part * self.rate_units + RATE_UNIT - 1) // RATE_UNIT
+
+    def row_capacity(self, length: int) -> int:
+        """Static chunk slots M for rows of `length` positions (at most `length`)."""
+        if self.is_exact:
+            return length
+        return min(length, round_up(self.allowance(length - 1), self.multiple))
+
+    @classmethod
+    def for_stage(cls, config: ModelConfig, stage: int) -> "CapacityRule":
+        """The rule of chunking stage `stage`: rate = capacity_slack / N_stage (1 for "exact")."""
+        if config.capacity_slack == EXACT:
+            rate_units = RATE_UNIT
+        else:
+            rate_units = min(RATE_UNIT, math.ceil(config.capacity_slack / config.ratio(stage) * RATE_UNIT))
+        return cls(rate_units=rate_units, burst=config.capacity_burst, multiple=config.capacity_multiple)
+
+
+def stage_lengths(config: ModelConfig, length: int) -> list[int]:
+    """Static sequence length at each stage (outermost first) for rows of `length` positions."""
+    lengths = [length]
+    for stage in range(config.depth):
+        lengths.append(CapacityRule.for_stage(config, stage).row_capacity(lengths[-1]))
+    return lengths
+
+
+def capacity_is_exact(config: ModelConfig) -> bool:
+    """True when no chunking stage of the model can ever drop a boundary."""
+    return all(CapacityRule.for_stage(config, s).is_exact for s in range(config.depth))
 
 
 def _min_with_zero(values: jax.Array, segment_index: jax.Array | None) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Model configuration: dataclasses, loading from JSON, validation, parameter-count report.
+"""Model configuration: dataclasses, loading from JSON, validation. Pure data: nothing here
+imports JAX or the model (the parameter report is hnet/param_report.py).
 
 The field names match the published H-Net JSON configs (goombalab/hnet `configs/*.json`), so those
 files load unchanged; fields we add (target_ratio, routing, capacity, dtype, ...) have defaults.
@@ -12,26 +13,20 @@ A model is a hierarchy described by a nested layout list:
 Per-stage lists (d_model, d_intermediate, attention heads, ...) have depth + 1 entries, outermost
 stage first; per-chunking-stage lists (target_ratio, routing) have depth entries.
 
-    python -m hnet.config configs/hnet_1stage_L.json          # parameter table
-    python -m hnet.config configs/hnet_1stage_L.json --json   # one JSON object
+    python -m hnet.param_report configs/hnet_1stage_L.json          # validate, parameter table
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hnet.errors import ConfigError
 from hnet.vocab import BOS_ID, BYTE_VOCAB_SIZE, TOKEN_BOS_ID
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with a one-line message naming the offending field."""
 
 
 LAYER_LETTERS = {
@@ -69,48 +64,13 @@ class AttnConfig:
     num_kv_heads: tuple[int, ...] | None = None
 
 
-EXACT = "exact"  # capacity_slack setting under which no boundary is ever dropped
-RATE_UNIT = 4096  # chunk rates are whole multiples of 1 / RATE_UNIT, so the rule is integer arithmetic
+EXACT = "exact"  # capacity_slack setting under which no boundary is ever dropped (hnet.chunking.CapacityRule)
+MLP_MULTIPLE = 128  # SwiGLU hidden sizes are rounded up to this, as the reference does
 
 
-@dataclass(frozen=True)
-class CapacityRule:
-    """How many chunks a document may have started by each of its positions: a token bucket.
-
-    Chunk k of a document (k = 0, 1, ...) may start at document position u only while
-    k < burst + rate * (u + 1), rate = rate_units / RATE_UNIT (= capacity_slack / N, at most 1).
-    The same allowance then applies to the row over what the documents kept (chunk k of the row
-    at row position t while k < burst + rate * (t + 1)), which binds only in rows packing several
-    documents. So whether a position starts a chunk depends only on earlier positions, never on
-    the row length, padding, an evaluation window or a cache size (prefix consistency), and a row
-    of L positions never needs more than row_capacity(L) chunk slots. With rate 1 nothing is ever
-    dropped: the exact setting.
-    """
-
-    rate_units: int
-    burst: int
-    multiple: int
-
-    @property
-    def is_exact(self) -> bool:
-        return self.rate_units >= RATE_UNIT
-
-    def allowance(self, doc_position):
-        """ceil(burst + rate * (u + 1)) for document positions u: a Python int or an int32 array.
-
-        Integer arithmetic only (split so that nothing overflows int32), so the parallel forward
-        and the one-step decode compute exactly the same numbers.
-        """
-        count = doc_position + 1
-        whole, part = count // RATE_UNIT, count % RATE_UNIT
-        return self.burst + whole * self.rate_units + (part * self.rate_units + RATE_UNIT - 1) // RATE_UNIT
-
-    def row_capacity(self, length: int) -> int:
-        """Static chunk slots M for rows of `length` positions (at most `length`)."""
-        if self.is_exact:
-            return length
-        wanted = self.allowance(length - 1)
-        return min(length, -(-wanted // self.multiple) * self.multiple)
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= value (ints or int arrays)."""
+    return -(-value // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -127,7 +87,7 @@ class ModelConfig:
     target_ratio: tuple[float, ...] | None = None
     # Boundary rule per chunking stage: "learned", "space" (outermost stage only) or "stride:K".
     routing: tuple[str, ...] | None = None
-    # Chunk capacity (CapacityRule): a token bucket of `capacity_burst` chunks plus
+    # Chunk capacity (hnet.chunking.CapacityRule): a token bucket of `capacity_burst` chunks plus
     # capacity_slack / N chunks per position, per document and per row; "exact" (or a slack >= N)
     # never drops a boundary. Static chunk slots are rounded up to a multiple of `capacity_multiple`.
     capacity_slack: float | str = 2.0
@@ -148,6 +108,15 @@ class ModelConfig:
     def is_hierarchical(self) -> bool:
         return self.depth > 0
 
+    @property
+    def is_byte_model(self) -> bool:
+        """Reads raw bytes (H-Nets, byte Transformers), rather than BPE tokens."""
+        return self.vocab_size == BYTE_VOCAB_SIZE
+
+    def mlp_hidden(self, stage: int) -> int:
+        """SwiGLU hidden size of a stage: d_intermediate rounded up to MLP_MULTIPLE."""
+        return round_up(self.d_intermediate[stage], MLP_MULTIPLE)
+
     def stage_layout(self, stage: int) -> tuple[str, ...]:
         """(encoder, decoder) layout strings for a chunking stage, or (main,) for the innermost."""
         return stage_layouts(self.arch_layout)[stage]
@@ -166,33 +135,9 @@ class ModelConfig:
             return "stride", int(mode.split(":", 1)[1])
         return mode, 0
 
-    @property
-    def capacity_is_exact(self) -> bool:
-        """True when no chunking stage can ever drop a boundary."""
-        return all(self.capacity_rule(s).is_exact for s in range(self.depth))
-
-    def capacity_rule(self, stage: int) -> CapacityRule:
-        """The chunk capacity rule of a chunking stage (see CapacityRule)."""
-        if self.capacity_slack == EXACT:
-            rate_units = RATE_UNIT
-        else:
-            rate_units = min(RATE_UNIT, math.ceil(self.capacity_slack / self.ratio(stage) * RATE_UNIT))
-        return CapacityRule(rate_units=rate_units, burst=self.capacity_burst, multiple=self.capacity_multiple)
-
-    def capacity(self, length: int, stage: int) -> int:
-        """Static chunk capacity M of a chunking stage whose input rows have `length` positions."""
-        return self.capacity_rule(stage).row_capacity(length)
-
-    def stage_lengths(self, length: int) -> list[int]:
-        """Static sequence length at each stage for an input of `length` bytes."""
-        lengths = [length]
-        for stage in range(self.depth):
-            lengths.append(self.capacity(lengths[-1], stage))
-        return lengths
-
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["arch_layout"] = _layout_to_lists(self.arch_layout)
+        out["arch_layout"] = layout_to_lists(self.arch_layout)
         return out
 
 
@@ -242,8 +187,8 @@ def _layout_to_tuples(layout):
     return tuple(_layout_to_tuples(x) if isinstance(x, (list, tuple)) else x for x in layout)
 
 
-def _layout_to_lists(layout):
-    return [_layout_to_lists(x) if isinstance(x, (list, tuple)) else x for x in layout]
+def layout_to_lists(layout):
+    return [layout_to_lists(x) if isinstance(x, (list, tuple)) else x for x in layout]
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +266,8 @@ def validate(config: ModelConfig) -> ModelConfig:
         if config.d_model[s] < config.d_model[s - 1]:
             raise ConfigError(f"d_model: inner stages must be at least as wide as outer ones, got {list(config.d_model)}")
     positive_ints("vocab_size", [config.vocab_size])
-    if depth > 0 and config.vocab_size != 256:
-        raise ConfigError(f"vocab_size: an H-Net works on bytes and needs 256, got {config.vocab_size}")
+    if depth > 0 and config.vocab_size != BYTE_VOCAB_SIZE:
+        raise ConfigError(f"vocab_size: an H-Net works on bytes and needs {BYTE_VOCAB_SIZE}, got {config.vocab_size}")
 
     ssm = config.ssm_cfg
     positive_ints("ssm_cfg", [ssm.d_state, ssm.d_conv, ssm.expand, ssm.chunk_size, ssm.head_dim])
@@ -431,86 +376,3 @@ def load_config(path: str | Path) -> ModelConfig:
 def replace(config: ModelConfig, **changes) -> ModelConfig:
     """A validated copy with some fields changed (e.g. replace(cfg, dtype="float32"))."""
     return validate(dataclasses.replace(config, **changes))
-
-
-# --------------------------------------------------------------------------------------------
-# Parameter-count report
-# --------------------------------------------------------------------------------------------
-
-
-def parameter_counts(config: ModelConfig) -> dict[str, int]:
-    """Parameters per component, keyed like "stage0.encoder", "stage1.main", "embedding".
-
-    Uses abstract evaluation, so even XL configs are counted without allocating memory.
-    """
-    import jax
-    from flax import nnx
-
-    from hnet.model import build_model
-
-    abstract = nnx.eval_shape(lambda: build_model(config, seed=0))
-    state = nnx.state(abstract, nnx.Param)
-    counts: dict[str, int] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-        counts[_component_name(keys)] = counts.get(_component_name(keys), 0) + math.prod(leaf.shape)
-    return counts
-
-
-def _component_name(keys: list[str]) -> str:
-    """Map a parameter path to a report row: walk `.inner` links to count the stage."""
-    if keys[0] != "backbone":
-        return keys[0]  # embedding, lm_head
-    stage, rest = 0, keys[1:]
-    while rest and rest[0] == "inner":
-        stage, rest = stage + 1, rest[1:]
-    return f"stage{stage}.{rest[0]}"
-
-
-def format_report(config: ModelConfig, counts: dict[str, int]) -> str:
-    total = sum(counts.values())
-    width = max(len(k) for k in counts) + 2
-    lines = [f"{'component':<{width}}{'params':>15}{'share':>8}", "-" * (width + 23)]
-    for name in sorted(counts, key=_report_order):
-        lines.append(f"{name:<{width}}{counts[name]:>15,}{counts[name] / total:>8.1%}")
-    lines.append("-" * (width + 23))
-    lines.append(f"{'total':<{width}}{total:>15,}")
-    return "\n".join(lines)
-
-
-_STAGE_PARTS = ["encoder", "routing", "residual_proj", "pad_dimension", "main", "decoder"]
-
-
-def _report_order(name: str):
-    """Embedding first, then stages outermost-in in data-flow order, then the LM head."""
-    if name == "embedding":
-        return (-1, 0)
-    if name == "lm_head":
-        return (10**6, 0)
-    stage, part = name.split(".", 1)
-    return (int(stage[len("stage"):]), _STAGE_PARTS.index(part) if part in _STAGE_PARTS else len(_STAGE_PARTS))
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m hnet.config", description="Validate a model config and print its parameter counts.")
-    parser.add_argument("config", help="path to a model config JSON")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    counts = parameter_counts(config)
-    if args.json:
-        print(json.dumps({"config": args.config, "depth": config.depth, "params": counts, "total_params": sum(counts.values())}))
-    else:
-        print(f"{args.config}: depth {config.depth}, layout {_layout_to_lists(config.arch_layout)}, d_model {list(config.d_model)}")
-        print(format_report(config, counts))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -44,25 +44,20 @@ see, step by step, the same global batch as one process with batch P*B.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from hnet.vocab import BOS_ID, EOS_ID  # noqa: F401  (re-exported: hnet.data.BOS_ID)
+from data.shards import FORMAT, TOKENS_FORMAT, PrepareError, verify_split
+from data.stdlib import prepare as stdlib_prepare
+from hnet.errors import DataError
+from hnet.vocab import BOS_ID, BYTE_VOCAB_SIZE
 
-FORMAT = "hnet-bytes-v1"
-TOKENS_FORMAT = "hnet-tokens-v1"
 TOKEN_DTYPES = ("uint16", "uint32")  # element types a token corpus may use
-
-
-class DataError(Exception):
-    """A prepared corpus is missing, malformed, or unusable as asked (one-line message)."""
 
 
 # --------------------------------------------------------------------------
@@ -131,7 +126,7 @@ class PreparedCorpus:
                 self.dtype = np.dtype(meta["dtype"])
                 self.bos_id, self.vocab_size = int(meta["bos_id"]), int(meta["vocab_size"])
             else:
-                self.dtype, self.bos_id, self.vocab_size = np.dtype(np.uint8), BOS_ID, 256
+                self.dtype, self.bos_id, self.vocab_size = np.dtype(np.uint8), BOS_ID, BYTE_VOCAB_SIZE
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{meta_path} cannot be parsed ({type(e).__name__}: {e})") from None
         self.bytes_per_id = self._load_bytes_per_id()
@@ -223,28 +218,14 @@ class PreparedCorpus:
                 yield data[begin:end]
 
     def verify_checksum(self, split: str) -> None:
-        """Read every shard of a split and compare its sha256 with meta.json (slow: reads it all).
-
-        Each shard is checked against "shard_sha256" where meta.json records it, then the split
-        as a whole against "sha256". Raises DataError naming the first shard that differs.
-        Opening a corpus never does this (it checks sizes and offsets only).
-        """
+        """Read every shard of a split and compare its sha256 with meta.json (slow: reads it all;
+        data.shards.verify_split). Raises DataError naming the first shard that differs. Opening
+        a corpus never does this (it checks sizes and offsets only)."""
         info = self.split_info(split)
-        split_hasher = hashlib.sha256()
-        for i, shard in enumerate(info.shards):
-            shard_hasher = hashlib.sha256()
-            with open(self.path / shard, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    split_hasher.update(chunk)
-                    shard_hasher.update(chunk)
-            if info.shard_sha256 is not None and shard_hasher.hexdigest() != info.shard_sha256[i]:
-                raise DataError(f"{self.path / shard}: sha256 {shard_hasher.hexdigest()[:16]}… does not match "
-                                f"meta.json {info.shard_sha256[i][:16]}…")
-        if split_hasher.hexdigest() != info.sha256:
-            raise DataError(
-                f"{self.path}: split '{split}' sha256 {split_hasher.hexdigest()} does not match "
-                f"meta.json {info.sha256}"
-            )
+        try:
+            verify_split(self.path, split, {"shards": info.shards, "sha256": info.sha256, "shard_sha256": info.shard_sha256})
+        except PrepareError as err:
+            raise DataError(str(err)) from None
 
     def __getstate__(self) -> dict:
         # Memory maps would pickle as full copies of the data; reopen them instead.
@@ -437,22 +418,9 @@ def eval_batches(
 # Default corpus
 
 
-def cache_dir() -> Path:
-    """Folder for prepared data made on demand: $HNET_DATA_DIR, or ~/.cache/hnet-jax."""
-    return Path(os.environ.get("HNET_DATA_DIR") or os.path.join("~", ".cache", "hnet-jax")).expanduser()
-
-
-def default_corpus_dir() -> Path:
-    """Cache folder of the default corpus: cache_dir()/stdlib-pyX.Y."""
-    return cache_dir() / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}"
-
-
 def ensure_default_corpus(verbose: bool = True) -> PreparedCorpus:
-    """Open the default corpus (Python stdlib sources), preparing it on first use."""
-    from data.shards import PrepareError
-    from data.stdlib import prepare as stdlib_prepare
-
-    path = default_corpus_dir()
+    """Open the default corpus (Python stdlib sources, data/stdlib), preparing it on first use."""
+    path = stdlib_prepare.default_corpus_dir()
     if not (path / "meta.json").is_file():
         try:
             stdlib_prepare.prepare(path, verbose=False)

@@ -15,6 +15,8 @@ once per chunk, to stream them and to stop early when every row is done.
 Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k (keep the
 k largest), then top-p (keep the smallest set of most likely bytes whose probability reaches p),
 then a draw with a key derived from `seed` and the step number.
+
+docs/ARCHITECTURE.md section 2 explains why decoding equals the forward.
 """
 
 from __future__ import annotations
@@ -30,14 +32,12 @@ import numpy as np
 from flax import nnx
 from flax import struct
 
-from hnet.vocab import BOS_ID, EOS_ID
+from hnet.errors import GenerationError
 from hnet.model import LanguageModel, ModelCache
+from hnet.config import round_up
+from hnet.vocab import BOS_ID, EOS_ID
 
 PROMPT_MULTIPLE = 64  # prompts are padded to a multiple of this, so few prefill shapes compile
-
-
-class GenerationError(ValueError):
-    """Unusable generation request (empty prompt, prompt longer than the cache, bad options)."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ class Generator:
     """
 
     def __init__(self, model: LanguageModel, chunk_steps: int = 32):
-        if model.config.vocab_size != 256:
+        if not model.config.is_byte_model:
             raise GenerationError(f"generation works on bytes; this model has a vocabulary of {model.config.vocab_size} tokens")
         self.model, self.chunk_steps = model, chunk_steps
         self.graphdef, self.params = nnx.split(model)
@@ -183,12 +183,12 @@ class Generator:
             raise GenerationError(f"max_new_bytes must be >= 1, got {max_new_bytes}")
         longest = max(len(p) for p in prompts) + 1  # + BOS
         if max_length is None:  # rounded up, so that similar requests share compiled functions
-            max_length = -(-(longest + max_new_bytes) // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
+            max_length = round_up(longest + max_new_bytes, PROMPT_MULTIPLE)
         if longest >= max_length:
             raise GenerationError(f"prompt of {longest - 1} bytes does not fit a cache of {max_length} bytes "
                                   f"(BOS + prompt + at least one new byte)")
         max_new = min(max_new_bytes, max_length - longest)
-        padded = -(-longest // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
+        padded = round_up(longest, PROMPT_MULTIPLE)
         tokens = np.zeros((len(prompts), min(padded, max_length)), np.int32)
         lengths = np.zeros((len(prompts),), np.int32)
         for row, prompt in enumerate(prompts):
@@ -238,8 +238,8 @@ def _stop_table(stop: list[bytes]):
     K and S are rounded up (to 4 and 16) so that most requests share one compiled loop.
     """
     stop = [bytes(s) for s in stop if len(s)]
-    width = -(-max([len(s) for s in stop], default=1) // 16) * 16
-    count = -(-max(len(stop), 1) // 4) * 4
+    width = round_up(max([len(s) for s in stop], default=1), 16)
+    count = round_up(max(len(stop), 1), 4)
     table = np.zeros((count, width), np.int32)
     lengths = np.zeros((count,), np.int32)
     for k, s in enumerate(stop):

@@ -33,7 +33,7 @@ import time
 
 import jax
 
-from hnet.config import ConfigError
+from hnet.errors import ConfigError
 
 EXIT_PROCESS_LOST = 3
 

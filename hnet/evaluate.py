@@ -39,7 +39,6 @@ shows in the result. Boundaries the rule dropped are reported per stage.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -54,14 +53,10 @@ from flax import nnx
 from hnet import config as config_lib
 from hnet.boundaries import BoundaryStats, byte_boundaries
 from hnet.data import PreparedCorpus
-from hnet.model import build_model, cross_entropy
+from hnet.errors import EvalError
+from hnet.model import bits_per_byte, build_model, cross_entropy
 
-LN2 = math.log(2.0)
 PAD_ID = 0                 # right padding of short windows (never scored, never seen by real positions)
-
-
-class EvalError(ValueError):
-    """Bad evaluation input (one-line message)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +181,7 @@ def with_config(model, config: config_lib.ModelConfig):
 class Scorer:
     """A model ready to score documents: one jitted function over batches of (batch_size, window).
 
-    model: a LanguageModel; tokenizer: a BPETokenizer for token models (vocab_size != 256), else
+    model: a LanguageModel; tokenizer: a BPETokenizer for token models (not config.is_byte_model), else
     None; window W and stride S as in the module docstring (stride None: W // 2);
     capacity_slack: None (the model's own capacity rule, as trained) or an override (a number
     or "exact"), recorded in the result.
@@ -195,7 +190,7 @@ class Scorer:
     def __init__(self, model, *, window: int, stride: int | None = None, batch_size: int = 8,
                  tokenizer=None, capacity_slack: float | None = None):
         config = model.config
-        if config.vocab_size != 256 and tokenizer is None:
+        if not config.is_byte_model and tokenizer is None:
             raise EvalError(f"a token model (vocab_size {config.vocab_size}) needs its tokenizer (tokenizer.json)")
         if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
             raise EvalError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}")
@@ -355,7 +350,7 @@ class EvalResult:
 
     @property
     def bpb(self) -> float:
-        return self.nll / (LN2 * max(self.bytes, 1))
+        return bits_per_byte(self.nll, max(self.bytes, 1))
 
     @property
     def nats_per_byte(self) -> float:

@@ -27,17 +27,15 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from hnet.checkpoint import CheckpointError, checkpoint_steps, restore_newest, step_dir
-from hnet.config import ConfigError, ModelConfig, config_from_dict
+from hnet.checkpoint import restore_newest
+from hnet.config import ModelConfig, config_from_dict
+from hnet.errors import CheckpointError, ConfigError, LoadError
 from hnet.model import LanguageModel, build_model
+from hnet.run_dir import RunDir
 
 EXPORT_FORMAT = "hnet-export"
 EXPORT_VERSION = 1
 EXPORT_DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
-
-
-class LoadError(Exception):
-    """A run or export folder that cannot be loaded (one-line message)."""
 
 
 @dataclass
@@ -76,7 +74,7 @@ def _restore_params(directory: Path, abstract, *, partial: bool):
 def _restore_run_params(run_dir: Path, abstract, step: int | None):
     """-> (parameters, step) of a run's newest usable checkpoint, or of `step`; warnings on stderr."""
     def restore(candidate: int):
-        return _restore_params(step_dir(run_dir, candidate) / "state", abstract, partial=True)
+        return _restore_params(RunDir(run_dir).checkpoint(candidate) / "state", abstract, partial=True)
 
     try:
         restored = restore_newest(run_dir, restore, step=step)
@@ -116,8 +114,8 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
                             f"(found format {info.get('format')!r} v{info.get('format_version')!r})")
         model_dict, step = _read_json(path / "config.json", "model config"), info.get("step")
     else:
-        model_dict = _read_json(path / "config.json", "run config").get("model")
-        if not checkpoint_steps(path):
+        model_dict = _read_json(RunDir(path).config, "run config").get("model")
+        if not RunDir(path).checkpoint_steps():
             raise LoadError(f"{path} has no complete checkpoint")
     try:
         config = config_from_dict(model_dict)
@@ -132,7 +130,7 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     else:
         params, step = _restore_run_params(path, abstract, step)
     params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)  # bf16 exports compute like training
-    tokenizer = path / "tokenizer.json"
+    tokenizer = path / "tokenizer.json"  # RunDir(path).tokenizer, and the same name in an export
     return LoadedModel(model=nnx.merge(graphdef, params), config=config, kind="export" if is_export else "run",
                        path=path, step=step, tokenizer_path=tokenizer if tokenizer.is_file() else None)
 

@@ -48,16 +48,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hnet.config import ConfigError, ModelConfig, load_config, parse_layout, read_json
-from hnet.layers.mlp import round_up
+from hnet.config import ModelConfig, load_config, parse_layout, read_json
+from hnet.errors import FlopsError, ConfigError
 
 FAMILIES_FILE = Path(__file__).resolve().parents[1] / "configs" / "families.json"
 TRAINING_MULTIPLIER = 3  # forward + backward (2 x forward)
 OPS = ("linear", "attention", "ssd", "other")  # kinds of work in a report row
-
-
-class FlopsError(ValueError):
-    """Missing or inconsistent inputs for a FLOPs count (one-line message)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +119,7 @@ def attention_flops(config: ModelConfig, stage: int, length: float) -> dict[str,
 
 
 def mlp_flops(config: ModelConfig, stage: int, length: float) -> dict[str, float]:
-    d_model, hidden = config.d_model[stage], round_up(config.d_intermediate[stage], 128)
+    d_model, hidden = config.d_model[stage], config.mlp_hidden(stage)
     return {"linear": 2 * length * d_model * 2 * hidden + 2 * length * hidden * d_model}
 
 
@@ -247,18 +243,13 @@ class FlopsReport:
         }
 
 
-def is_token_model(config: ModelConfig) -> bool:
-    """A model over a vocabulary other than bytes (a BPE baseline)."""
-    return config.vocab_size != 256
-
-
 def flops_per_byte(config: ModelConfig, seq_len: float, *, bytes_per_chunk=None, bytes_per_token=None) -> FlopsReport:
     """FLOPs report for sequences of `seq_len` positions; see the module docstring.
 
-    A token model (vocab_size != 256) needs bytes_per_token (its seq_len is in tokens); a byte
+    A token model (not config.is_byte_model) needs bytes_per_token (its seq_len is in tokens); a byte
     model must not get one. bytes_per_chunk: see stage_lengths.
     """
-    if is_token_model(config):
+    if not config.is_byte_model:
         if bytes_per_token is None:
             raise FlopsError(f"a token model (vocab_size {config.vocab_size}) needs bytes_per_token to count FLOPs per byte")
         if not bytes_per_token > 0:
@@ -266,7 +257,7 @@ def flops_per_byte(config: ModelConfig, seq_len: float, *, bytes_per_chunk=None,
         bytes_per_sequence = seq_len * bytes_per_token
     else:
         if bytes_per_token is not None:
-            raise FlopsError("bytes_per_token is only for token models (vocab_size != 256); this model reads bytes")
+            raise FlopsError("bytes_per_token is only for token models (not bytes); this model reads bytes")
         bytes_per_sequence = seq_len
     if not seq_len >= 1:
         raise FlopsError(f"seq_len must be at least 1, got {seq_len}")
@@ -436,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         seq_len = args.seq_len
         if seq_len is None:
-            seq_len = round(8192 / args.bytes_per_token) if args.bytes_per_token and is_token_model(config) else 8192
+            seq_len = round(8192 / args.bytes_per_token) if args.bytes_per_token and not config.is_byte_model else 8192
         report = flops_per_byte(config, seq_len, bytes_per_chunk=args.bytes_per_chunk, bytes_per_token=args.bytes_per_token)
     except (ConfigError, FlopsError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -11,12 +11,15 @@ after each row's last prompt position; `step` then advances one byte per row. An
 advances only for the rows that start a chunk at that byte (see HNetStage.step).
 
 Exactness: each document of a packed row is computed as if alone (hnet.segments), and whether a
-position starts a chunk depends only on earlier positions of its document (hnet.config.
+position starts a chunk depends only on earlier positions of its document (hnet.chunking.
 CapacityRule), so the forward over any row length, evaluation windows and decoding agree.
+
+docs/ARCHITECTURE.md section 1 maps each H-Net equation to its function.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -35,26 +38,23 @@ from hnet.segments import Segments, at_positions
 class StageOutput:
     """What one chunking stage reports (outermost stage first in ModelOutput.stages).
 
-    Arrays over the stage's input positions (B, L_s): boundary_mask (bool, the router's
-    boundaries), chunk_mask (bool, the positions that start a chunk: the boundaries the capacity
-    rule kept), boundary_prob (float32), valid_mask (bool; False on right padding of inner
-    stages). chunk_position (B, M_s): input position of each chunk, L_s for empty slots. Scalars
-    over the batch: ratio_loss, selected_fraction (F), mean_prob (G), boundary_count,
-    chunk_count, position_count, bytes_per_chunk (input bytes per chunk of this stage), dropped
-    (boundaries that did not become chunks: boundary_count - chunk_count).
+    Arrays over the stage's input positions (B, L_s; right padding of inner stages is False/0):
+    boundary_mask (bool, the router's boundaries), chunk_mask (bool, the positions that start a
+    chunk: the boundaries the capacity rule kept), boundary_prob (float32). chunk_position
+    (B, M_s): input position of each chunk, L_s for empty slots. Scalars over the batch:
+    ratio_loss, selected_fraction (F of the ratio loss), boundary_count, chunk_count,
+    bytes_per_chunk (input bytes per chunk of this stage), dropped (boundaries that did not
+    become chunks: boundary_count - chunk_count).
     """
 
     boundary_mask: jax.Array
     chunk_mask: jax.Array
     boundary_prob: jax.Array
-    valid_mask: jax.Array
     chunk_position: jax.Array
     ratio_loss: jax.Array
     selected_fraction: jax.Array
-    mean_prob: jax.Array
     boundary_count: jax.Array
     chunk_count: jax.Array
-    position_count: jax.Array
     bytes_per_chunk: jax.Array
     dropped: jax.Array
 
@@ -96,7 +96,7 @@ class StageCache:
 class ModelCache:
     """Generation state of a LanguageModel: the outermost stage's cache (a StageCache, or the
     block caches of a TransformerLM), positions seen per row (B,), and the static per-stage
-    sequence lengths the caches were sized for (config.stage_lengths of the maximum length)."""
+    sequence lengths the caches were sized for (chunking.stage_lengths of the maximum length)."""
 
     stage: Any
     length: jax.Array
@@ -130,7 +130,7 @@ class HNetStage(nnx.Module):
         self.routing_mode, self.stride = config.routing_mode(stage)
         if self.routing_mode == "learned":
             self.routing = chunking.Routing(d_model)
-        self.capacity_rule = config.capacity_rule(stage)
+        self.capacity_rule = chunking.CapacityRule.for_stage(config, stage)
         self.inner = HNetStage(config, stage + 1, n_res_outer + residual_count(encoder_layout), rngs)
         self.decoder = Isotropic(decoder_layout, config, stage, n_res_outer, rngs)
         self.residual_proj = linear(d_model, d_model, ("embed", "embed_out"), rngs, dtype=jnp.float32, std=0.0)
@@ -169,7 +169,8 @@ class HNetStage(nnx.Module):
         boundary_mask = boundary_mask & valid
         boundary_prob = jnp.where(valid, boundary_prob, 0.0)
 
-        layout = chunking.chunk_layout(boundary_mask, segments, self.capacity_rule, self.config.capacity(x.shape[1], self.stage))
+        capacity = self.capacity_rule.row_capacity(x.shape[1])
+        layout = chunking.chunk_layout(boundary_mask, segments, self.capacity_rule, capacity)
         chunks = sharding.constrain(self.widen(chunking.gather_chunks(hidden, layout)), sharding.RESIDUAL_AXES)
         inner_segments = Segments.from_starts(chunking.gather_chunks(segments.start, layout) & layout.chunk_valid)
         inner_lengths = None if lengths is None else layout.chunk_valid.sum(axis=1, dtype=jnp.int32)
@@ -261,7 +262,7 @@ class HNetStage(nnx.Module):
         return out, _keep_rows(active, new_cache, cache), (to_inner,) + inner_chunks
 
     def report(self, boundary_mask, boundary_prob, valid, layout: chunking.ChunkLayout, num_bytes) -> StageOutput:
-        loss, selected, mean_prob = chunking.ratio_loss(boundary_mask, boundary_prob, valid, self.config.ratio(self.stage))
+        loss, selected, _ = chunking.ratio_loss(boundary_mask, boundary_prob, valid, self.config.ratio(self.stage))
         if self.routing_mode != "learned":
             loss = jnp.zeros((), jnp.float32)  # heuristic boundaries have nothing to learn
         chunk_count = layout.chunk_mask.sum(dtype=jnp.float32)
@@ -269,14 +270,11 @@ class HNetStage(nnx.Module):
             boundary_mask=boundary_mask,
             chunk_mask=layout.chunk_mask,
             boundary_prob=boundary_prob,
-            valid_mask=valid,
             chunk_position=layout.chunk_position,
             ratio_loss=loss,
             selected_fraction=selected,
-            mean_prob=mean_prob,
             boundary_count=boundary_mask.sum(dtype=jnp.float32),
             chunk_count=chunk_count,
-            position_count=valid.sum(dtype=jnp.float32),
             bytes_per_chunk=num_bytes / jnp.maximum(chunk_count, 1.0),
             dropped=layout.dropped.sum(dtype=jnp.float32),
         )
@@ -314,7 +312,7 @@ class LanguageModel(nnx.Module):
         positions = jnp.arange(length)[None, :]
         valid = jnp.ones((batch, length), bool) if lengths is None else positions < lengths[:, None]
         segments = Segments.from_starts((input_ids == self.config.bos_id) & valid)  # padding starts nothing
-        max_lengths = None if lengths is None else tuple(self.config.stage_lengths(max_length))
+        max_lengths = None if lengths is None else tuple(chunking.stage_lengths(self.config, max_length))
         num_bytes = jnp.sum(valid, dtype=jnp.float32)
         hidden, stages, stage_cache = self.backbone.prefill(
             x, valid, segments, byte_ids=input_ids, num_bytes=num_bytes, lengths=lengths, max_lengths=max_lengths)
@@ -357,28 +355,17 @@ def build_model(config: ModelConfig, seed: int = 0) -> LanguageModel:
     return cls(config, nnx.Rngs(params=seed))
 
 
+LN2 = math.log(2.0)
+
+
+def bits_per_byte(nll_nats, num_bytes):
+    """Total next-byte (or token) NLL in nats over the bytes it covers -> bits per byte."""
+    return nll_nats / (LN2 * num_bytes)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-position next-token negative log-likelihood in nats: (B, L, V), (B, L) -> float32 (B, L)."""
     logits = logits.astype(jnp.float32)
     log_norm = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return log_norm - target_logit
-
-
-def jit_forward(model: LanguageModel):
-    """A jitted `input_ids -> ModelOutput` over the model's current parameters.
-
-    The function compiles once per input shape; parameters are passed as arguments, so updating
-    the model (nnx.update) does not retrace.
-    """
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, input_ids):
-        return nnx.merge(graphdef, state)(input_ids)
-
-    def call(input_ids):
-        return forward(nnx.state(model), input_ids)
-
-    call.jitted = forward
-    return call

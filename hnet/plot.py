@@ -21,7 +21,8 @@ import re
 import sys
 from pathlib import Path
 
-from hnet.train_loop import RunError
+from hnet.errors import RunError
+from hnet.run_dir import RunDir
 
 _STAGE_KEY = re.compile(r"^stage(\d+)_bytes_per_chunk$")
 
@@ -32,7 +33,7 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     Evaluation rows are the ones with a "split" key. Raises RunError if the file is missing,
     empty or not JSON Lines.
     """
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise RunError(f"{path}: no such file (is {run_dir} a run folder?)")
     train_rows, eval_rows = [], []
@@ -132,7 +133,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax_bpb.set_ylabel("bits per byte")
     _train_line(ax_loss, train_rows, "loss", "tab:green", "train loss (CE + ratio loss)")
     ax_loss.set_ylabel("loss (nats)")
-    written.append(_finish(fig, [ax_bpb, ax_loss], run_dir / "curves_bpb.png", f"{title}: bits per byte"))
+    written.append(_finish(fig, [ax_bpb, ax_loss], RunDir(run_dir).plot("bpb"), f"{title}: bits per byte"))
     plt.close(fig)
 
     # Bytes per chunk per stage; a plain Transformer run has no stages and gets an empty note.
@@ -150,7 +151,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.set_ylabel("bytes per chunk")
     if stages:
         ax.set_yscale("log")  # stages differ by their compression ratios; spikes stay readable
-    written.append(_finish(fig, [ax], run_dir / "curves_chunks.png", f"{title}: bytes per chunk"))
+    written.append(_finish(fig, [ax], RunDir(run_dir).plot("chunks"), f"{title}: bytes per chunk"))
     plt.close(fig)
     return written
 

@@ -20,8 +20,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hnet.config import ConfigError, config_from_dict, parameter_counts
-from hnet.train_loop import RunError
+from hnet.config import config_from_dict
+from hnet.param_report import parameter_counts
+from hnet.errors import ConfigError, RunError
+from hnet.run_dir import RunDir
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,11 +54,12 @@ def _stage_chunks(row: dict, depth: int, prefix: str = "") -> list | None:
 
 def summarize_run(run_dir: str | Path) -> RunSummary:
     """Read a run folder's config.json and metrics.jsonl (see the module docstring)."""
-    from hnet.flops import FlopsError, flops_per_byte
+    from hnet.flops import flops_per_byte
+    from hnet.errors import FlopsError
     from hnet.plot import read_metrics
 
     path = Path(run_dir)
-    config_path = path / "config.json"
+    config_path = RunDir(path).config
     try:
         run = json.loads(config_path.read_text())
         config = config_from_dict(run["model"])
@@ -68,7 +71,7 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     except ConfigError as err:
         raise RunError(f"{config_path}: {err}") from None
     train_rows, eval_rows = read_metrics(path)
-    token_model = config.vocab_size != 256
+    token_model = not config.is_byte_model
 
     # A token model's bytes per token, measured by its evaluations (the tokenizer is fixed).
     bytes_per_token = None

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hnet.config import ConfigError, ModelConfig, check_fields, config_from_dict, read_json
+from hnet.config import ModelConfig, check_fields, config_from_dict, read_json
+from hnet.errors import ConfigError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_RUN = CONFIGS_DIR / "run_tiny.json"
@@ -217,7 +218,7 @@ def validate_tokenizer_spec(spec, model_config: ModelConfig) -> None:
     """data.tokenizer: None, {"vocab_size": V} matching the model, or a path (checked when loaded)."""
     vocab = model_config.vocab_size
     if spec is None:
-        if vocab != 256:
+        if not model_config.is_byte_model:
             raise ConfigError(f"model vocab_size is {vocab} but data.tokenizer is null (bytes need 256); "
                               f"set data.tokenizer, e.g. {{\"vocab_size\": {vocab}}}")
     elif isinstance(spec, dict):

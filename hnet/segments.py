@@ -7,6 +7,8 @@ dechunk EMA restarts there. Inner H-Net stages get their documents from the chun
 (a document's first position always starts a chunk).
 
 Shapes: B rows, L positions.
+
+docs/ARCHITECTURE.md section 2 describes document isolation layer by layer.
 """
 
 import jax

@@ -13,6 +13,8 @@ That table is the one place that decides the layout. A dimension that the mesh a
 do not divide evenly is replicated instead (see `logical_to_spec`), so small models run on any
 mesh. Everything stays correct under any layout: XLA (GSPMD) inserts the communication, and the
 model's code, losses and scans see global arrays.
+
+docs/ARCHITECTURE.md section 4 summarises the rules.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hnet.config import ConfigError
+from hnet.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

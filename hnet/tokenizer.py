@@ -20,7 +20,7 @@ where there is one (tokens never cross a cut or an invalid run), so memory stays
 
 A token run (data.tokenizer in the run config) keeps its tokenizer as RUN_DIR/tokenizer.json
 and trains on a token corpus (hnet.data's "hnet-tokens-v1": the byte corpus tokenized shard by
-shard), cached under hnet.data.cache_dir()/tokens/ and keyed by the tokenizer and corpus hashes.
+shard), cached under data.shards.cache_dir()/tokens/ and keyed by the tokenizer and corpus hashes.
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from hnet import data as data_lib
-from hnet.data import DataError, PreparedCorpus
+from data.shards import TOKENS_FORMAT, PrepareError, cache_dir, make_sibling_dir, move_into_place
+from hnet import multihost
+from hnet.data import PreparedCorpus
+from hnet.errors import DataError
+from hnet.run_dir import RunDir
 
 BOS_TOKEN = "<|bos|>"
-RUN_TOKENIZER_FILE = "tokenizer.json"  # RUN_DIR/tokenizer.json
+TOKENIZER_FILE = "tokenizer.json"  # a saved tokenizer's name in a token corpus or an export (runs: RunDir.tokenizer)
 MAX_PIECE_CHARS = 1 << 20              # longest text handed to the encoder at once
 ENCODE_BATCH_CHARS = 1 << 23           # text gathered per call of the (parallel) batch encoder
 
@@ -222,7 +225,7 @@ def train_tokenizer(corpus: PreparedCorpus | str | os.PathLike, split: str, voca
 
 def load_run_tokenizer(run_dir: str | os.PathLike) -> BPETokenizer | None:
     """The tokenizer of a run (RUN_DIR/tokenizer.json), or None for a byte-level run."""
-    path = Path(run_dir) / RUN_TOKENIZER_FILE
+    path = RunDir(run_dir).tokenizer
     return BPETokenizer.load(path) if path.exists() else None
 
 
@@ -239,17 +242,14 @@ def setup_run_tokenizer(spec: None | str | dict, run_dir: str | os.PathLike, cor
         return None
     import jax
 
-    path = Path(run_dir) / RUN_TOKENIZER_FILE
+    path = RunDir(run_dir).tokenizer
     if not path.exists() and jax.process_index() == 0:
         if isinstance(spec, dict):
             log(f"training a BPE tokenizer ({spec['vocab_size']} ids) on split '{split}' of {corpus.path}")
             train_tokenizer(corpus, split, spec["vocab_size"]).save(path)
         else:
             BPETokenizer.load(spec).save(path)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("hnet.tokenizer.setup_run_tokenizer")
+    multihost.barrier("hnet.tokenizer.setup_run_tokenizer")  # the others wait for process 0's file
     return BPETokenizer.load(path)
 
 
@@ -264,19 +264,17 @@ def tokenize_corpus(corpus: PreparedCorpus, tokenizer: BPETokenizer, verbose: bo
     as in the byte corpus. The cache folder is cache_dir()/tokens/<name>-<key>, key hashing the
     tokenizer and the splits' sha256; it is written in a temporary folder and renamed into place.
     """
-    from data.shards import PrepareError, _make_sibling_dir, _move_into_place  # the atomic folder write
-
     source_hashes = {name: info.sha256 for name, info in sorted(corpus.splits.items())}
-    key = hashlib.sha256(json.dumps([data_lib.TOKENS_FORMAT, tokenizer.sha256, source_hashes]).encode()).hexdigest()
-    out = data_lib.cache_dir() / "tokens" / f"{corpus.path.name}-{key[:16]}"
+    key = hashlib.sha256(json.dumps([TOKENS_FORMAT, tokenizer.sha256, source_hashes]).encode()).hexdigest()
+    out = cache_dir() / "tokens" / f"{corpus.path.name}-{key[:16]}"
     if not (out / "meta.json").is_file():
         if verbose:
             print(f"tokenizing {corpus.path} into {out}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _make_sibling_dir(out, "tmp")
+        tmp = make_sibling_dir(out, "tmp")  # written aside, renamed into place when complete
         try:
             _write_token_corpus(corpus, tokenizer, tmp, key)
-            _move_into_place(tmp, out, overwrite=False)
+            move_into_place(tmp, out, overwrite=False)
         except PrepareError:  # another process finished the same corpus first
             if not (out / "meta.json").is_file():
                 raise
@@ -312,7 +310,7 @@ def _write_token_corpus(corpus: PreparedCorpus, tokenizer: BPETokenizer, folder:
                         "num_docs": info.num_docs, "sha256": hasher.hexdigest(), "shard_sha256": shard_sha256,
                         "source_sha256": info.sha256}
     np.save(folder / "token_bytes.npy", tokenizer.byte_lengths)
-    tokenizer.save(folder / RUN_TOKENIZER_FILE)  # provenance
-    meta = {"format": data_lib.TOKENS_FORMAT, "source": f"{corpus.path} tokenized (key {key})",
+    tokenizer.save(folder / TOKENIZER_FILE)  # provenance
+    meta = {"format": TOKENS_FORMAT, "source": f"{corpus.path} tokenized (key {key})",
             "dtype": dtype.name, "bos_id": tokenizer.bos_id, "vocab_size": tokenizer.vocab_size, "splits": splits}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -24,6 +24,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest
 
+import jax
+from flax import nnx
+
 import hnet
 from hnet import config as config_lib
 
@@ -67,3 +70,21 @@ def config_1stage():
 def config_2stage():
     return tiny_config("hnet_2stage_tiny")
 
+
+def jit_forward(model):
+    """A jitted `input_ids -> ModelOutput` over the model's current parameters.
+
+    The function compiles once per input shape; parameters are passed as arguments, so updating
+    the model (nnx.update) does not retrace.
+    """
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, input_ids):
+        return nnx.merge(graphdef, state)(input_ids)
+
+    def call(input_ids):
+        return forward(nnx.state(model), input_ids)
+
+    call.jitted = forward
+    return call

@@ -20,7 +20,7 @@ from conftest import shrink, tiny_config  # noqa: E402
 from hnet import sharding  # noqa: E402
 from hnet.checkpoint import Checkpointer  # noqa: E402
 from hnet.run_config import run_config_from_dict  # noqa: E402
-from hnet.train_loop import make_step_functions  # noqa: E402
+from hnet.train_step import make_step_functions  # noqa: E402
 
 STEPS = 3
 BATCH, SEQ_LEN = 8, 64

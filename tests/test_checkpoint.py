@@ -14,7 +14,8 @@ import eval as eval_cli
 import generate as generate_cli
 import train as train_cli
 from hnet import checkpoint
-from hnet.checkpoint import Checkpointer, check_step, checkpoint_steps
+from hnet.checkpoint import Checkpointer, check_step
+from hnet.run_dir import RunDir
 from hnet.export import load_model
 from hnet.export import main as export_cli
 from hnet.run_config import run_config_from_dict
@@ -57,13 +58,13 @@ def copy_run(straight: Path, tmp_path: Path) -> Path:
 
 
 def test_damaged_newest_checkpoint_is_skipped_on_resume(straight, tmp_path, capsys):
-    assert checkpoint_steps(straight) == [4, 8]
+    assert RunDir(straight).checkpoint_steps() == [4, 8]
     assert all(check_step(straight, s).state == "good" for s in (4, 8))
 
     run_dir = tmp_path / "run"
     train(run_config_from_dict(RUN), run_dir, progress=False, verbose=False, max_steps=4)
     train(None, run_dir, resume=True, progress=False, verbose=False, max_steps=2)  # stopped at 6
-    assert checkpoint_steps(run_dir) == [4, 6]
+    assert RunDir(run_dir).checkpoint_steps() == [4, 6]
     damaged = damage(run_dir, 6)
     damaged_bytes = [p.read_bytes() for p in damaged]
     code, states, out = verify(run_dir, capsys)
@@ -77,9 +78,9 @@ def test_damaged_newest_checkpoint_is_skipped_on_resume(straight, tmp_path, caps
     # Resumed from step 4: the same losses as the uninterrupted run (bitwise on CPU).
     assert losses(run_dir) == losses(straight)
     # The damaged checkpoint was moved aside untouched (the run saves its steps again).
-    aside = run_dir / checkpoint.SKIPPED_DIR / "6"
+    aside = RunDir(run_dir).skipped_checkpoints / "6"
     assert [(aside / p.relative_to(run_dir / "checkpoints" / "6")).read_bytes() for p in damaged] == damaged_bytes
-    assert checkpoint_steps(run_dir) == [4, 8]
+    assert RunDir(run_dir).checkpoint_steps() == [4, 8]
     code, states, out = verify(run_dir, capsys)
     assert code == 0 and states == {8: "good", 4: "good"} and "set aside" in out
 
@@ -121,7 +122,7 @@ def test_no_usable_checkpoint_is_one_error_line(straight, tmp_path, capsys):
     assert generate_cli.main(["--checkpoint", str(run_dir), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no usable checkpoint") and "\n" not in err
-    assert checkpoint_steps(run_dir) == [4, 8]  # nothing deleted or moved by a failed resume
+    assert RunDir(run_dir).checkpoint_steps() == [4, 8]  # nothing deleted or moved by a failed resume
     assert checkpoint.main(["verify", str(tmp_path / "absent")]) == 2
 
 
@@ -150,7 +151,7 @@ def test_retention_keeps_damaged_checkpoints_and_counts_only_good_ones(tmp_path)
         checkpointer.save(step, state, {}, {"step": step})
     checkpointer.close()
     # keep=2: the newest two good ones (5, 4) stay; 2 and 3 went; the damaged 1 is never deleted.
-    assert checkpoint_steps(tmp_path / "run") == [1, 4, 5]
+    assert RunDir(tmp_path / "run").checkpoint_steps() == [1, 4, 5]
     assert [check_step(tmp_path / "run", s).state for s in (1, 4, 5)] == ["damaged", "good", "good"]
     manifest = json.loads((tmp_path / "run" / "checkpoints" / "5" / checkpoint.MANIFEST).read_text())
     assert manifest["format"] == checkpoint.MANIFEST_FORMAT and "meta/metadata" in manifest["files"]

@@ -10,7 +10,7 @@ import pytest
 import hnet
 from hnet import chunking
 from hnet import config as config_lib
-from hnet.config import RATE_UNIT, CapacityRule
+from hnet.chunking import RATE_UNIT, CapacityRule, capacity_is_exact, stage_lengths
 from hnet.segments import Segments
 from conftest import CONFIGS
 
@@ -127,9 +127,9 @@ def test_exact_setting_never_drops():
     config = hnet.load_config(CONFIGS / "hnet_2stage_tiny.json")
     for slack in ("exact", 3.0, 6.0):
         exact = config_lib.replace(config, capacity_slack=slack)
-        assert exact.capacity_is_exact and exact.stage_lengths(300) == [300, 300, 300]
-    assert not config.capacity_is_exact
-    rule = config_lib.replace(config, capacity_slack="exact").capacity_rule(0)
+        assert capacity_is_exact(exact) and stage_lengths(exact, 300) == [300, 300, 300]
+    assert not capacity_is_exact(config)
+    rule = CapacityRule.for_stage(config_lib.replace(config, capacity_slack="exact"), 0)
     boundaries = np.ones((1, 50), bool)
     layout = chunk_layout(jnp.asarray(boundaries), segments_of(np.eye(1, 50, 0, bool)), rule, 50)
     assert bool(np.all(layout.chunk_mask)) and int(layout.dropped[0]) == 0

@@ -8,6 +8,8 @@ import pytest
 
 import hnet
 from hnet import config as config_lib
+from hnet import param_report
+from hnet.chunking import RATE_UNIT, CapacityRule, capacity_is_exact, stage_lengths
 from conftest import CONFIGS
 
 PUBLISHED = ["hnet_1stage_L", "hnet_1stage_XL", "hnet_2stage_L", "hnet_2stage_XL"]
@@ -85,13 +87,13 @@ def test_parameter_count_matches_hand_count(capsys):
     d, hidden, vocab, layers = 96, 384, 256, 4
     per_block = d + 3 * d * d + d * d + d + d * 2 * hidden + hidden * d
     expected = vocab * d + layers * per_block + d + d * vocab
-    assert config_lib.main([str(CONFIGS / "transformer_byte_tiny.json"), "--json"]) == 0
+    assert param_report.main([str(CONFIGS / "transformer_byte_tiny.json"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["total_params"] == expected
 
 
 def test_parameter_report_table(capsys):
-    assert config_lib.main([str(CONFIGS / "hnet_2stage_L.json")]) == 0
+    assert param_report.main([str(CONFIGS / "hnet_2stage_L.json")]) == 0
     out = capsys.readouterr().out
     for row in ("stage0.encoder", "stage1.routing", "stage2.main", "lm_head", "total"):
         assert row in out
@@ -99,21 +101,21 @@ def test_parameter_report_table(capsys):
 
 def test_capacity_rule():
     config = hnet.load_config(CONFIGS / "hnet_1stage_L.json")
-    rule = config.capacity_rule(0)
-    assert rule.rate_units == math.ceil(2.0 / 6 * config_lib.RATE_UNIT) and rule.burst == config.capacity_burst
+    rule = CapacityRule.for_stage(config, 0)
+    assert rule.rate_units == math.ceil(2.0 / 6 * RATE_UNIT) and rule.burst == config.capacity_burst
     # Allowance of a one-document row: burst + ceil(8192 * rate) = 16 + 2732, rounded up to 128.
     assert rule.allowance(8191) == 16 + 2732
-    assert config.capacity(8192, 0) == 2816
-    assert config.stage_lengths(8192) == [8192, 2816]
-    assert config.capacity(100, 0) == 100  # never more than the input length
+    assert rule.row_capacity(8192) == 2816
+    assert stage_lengths(config, 8192) == [8192, 2816]
+    assert rule.row_capacity(100) == 100  # never more than the input length
     # The allowance grows by the rate and is the same integer for ints and int32 arrays.
     positions = np.arange(0, 200_000, 997)
     np.testing.assert_array_equal(np.asarray(rule.allowance(jnp.asarray(positions, jnp.int32))),
                                   [rule.allowance(int(u)) for u in positions])
     assert all(np.diff([rule.allowance(int(u)) for u in positions]) >= 0)
     exact = config_lib.replace(config, capacity_slack="exact")
-    assert exact.capacity_is_exact and exact.capacity(8192, 0) == 8192
-    assert config_lib.replace(config, capacity_slack=6).capacity_is_exact
+    assert capacity_is_exact(exact) and CapacityRule.for_stage(exact, 0).row_capacity(8192) == 8192
+    assert capacity_is_exact(config_lib.replace(config, capacity_slack=6))
 
 
 @pytest.mark.parametrize("field, value, message", [

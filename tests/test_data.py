@@ -429,9 +429,9 @@ def test_ensure_default_corpus(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HNET_DATA_DIR", str(tmp_path))
     full_list = stdlib_prepare.list_stdlib_files
     monkeypatch.setattr(stdlib_prepare, "list_stdlib_files", lambda root=None: full_list(root)[:80])
-    assert hdata.default_corpus_dir().parent == tmp_path
+    assert stdlib_prepare.default_corpus_dir().parent == tmp_path
     corpus = hdata.ensure_default_corpus()
-    assert corpus.path == hdata.default_corpus_dir()
+    assert corpus.path == stdlib_prepare.default_corpus_dir()
     assert "default corpus" in capsys.readouterr().out
     # Second call only loads: preparing again would fail.
     monkeypatch.setattr(stdlib_prepare, "prepare", lambda *a, **k: pytest.fail("re-prepared"))

@@ -18,13 +18,12 @@ from flax import nnx
 
 import generate as generate_cli
 import hnet
-from hnet import decode
+from hnet import chunking, decode
 from hnet.checkpoint import Checkpointer
 from hnet.config import AttnConfig, replace
 from hnet.decode import Generator, SamplingConfig, Utf8Stream
 from hnet.export import export, load_model
-from hnet.model import jit_forward
-from conftest import shrink, tiny_config
+from conftest import jit_forward, shrink, tiny_config
 
 LENGTH = 120  # > the shrunk sliding windows (7), so ring buffers wrap; > 4 capacity multiples (8)
 
@@ -104,7 +103,7 @@ def test_prefill_then_steps_equal_forward(kind):
             assert not all((marks[:, 0] == marks[:, r]).all() for r in (1, 2))  # rows differ
         if kind in ("1stage", "2stage"):
             # Past the prompt's own chunk capacity: decoding kept feeding the inner stage.
-            assert np.asarray(full.stages[0].chunk_mask)[2].sum() > config.capacity(prompt_width, 0)
+            assert np.asarray(full.stages[0].chunk_mask)[2].sum() > chunking.CapacityRule.for_stage(config, 0).row_capacity(prompt_width)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from flax import nnx
 
 import hnet
 from hnet import config as config_lib
-from hnet import flops
+from hnet import flops, param_report
 from hnet.layers.attention import attention_mask
 from hnet.layers.mamba2 import ssd_scan
 from tests.conftest import CONFIGS, tiny_config
@@ -30,7 +30,7 @@ def kernel_params_by_component(config):
         keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
         keys = keys[:-1] if keys[-1] == "value" else keys  # nnx.Param's own attribute
         if keys[-1] in ("kernel", "q_proj", "k_proj"):
-            name = config_lib._component_name(keys)
+            name = param_report.component_name(keys)
             counts[name] = counts.get(name, 0) + math.prod(leaf.shape)
     return counts
 
@@ -46,7 +46,7 @@ def test_plain_transformer_agrees_with_6n_plus_attention():
     """
     for name, seq_len, bytes_per_token in [("transformer_byte_tiny", 512, None), ("transformer_bpe_tiny", 147, 3.488)]:
         config = tiny_config(name)
-        counts = config_lib.parameter_counts(config)
+        counts = param_report.parameter_counts(config)
         n_params = sum(counts.values()) - counts["embedding"]
         (layout,) = config.stage_layout(0)
         n_layers = sum(count for _, count in config_lib.parse_layout(layout))
@@ -146,7 +146,7 @@ def test_family_members_are_compute_matched(family_name):
     assert family.members[0].name == "hnet_1stage"
     for member in family.members:
         assert abs(family.ratio(member) - 1) <= FAMILY_TOLERANCE, (member.name, family.ratio(member))
-        if member.config.vocab_size != 256:  # BPE: same bytes per sequence
+        if not member.config.is_byte_model:  # BPE: same bytes per sequence
             assert member.seq_len == round(family.seq_len_bytes / member.bytes_per_token)
 
 

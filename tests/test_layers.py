@@ -6,12 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hnet.config import SSMConfig
+from hnet import config as config_lib
+from hnet.config import SSMConfig, load_config
 from hnet.layers.attention import attend, attention_mask, rotary_embedding, CausalSelfAttention
 from hnet.layers.mamba2 import Mamba2, causal_depthwise_conv, ssd_scan, ssd_step
 from hnet.layers.mlp import SwiGLU
 from hnet.segments import Segments
 from flax import nnx
+
+from conftest import CONFIGS
 
 
 def random_ssm_inputs(seed, batch=2, length=37, heads=3, head_dim=4, d_state=5):
@@ -152,6 +155,8 @@ def test_attention_layer_gqa_window_is_causal():
     np.testing.assert_allclose(y[:, :7], y2[:, :7], rtol=1e-5, atol=1e-5)
 
 
-def test_swiglu_rounds_hidden_to_128():
-    mlp = SwiGLU(32, 100, dtype=jnp.float32, out_scale=1.0, rngs=nnx.Rngs(0))
+def test_mlp_hidden_is_rounded_up_to_128():
+    config = config_lib.replace(load_config(CONFIGS / "hnet_1stage_tiny.json"), d_intermediate=(0, 100))
+    assert config.mlp_hidden(1) == 128
+    mlp = SwiGLU(32, config.mlp_hidden(1), dtype=jnp.float32, out_scale=1.0, rngs=nnx.Rngs(0))
     assert mlp.fc1.kernel.shape == (32, 256) and mlp.fc2.kernel.shape == (128, 32)

@@ -13,9 +13,8 @@ from flax import nnx
 import hnet
 from hnet import chunking
 from hnet.config import AttnConfig, replace
-from hnet.model import jit_forward
 from hnet.segments import Segments
-from conftest import CONFIGS, shrink, tiny_config
+from conftest import CONFIGS, jit_forward, shrink, tiny_config
 
 LENGTH = 96
 
@@ -105,7 +104,7 @@ def test_dropped_boundaries_are_counted_and_causal():
     assert np.all(boundaries > chunks)  # far more boundaries than the rule's rate allows
     assert float(stage.dropped) == float(np.sum(boundaries - chunks)) == float(stage.boundary_count - stage.chunk_count)
     assert not np.any(np.asarray(stage.chunk_mask) & ~np.asarray(stage.boundary_mask))
-    assert stage.chunk_position.shape == (2, config.capacity(LENGTH, 0))
+    assert stage.chunk_position.shape == (2, chunking.CapacityRule.for_stage(config, 0).row_capacity(LENGTH))
     for t in (5, 40, 80):
         changed = ids.at[:, t + 1:].set(byte_batch(t)[:, t + 1:])
         np.testing.assert_allclose(forward(changed).logits[:, :t + 1], base.logits[:, :t + 1], rtol=1e-5, atol=1e-5)
@@ -127,7 +126,7 @@ def packed_rows(config, seed: int, length: int = 64):
     and the same B alone from position 0. -> (packed, alone, B's first position per row)."""
     rng = np.random.default_rng(seed)
     bos = config.bos_id
-    low, high = (32, 127) if config.vocab_size == 256 else (1, config.vocab_size)
+    low, high = (32, 127) if config.is_byte_model else (1, config.vocab_size)
     packed = np.zeros((3, length), np.int32)
     alone = np.zeros((3, length), np.int32)
     b_start = []
@@ -197,7 +196,7 @@ def test_public_api_shapes(models, config_2stage):
     out = forward(ids)
     assert out.logits.shape == (2, LENGTH, 256) and out.logits.dtype == jnp.float32
     assert len(out.stages) == 2
-    lengths = config_2stage.stage_lengths(LENGTH)
+    lengths = chunking.stage_lengths(config_2stage, LENGTH)
     for stage, length in zip(out.stages, lengths):
         assert stage.boundary_mask.shape == (2, length) and stage.boundary_mask.dtype == jnp.bool_
         assert stage.boundary_prob.shape == (2, length)
@@ -323,6 +322,6 @@ def test_three_stage_hierarchy_runs_and_is_causal(config_2stage):
     ids = byte_batch(4)
     base = forward(ids)
     assert len(base.stages) == 3
-    assert [s.boundary_mask.shape[1] for s in base.stages] == config.stage_lengths(LENGTH)[:3]
+    assert [s.boundary_mask.shape[1] for s in base.stages] == chunking.stage_lengths(config, LENGTH)[:3]
     changed = ids.at[:, 41:].set(byte_batch(9)[:, 41:])
     np.testing.assert_allclose(forward(changed).logits[:, :41], base.logits[:, :41], rtol=1e-5, atol=1e-5)

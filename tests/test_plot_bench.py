@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hnet.train_loop import RunError
+from hnet.errors import RunError
 
 
 def write_metrics(run_dir, steps=30, eval_every=10):

@@ -20,8 +20,9 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 from conftest import ROOT, shrink, tiny_config
 from hnet import distributed, sharding
 from hnet.checkpoint import check_step
-from hnet.config import ConfigError, load_config
+from hnet.config import load_config
 from hnet.data import ensure_default_corpus
+from hnet.errors import ConfigError
 from hnet.model import build_model
 from hnet.run_config import run_config_from_dict
 

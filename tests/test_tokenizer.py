@@ -11,8 +11,8 @@ import pytest
 import train as train_cli
 from data.shards import CorpusWriter
 from hnet import tokenizer as tokenizer_lib
-from hnet.config import ConfigError
-from hnet.data import DataError, PreparedCorpus, eval_batches, make_dataset
+from hnet.data import PreparedCorpus, eval_batches, make_dataset
+from hnet.errors import ConfigError, DataError
 from hnet.model import build_model, cross_entropy
 from hnet.run_config import run_config_from_dict
 from hnet.tokenizer import BPETokenizer, load_run_tokenizer, tokenize_corpus, train_tokenizer

@@ -14,8 +14,9 @@ import pytest
 
 import train as train_cli
 from hnet.run_config import run_config_from_dict
-from hnet.train_loop import RunError, train
+from hnet.train_loop import train
 from conftest import ROOT
+from hnet.errors import RunError
 
 # A very small H-Net so each run compiles in seconds.
 SMALL_MODEL = {

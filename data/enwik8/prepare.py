@@ -80,7 +80,7 @@ def _read_exactly(f: IO[bytes], n: int) -> Iterator[bytes]:
 
 
 def prepare(
-    input_path: str | os.PathLike,
+    input: str | os.PathLike,
     out: str | os.PathLike,
     *,
     overwrite: bool = False,
@@ -88,7 +88,7 @@ def prepare(
     verbose: bool = True,
 ) -> dict:
     """Write the enwik8 corpus (train/validation/test, one document each) to `out`."""
-    input_path = Path(input_path).expanduser()
+    input_path = Path(input).expanduser()
     check_destination(out, overwrite)
     with open_enwik8(input_path) as f, CorpusWriter(
         out,
@@ -109,11 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--input", required=True, help="path to enwik8 (100,000,000 bytes) or enwik8.zip"
     )
     add_common_arguments(parser)
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> dict:
-    return prepare(args.input, args.out, overwrite=args.overwrite, shard_bytes=args.shard_bytes)
+    parser.set_defaults(prepare=prepare)
 
 
 def main(argv=None) -> int:

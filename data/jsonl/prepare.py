@@ -28,35 +28,20 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from data.shards import (
-    CorpusWriter,
     DEFAULT_SHARD_BYTES,
     PrepareError,
     add_common_arguments,
     add_fraction_arguments,
     check_destination,
     check_fractions,
-    format_summary,
     fraction_splits,
+    list_input_files,
     preparer_main,
     split_for_key,
+    write_corpus,
 )
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz", ".json", ".json.gz", ".json.xz")
-
-
-def list_files(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Given files as they are; folders recursively, sorted, JSON Lines names only."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES)]
-            files.extend(sorted(found, key=lambda p: p.relative_to(path).as_posix()))
-        else:
-            raise PrepareError(f"input {path} does not exist")
-    return files
 
 
 def open_text(path: Path) -> IO[str]:
@@ -109,36 +94,25 @@ def prepare(
     """Write a JSON Lines corpus to `out`; returns its meta dict. See the module doc."""
     check_destination(out, overwrite)
     check_fractions(validation_fraction, test_fraction)
-    files = list_files(inputs)
+    files = list_input_files(inputs, lambda name: name.endswith(SUFFIXES))
     if not files:
         raise PrepareError(f"no JSON Lines files found in {', '.join(map(str, inputs))}")
 
-    invalid = 0
-    line_index = 0
-    with CorpusWriter(
-        out,
-        source=f"jsonl:{','.join(str(i) for i in inputs)}:{text_field}",
-        splits=fraction_splits(validation_fraction, test_fraction),
-        shard_bytes=shard_bytes,
-        overwrite=overwrite,
-    ) as writer:
+    def documents():
+        line_index = 0  # every line counts, so a line's split does not depend on earlier lines' content
         for path in files:
             if verbose:
                 print(f"reading {path}", flush=True)
             for text in iter_texts(path, text_field):
                 split = split_for_key(str(line_index), validation_fraction, test_fraction)
                 line_index += 1
-                try:
-                    doc = text.encode("utf-8")
-                except UnicodeEncodeError:
-                    invalid += 1
-                    continue
-                writer.add(split, doc)  # blank lines give "" and are dropped here
-    if verbose:
-        print(format_summary(writer.meta, out))
-        if invalid:
-            print(f"  dropped {invalid} text(s) that cannot be encoded as UTF-8")
-    return writer.meta
+                # Lone surrogates (JSON "\udc80") give bytes that are not UTF-8: write_corpus drops them.
+                yield split, text.encode("utf-8", "surrogatepass")
+
+    return write_corpus(
+        out, documents(), source=f"jsonl:{','.join(str(i) for i in inputs)}:{text_field}",
+        splits=fraction_splits(validation_fraction, test_fraction), shard_bytes=shard_bytes,
+        overwrite=overwrite, verbose=verbose)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,19 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--text-field", default="text", help="JSON field holding the document (default 'text')"
     )
     add_fraction_arguments(parser, "lines")
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> dict:
-    return prepare(
-        args.inputs,
-        args.out,
-        text_field=args.text_field,
-        validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction,
-        overwrite=args.overwrite,
-        shard_bytes=args.shard_bytes,
-    )
+    parser.set_defaults(prepare=prepare)
 
 
 def main(argv=None) -> int:

@@ -18,20 +18,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from data.shards import (
-    CorpusWriter,
     DEFAULT_SHARD_BYTES,
     PrepareError,
     add_common_arguments,
     add_fraction_arguments,
     check_destination,
     check_fractions,
-    format_summary,
     fraction_splits,
+    list_input_files,
     preparer_main,
     split_for_key,
+    write_corpus,
 )
 
 BATCH_ROWS = 1024  # rows per record batch read from a file
@@ -46,20 +45,6 @@ def import_pyarrow_parquet():
             "reading Parquet needs pyarrow, which is not installed: pip install pyarrow"
         ) from None
     return pq
-
-
-def list_files(inputs: list[str | os.PathLike]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = [p for p in path.rglob("*.parquet") if p.is_file()]
-            files.extend(sorted(found, key=lambda p: p.relative_to(path).as_posix()))
-        else:
-            raise PrepareError(f"input {path} does not exist")
-    return files
 
 
 def prepare(
@@ -77,18 +62,12 @@ def prepare(
     pq = import_pyarrow_parquet()
     check_destination(out, overwrite)
     check_fractions(validation_fraction, test_fraction)
-    files = list_files(inputs)
+    files = list_input_files(inputs, lambda name: name.endswith(".parquet"))
     if not files:
         raise PrepareError(f"no .parquet files found in {', '.join(map(str, inputs))}")
 
-    row_index = 0
-    with CorpusWriter(
-        out,
-        source=f"parquet:{','.join(str(i) for i in inputs)}:{text_column}",
-        splits=fraction_splits(validation_fraction, test_fraction),
-        shard_bytes=shard_bytes,
-        overwrite=overwrite,
-    ) as writer:
+    def documents():
+        row_index = 0  # every row counts, null ones too
         for n, path in enumerate(files, start=1):
             try:
                 parquet = pq.ParquetFile(path)
@@ -104,12 +83,14 @@ def prepare(
                     split = split_for_key(str(row_index), validation_fraction, test_fraction)
                     row_index += 1
                     if text:  # None (null) and "" are dropped
-                        writer.add(split, text.encode("utf-8"))
+                        yield split, text.encode("utf-8")
             if verbose:
                 print(f"[{n}/{len(files)}] {path}: {row_index:,d} rows so far", flush=True)
-    if verbose:
-        print(format_summary(writer.meta, out))
-    return writer.meta
+
+    return write_corpus(
+        out, documents(), source=f"parquet:{','.join(str(i) for i in inputs)}:{text_column}",
+        splits=fraction_splits(validation_fraction, test_fraction), shard_bytes=shard_bytes,
+        overwrite=overwrite, verbose=verbose)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,19 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--text-column", default="text", help="column holding the document (default 'text')"
     )
     add_fraction_arguments(parser, "rows")
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> dict:
-    return prepare(
-        args.inputs,
-        args.out,
-        text_column=args.text_column,
-        validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction,
-        overwrite=args.overwrite,
-        shard_bytes=args.shard_bytes,
-    )
+    parser.set_defaults(prepare=prepare)
 
 
 def main(argv=None) -> int:

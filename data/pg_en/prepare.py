@@ -187,17 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="keep only the first train books whose total stays within this many bytes",
     )
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> dict:
-    return prepare(
-        args.out,
-        data_dir=args.data_dir,
-        max_train_bytes=args.max_train_bytes,
-        overwrite=args.overwrite,
-        shard_bytes=args.shard_bytes,
-    )
+    parser.set_defaults(prepare=prepare)
 
 
 def main(argv=None) -> int:

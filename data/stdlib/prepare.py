@@ -22,12 +22,12 @@ import sysconfig
 from pathlib import Path
 
 from data.shards import (
-    CorpusWriter,
     DEFAULT_SHARD_BYTES,
     add_common_arguments,
-    format_summary,
+    cache_dir,
     preparer_main,
     split_for_key,
+    write_corpus,
 )
 
 EXCLUDED_DIRS = frozenset(
@@ -53,8 +53,13 @@ def list_stdlib_files(root: str | os.PathLike | None = None) -> list[str]:
     return sorted(paths)
 
 
+def default_corpus_dir() -> Path:
+    """Cache folder of the default corpus: $HNET_DATA_DIR (or ~/.cache/hnet-jax)/stdlib-pyX.Y."""
+    return cache_dir() / f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}"
+
+
 def prepare(
-    out: str | os.PathLike,
+    out: str | os.PathLike | None = None,
     *,
     overwrite: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -62,37 +67,21 @@ def prepare(
     root: str | os.PathLike | None = None,
     verbose: bool = True,
 ) -> dict:
-    """Write the stdlib corpus to `out`; returns its meta dict.
+    """Write the stdlib corpus to `out` (default: default_corpus_dir()); returns its meta dict.
 
     max_files / root are for tests: take only the first `max_files` files of the
     sorted list, or read from another folder laid out like a stdlib.
     """
+    out = default_corpus_dir() if out is None else out
     root = Path(root) if root is not None else stdlib_dir()
     files = list_stdlib_files(root)
     if max_files is not None:
         files = files[:max_files]
     source = f"stdlib:python{platform.python_version()}:{root}"
-    skipped = 0
-    with CorpusWriter(
-        out,
-        source=source,
-        splits=("train", "validation"),
-        shard_bytes=shard_bytes,
-        overwrite=overwrite,
-    ) as writer:
-        for rel in files:
-            data = (root / rel).read_bytes()
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError:
-                skipped += 1
-                continue
-            writer.add(split_for_key(rel, 0.05, buckets=100), data)
-    if verbose:
-        print(format_summary(writer.meta, out))
-        if skipped:
-            print(f"  skipped {skipped} file(s) that are not valid UTF-8")
-    return writer.meta
+    # Each file goes to the split its path hashes to, so adding a file moves no other file.
+    documents = ((split_for_key(rel, 0.05, buckets=100), (root / rel).read_bytes()) for rel in files)
+    return write_corpus(out, documents, source=source, splits=("train", "validation"),
+                        shard_bytes=shard_bytes, overwrite=overwrite, verbose=verbose)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,16 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         out_help="destination folder (default: $HNET_DATA_DIR or ~/.cache/hnet-jax, "
         "then stdlib-pyX.Y)",
     )
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> dict:
-    out = args.out
-    if out is None:
-        from hnet.data import default_corpus_dir  # lazy: avoids a circular import
-
-        out = default_corpus_dir()
-    return prepare(out, overwrite=args.overwrite, shard_bytes=args.shard_bytes)
+    parser.set_defaults(prepare=prepare)
 
 
 def main(argv=None) -> int:

@@ -32,39 +32,18 @@ from pathlib import Path
 from typing import Iterator
 
 from data.shards import (
-    CorpusWriter,
     DEFAULT_SHARD_BYTES,
     PrepareError,
     add_common_arguments,
     check_destination,
     check_fractions,
-    format_summary,
+    list_input_files,
     preparer_main,
     split_for_key,
+    write_corpus,
 )
 
 READ_CHUNK = 1 << 20  # 1 MiB
-
-
-def list_files(inputs: list[str | os.PathLike], glob: str = "*") -> list[Path]:
-    """Expand files/folders into a file list: given files as they are, folders
-    recursively (sorted, hidden entries skipped, names matching `glob`)."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = []
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                for name in filenames:
-                    if not name.startswith(".") and fnmatch.fnmatch(name, glob):
-                        found.append(Path(dirpath, name))
-            files.extend(sorted(found, key=lambda p: p.relative_to(path).as_posix()))
-        else:
-            raise PrepareError(f"input {path} does not exist")
-    return files
 
 
 def parse_separator(sep: str) -> bytes:
@@ -112,8 +91,13 @@ def prepare(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     verbose: bool = True,
 ) -> dict:
-    """Write a text corpus to `out`; returns its meta dict. See the module doc."""
+    """Write a text corpus to `out`; returns its meta dict. See the module doc.
+
+    doc_separator: bytes, or the command line's string with escapes (parse_separator)."""
+    if isinstance(doc_separator, str):
+        doc_separator = parse_separator(doc_separator)
     check_destination(out, overwrite)
+    list_files = lambda items: list_input_files(items, lambda name: fnmatch.fnmatch(name, glob))
     explicit = bool(validation_files or test_files)
     if explicit and (validation_fraction or test_fraction):
         raise PrepareError("use either --validation/--test files or fractions, not both")
@@ -121,43 +105,29 @@ def prepare(
     test_fraction = 0.0 if test_fraction is None else test_fraction
     check_fractions(validation_fraction, test_fraction)
 
-    train_files = list_files(inputs, glob)
+    train_files = list_files(inputs)
     sources = [("train", f) for f in train_files]
     if explicit:
-        sources += [("validation", f) for f in list_files(validation_files, glob)]
-        sources += [("test", f) for f in list_files(test_files, glob)]
+        sources += [("validation", f) for f in list_files(validation_files)]
+        sources += [("test", f) for f in list_files(test_files)]
         splits = ["train", "validation"] + (["test"] if test_files else [])
     else:
         splits = ["train", "validation"] + (["test"] if test_fraction > 0 else [])
     if not train_files:
         raise PrepareError(f"no input files found in {', '.join(map(str, inputs))}")
 
-    invalid = 0
-    doc_index = 0  # over the hash-split inputs, counting every document produced
-    with CorpusWriter(
-        out,
-        source=f"text:{','.join(str(i) for i in inputs)}",
-        splits=splits,
-        shard_bytes=shard_bytes,
-        overwrite=overwrite,
-    ) as writer:
+    def documents():
+        doc_index = 0  # over the hash-split inputs, counting every document produced
         for split, path in sources:
             for doc in iter_documents(path, doc_separator):
-                target = split
                 if not explicit:
-                    target = split_for_key(str(doc_index), validation_fraction, test_fraction)
+                    split = split_for_key(str(doc_index), validation_fraction, test_fraction)
                     doc_index += 1
-                try:
-                    doc.decode("utf-8")
-                except UnicodeDecodeError:
-                    invalid += 1
-                    continue
-                writer.add(target, doc)
-    if verbose:
-        print(format_summary(writer.meta, out))
-        if invalid:
-            print(f"  dropped {invalid} document(s) that are not valid UTF-8")
-    return writer.meta
+                yield split, doc
+
+    return write_corpus(
+        out, documents(), source=f"text:{','.join(str(i) for i in inputs)}", splits=splits,
+        shard_bytes=shard_bytes, overwrite=overwrite, verbose=verbose)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--validation",
+        dest="validation_files",
         action="append",
         default=[],
         metavar="FILE",
@@ -180,6 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--test",
+        dest="test_files",
         action="append",
         default=[],
         metavar="FILE",
@@ -198,23 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="fraction of documents hashed into 'test' (default 0)",
     )
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> dict:
-    separator = parse_separator(args.doc_separator) if args.doc_separator is not None else None
-    return prepare(
-        args.inputs,
-        args.out,
-        doc_separator=separator,
-        glob=args.glob,
-        validation_files=args.validation,
-        test_files=args.test,
-        validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction,
-        overwrite=args.overwrite,
-        shard_bytes=args.shard_bytes,
-    )
+    parser.set_defaults(prepare=prepare)
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,8 @@ a sliding-window layer C = window + 1, a ring buffer holding exactly the visible
 
 Documents packed into one row never see each other (hnet.segments): keys of other documents are
 masked, and RoPE positions count from the document's start.
+
+docs/ARCHITECTURE.md section 1 has the conventions (scale, RoPE, window).
 """
 
 import jax

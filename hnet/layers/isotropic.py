@@ -31,22 +31,26 @@ class Block(nnx.Module):
         self.dtype = jnp.dtype(config.dtype)
         d_model = config.d_model[stage]
         self.norm1 = RMSNorm(d_model)
-        if letter in "mM":
-            self.mixer = Mamba2(d_model, config.ssm_cfg, dtype=self.dtype, out_scale=out_scale, rngs=rngs)
-        else:
+        self.is_attention = letter in "tT"
+        if self.is_attention:
             attn = config.attn_cfg
             self.mixer = CausalSelfAttention(
                 d_model, attn.num_heads[stage], config.num_kv_heads(stage), attn.rotary_emb_dim[stage],
                 attn.window_size[stage], dtype=self.dtype, out_scale=out_scale, rngs=rngs,
             )
+        else:
+            self.mixer = Mamba2(d_model, config.ssm_cfg, dtype=self.dtype, out_scale=out_scale, rngs=rngs)
         self.has_mlp = letter.isupper()
         if self.has_mlp:
             self.norm2 = RMSNorm(d_model)
-            self.mlp = SwiGLU(d_model, config.d_intermediate[stage], dtype=self.dtype, out_scale=out_scale, rngs=rngs)
+            self.mlp = SwiGLU(d_model, config.mlp_hidden(stage), dtype=self.dtype, out_scale=out_scale, rngs=rngs)
 
     def prefill(self, x: jax.Array, segments: Segments, lengths=None, max_length=None):
-        """(B, L, D) -> (y, mixer cache or None); see the mixers' `prefill`."""
-        return self._residual(x, lambda h: self.mixer.prefill(h, segments, lengths, max_length))
+        """(B, L, D) -> (y, mixer cache or None); see the mixers' `prefill`. max_length sizes an
+        attention cache (a Mamba2 state has a fixed size)."""
+        if self.is_attention:
+            return self._residual(x, lambda h: self.mixer.prefill(h, segments, lengths, max_length))
+        return self._residual(x, lambda h: self.mixer.prefill(h, segments, lengths))
 
     def step(self, x: jax.Array, cache, doc_start: jax.Array):
         """One position per row: (B, D), doc_start (B,) bool -> (y (B, D), updated mixer cache)."""

@@ -4,6 +4,8 @@ Shapes: B batch, L length, D width, H heads, P head dim (64), S state size, Q sc
 For generation a layer keeps a MambaCache: the last K-1 conv inputs and the SSM state.
 Each document of a packed row is computed as if alone: the conv does not reach across a document
 start and the scan's state resets there (hnet.segments).
+
+docs/ARCHITECTURE.md section 1 has the equations.
 """
 
 import math
@@ -176,11 +178,11 @@ class Mamba2(nnx.Module):
         y = self.norm(y * jax.nn.silu(z.astype(jnp.float32)))
         return self.out_proj(y.astype(self.dtype))
 
-    def prefill(self, hidden: jax.Array, segments: Segments, lengths: jax.Array | None = None, max_length: int | None = None):
+    def prefill(self, hidden: jax.Array, segments: Segments, lengths: jax.Array | None = None):
         """hidden (B, L, D) -> (y (B, L, D), MambaCache or None), each document on its own.
 
         With `lengths` (B,) (each row's real length; the rest is right padding) also returns the
-        cache after each row's last real position. `max_length` is unused (the state is fixed-size).
+        cache after each row's last real position (a fixed-size state, whatever the length).
         """
         z, conv_input, dt_raw = self.split_projection(self.in_proj(hidden))
         xBC = jax.nn.silu(causal_depthwise_conv(conv_input, self.conv_weight[...], self.conv_bias[...], segments.position))

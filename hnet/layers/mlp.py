@@ -7,19 +7,16 @@ from hnet import sharding
 from hnet.layers.common import INIT_STD, linear
 
 
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
 class SwiGLU(nnx.Module):
     """(B, L, D) -> (B, L, D): fc2(value * silu(gate)), [value, gate] = fc1(x).
 
-    The hidden size is rounded up to a multiple of 128 (as in the published models). fc2 is a
-    residual-branch output, so its init std is scaled by `out_scale` (1/sqrt(n_res)).
+    d_hidden: the hidden size (ModelConfig.mlp_hidden: d_intermediate rounded up to 128, as in
+    the published models). fc2 is a residual-branch output, so its init std is scaled by
+    `out_scale` (1/sqrt(n_res)).
     """
 
     def __init__(self, d_model: int, d_hidden: int, *, dtype, out_scale: float, rngs: nnx.Rngs):
-        self.d_hidden = round_up(d_hidden, 128)
+        self.d_hidden = d_hidden
         self.fc1 = linear(d_model, 2 * self.d_hidden, ("embed", "mlp"), rngs, dtype=dtype)
         self.fc2 = linear(self.d_hidden, d_model, ("mlp", "embed"), rngs, dtype=dtype, std=INIT_STD * out_scale)
 

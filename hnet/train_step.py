@@ -1,0 +1,235 @@
+"""One training step, top to bottom: the loss of a micro-batch, the step (gradient accumulation,
+AdamW update, non-finite skip), the evaluation step; then StepFunctions, those steps jitted over
+a device mesh with explicit shardings.
+
+Loss = next-byte cross-entropy (nats) + ratio_loss_weight * sum over stages of the ratio loss.
+A token run (a flat Transformer over BPE tokens) predicts tokens instead of bytes.
+
+The train state is a dict: params (nnx.Param state), opt_state (optax), nonfinite_run (steps in a
+row whose loss or gradient was not finite) and nonfinite_total.
+
+docs/ARCHITECTURE.md section 3 shows where the step sits in the data flow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from hnet import sharding
+from hnet.model import build_model, cross_entropy
+from hnet.optim import make_optimizer
+from hnet.run_config import RunConfig
+
+
+def loss_and_metrics(model, input_ids, targets, mask, ratio_loss_weight: float):
+    """Scalar loss and a metrics dict for one (micro-)batch: input_ids, targets (B, L) int32,
+    mask (B, L) float32 marking the scored targets."""
+    out = model(input_ids)
+    nll = cross_entropy(out.logits, targets)
+    count = jnp.maximum(mask.sum(), 1.0)
+    ce = jnp.sum(nll * mask) / count
+    ratio = sum((stage.ratio_loss for stage in out.stages), jnp.zeros((), jnp.float32))
+    metrics = {"ce": ce, "ratio_loss": ratio}
+    for s, stage in enumerate(out.stages):
+        metrics[f"stage{s}_bytes_per_chunk"] = stage.bytes_per_chunk
+        metrics[f"stage{s}_dropped_rate"] = stage.dropped / jnp.maximum(stage.boundary_count, 1.0)
+    return ce + ratio_loss_weight * ratio, metrics
+
+
+def micro_grads(params, input_ids, targets, *, graphdef, ratio_loss_weight: float):
+    """Gradients of one micro-batch (b, L) -> (grads like params, metrics including "loss")."""
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params)
+        return loss_and_metrics(model, input_ids, targets, jnp.ones(targets.shape, jnp.float32), ratio_loss_weight)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, {"loss": loss, **metrics}
+
+
+def train_step(state: dict, input_ids, targets, *, graphdef, tx: optax.GradientTransformation, ratio_loss_weight: float):
+    """One optimizer step. input_ids, targets: (A, b, L) micro-batches; gradients averaged over A.
+
+    A step whose loss or gradient norm is not finite leaves params and optimizer state untouched
+    and is counted. Returns (new state, metrics of the step).
+    """
+    params = state["params"]
+    grads_of = functools.partial(micro_grads, graphdef=graphdef, ratio_loss_weight=ratio_loss_weight)
+    if input_ids.shape[0] == 1:
+        grads, metrics = grads_of(params, input_ids[0], targets[0])
+    else:
+        def accumulate(carry, micro):
+            grads, metrics = grads_of(params, *micro)
+            return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
+
+        zeros = jax.eval_shape(grads_of, params, input_ids[0], targets[0])
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (input_ids, targets))
+        scale = 1.0 / input_ids.shape[0]
+        grads, metrics = jax.tree_util.tree_map(lambda x: x * scale, (grads, metrics))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {
+        "params": keep(new_params, params),
+        "opt_state": keep(new_opt_state, state["opt_state"]),
+        "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1),
+        "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
+    }
+    metrics = {**metrics, "grad_norm": grad_norm, "finite": finite, "nonfinite_run": new_state["nonfinite_run"]}
+    return new_state, metrics
+
+
+def eval_step(params, input_ids, targets, mask, *, graphdef) -> dict:
+    """Sums over a (B, L) batch, so that evaluation adds batches up exactly: NLL, scored targets,
+    and per stage the router's boundaries, the chunks and the dropped boundaries."""
+    out = nnx.merge(graphdef, params)(input_ids)
+    nll = cross_entropy(out.logits, targets)
+    sums = {"nll": jnp.sum(nll * mask), "bytes": jnp.sum(mask)}
+    for s, stage in enumerate(out.stages):
+        sums[f"stage{s}_boundaries"] = stage.boundary_count
+        sums[f"stage{s}_chunks"] = stage.chunk_count
+        sums[f"stage{s}_dropped"] = stage.dropped
+    return sums
+
+
+def fresh_state(params, tx: optax.GradientTransformation) -> dict:
+    """The train state at step 0 for these parameters."""
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "nonfinite_run": jnp.zeros((), jnp.int32),
+        "nonfinite_total": jnp.zeros((), jnp.int32),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The steps jitted over a mesh
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepFunctions:
+    """The jitted steps of one run, laid out over `mesh` (see hnet.sharding).
+
+    Arrays in and out are global: the train state is sharded by `state_shardings` (parameters and
+    optimizer state by their logical axes), batches are split over data x fsdp.
+    """
+
+    train_step: callable   # (state, input_ids (A, b, L), targets (A, b, L)) -> (state, metrics)
+    eval_step: callable    # (params, input_ids (B, L), targets, mask) -> sums
+    init: callable         # () -> a fresh train state, already sharded
+    schedule: callable
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    state_shardings: Any            # NamedSharding leaves, structured like the train state
+    abstract_state: Any             # ShapeDtypeStructs with those shardings (checkpoint restore)
+    micro_batch_sharding: NamedSharding   # (A, b, L) train inputs
+    batch_sharding: NamedSharding         # (B, L) eval inputs
+
+    def place_train_batch(self, local: np.ndarray) -> jax.Array:
+        """This process's (A, b / P, L) rows -> the global (A, b, L) array (no cross-host traffic)."""
+        return sharding.place_local_batch(local, self.micro_batch_sharding, batch_dim=1)
+
+    def place_eval_batch(self, full: np.ndarray) -> jax.Array:
+        """A (B, L) batch that every process holds in full -> the global array."""
+        return sharding.place_global_batch(full, self.batch_sharding)
+
+
+_STEP_FUNCTIONS: dict[tuple, StepFunctions] = {}
+
+
+def _abstract_model(run: RunConfig):
+    """-> (graphdef, abstract params): shapes and logical axes only, nothing allocated."""
+    config, seed = run.model_config, run.train.seed
+    return nnx.split(nnx.eval_shape(lambda: build_model(config, seed=seed)), nnx.Param)
+
+
+def run_mesh(run: RunConfig) -> Mesh:
+    """The mesh of run.mesh over all devices of all processes, checked against the run's batch.
+
+    Raises ConfigError (one line) when the sizes do not fit the devices or the batch.
+    """
+    _, abstract_params = _abstract_model(run)
+    mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), param_count=sharding.param_count(abstract_params))
+    sharding.check_batch(mesh, run.train.batch_size // run.train.grad_accum)
+    return mesh
+
+
+def make_step_functions(run: RunConfig, mesh: Mesh | None = None) -> tuple[Any, StepFunctions]:
+    """-> (graphdef, StepFunctions) for a run on `mesh` (default: run_mesh(run)).
+
+    Cached per model, train config and mesh, so that a resumed or repeated run in the same process
+    reuses the compiled steps instead of compiling again.
+    """
+    graphdef, abstract_params = _abstract_model(run)
+    if mesh is None:
+        mesh = run_mesh(run)
+    key = (json.dumps({"model": run.model, "train": run.to_dict()["train"]}, sort_keys=True), mesh)
+    if key not in _STEP_FUNCTIONS:
+        _STEP_FUNCTIONS[key] = _jit_step_functions(graphdef, abstract_params, run, mesh)
+    return graphdef, _STEP_FUNCTIONS[key]
+
+
+def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -> StepFunctions:
+    train, config = run.train, run.model_config
+    tx, schedule = make_optimizer(train, abstract_params)
+    abstract_state = jax.eval_shape(functools.partial(fresh_state, tx=tx), abstract_params)
+    state_shardings = sharding.tree_shardings(abstract_state, mesh)
+    replicated = sharding.replicated(mesh)
+    micro_batch_sharding = sharding.named_sharding(mesh, sharding.MICRO_BATCH_AXES, (1, train.batch_size // train.grad_accum, 1))
+    batch_sharding = sharding.named_sharding(mesh, sharding.BATCH_AXES, (train.batch_size, 1))
+
+    def on_mesh(fn):
+        """Trace `fn` with the mesh active, so the model's activation constraints apply."""
+        @functools.wraps(fn)
+        def traced(*args):
+            with sharding.use_mesh(mesh):
+                return fn(*args)
+        return traced
+
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, ratio_loss_weight=train.ratio_loss_weight)
+    init_from_params = jax.jit(functools.partial(fresh_state, tx=tx), out_shardings=state_shardings)
+    init_in_place = jax.jit(lambda: fresh_state(nnx.state(build_model(config, seed=train.seed), nnx.Param), tx),
+                            out_shardings=state_shardings)
+
+    def init():
+        if mesh.size == 1:
+            # Built eagerly: the parameters are bit-identical to hnet.build_model(config, seed).
+            return init_from_params(nnx.state(build_model(config, seed=train.seed), nnx.Param))
+        # Built inside one jit: each device materialises only its own shards.
+        return init_in_place()
+
+    return StepFunctions(
+        train_step=jax.jit(on_mesh(step), donate_argnums=(0,),
+                           in_shardings=(state_shardings, micro_batch_sharding, micro_batch_sharding),
+                           out_shardings=(state_shardings, replicated)),
+        eval_step=jax.jit(on_mesh(functools.partial(eval_step, graphdef=graphdef)),
+                          in_shardings=(state_shardings["params"],) + (batch_sharding,) * 3, out_shardings=replicated),
+        init=init,
+        schedule=schedule,
+        tx=tx,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        abstract_state=sharding.abstract_with_shardings(abstract_state, state_shardings),
+        micro_batch_sharding=micro_batch_sharding,
+        batch_sharding=batch_sharding,
+    )
+
+
+def init_state(run: RunConfig, mesh: Mesh | None = None):
+    """Fresh model parameters and optimizer state -> (graphdef, state dict, StepFunctions)."""
+    graphdef, steps = make_step_functions(run, mesh)
+    return graphdef, steps.init(), steps
