@@ -275,21 +275,24 @@ def gather_chunks(values: jax.Array, layout: ChunkLayout) -> jax.Array:
     return jnp.take_along_axis(values, index, axis=1)
 
 
-def smoothing_prob(boundary_prob: jax.Array, doc_start: jax.Array) -> jax.Array:
-    """EMA weight P of a chunk: its boundary probability clipped to [1e-4, 1 - 1e-4], and exactly 1
-    at a document start, so that nothing of the previous document leaks in. Any shape, float32."""
-    clipped = jnp.clip(boundary_prob.astype(jnp.float32), PROB_CLIP, 1.0 - PROB_CLIP)
-    return jnp.where(doc_start, 1.0, clipped)
+def ema_weights(boundary_prob: jax.Array, doc_start: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (P, decay) float32, any shape: a chunk's EMA weight P, its boundary probability clipped
+    to [1e-4, 1 - 1e-4] (as the reference: a document's first chunk, p = 1, has P = 1 - 1e-4), and
+    the weight 1 - P of the previous output, 0 at a document start: nothing of the previous
+    document leaks in (the reference's state reset)."""
+    prob = jnp.clip(boundary_prob.astype(jnp.float32), PROB_CLIP, 1.0 - PROB_CLIP)
+    return prob, jnp.where(doc_start, 0.0, 1.0 - prob)
 
 
 def ema_smooth(chunk_values: jax.Array, chunk_prob: jax.Array, chunk_doc_start: jax.Array) -> jax.Array:
-    """Smoothing over chunks: out_k = P_k z_k + (1 - P_k) out_{k-1}, P = smoothing_prob.
+    """Smoothing over chunks: out_k = P_k z_k + (1 - P_k) out_{k-1}, restarting at document
+    starts (ema_weights).
 
     chunk_values (B, M, D), chunk_prob and chunk_doc_start (B, M) -> float32 (B, M, D). A linear
     recurrence, so it runs as an associative scan with combine((a1, u1), (a2, u2)) = (a1 a2, a2 u1 + u2).
     """
-    prob = smoothing_prob(chunk_prob, chunk_doc_start)[..., None]
-    decay, update = 1.0 - prob, prob * chunk_values.astype(jnp.float32)
+    prob, decay = ema_weights(chunk_prob, chunk_doc_start)
+    decay, update = decay[..., None], prob[..., None] * chunk_values.astype(jnp.float32)
 
     def combine(left, right):
         decay_l, update_l = left
@@ -302,8 +305,8 @@ def ema_smooth(chunk_values: jax.Array, chunk_prob: jax.Array, chunk_doc_start: 
 
 def ema_step(previous: jax.Array, chunk_value: jax.Array, boundary_prob: jax.Array, doc_start: jax.Array) -> jax.Array:
     """One step of ema_smooth: previous (B, D), chunk_value (B, D), boundary_prob and doc_start (B,) -> (B, D)."""
-    prob = smoothing_prob(boundary_prob, doc_start)[:, None]
-    return prob * chunk_value.astype(jnp.float32) + (1.0 - prob) * previous
+    prob, decay = ema_weights(boundary_prob, doc_start)
+    return prob[:, None] * chunk_value.astype(jnp.float32) + decay[:, None] * previous
 
 
 def dechunk(chunk_values: jax.Array, chunk_prob: jax.Array, chunk_doc_start: jax.Array, layout: ChunkLayout) -> jax.Array:

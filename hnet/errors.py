@@ -3,6 +3,8 @@ command lines print it as `error: ...` and exit 2 (data/ has its own PrepareErro
 never imports hnet).
 """
 
+import sys
+
 
 class HNetError(Exception):
     """Base of hnet's errors: bad input the user can fix, described in one line."""
@@ -38,3 +40,13 @@ class GenerationError(HNetError, ValueError):
 
 class FlopsError(HNetError, ValueError):
     """Missing or inconsistent inputs for a FLOPs count."""
+
+
+class ConvertError(HNetError):
+    """A checkpoint file, config or model that cannot be converted to or from the reference's format."""
+
+
+def report(err: Exception) -> int:
+    """Print `error: <message>` on stderr and return 2, the exit status of a refused command."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2

@@ -1,6 +1,7 @@
 """Inference artefacts: export a training run's parameters, and load a model from a run or an export.
 
     python -m hnet.export --checkpoint RUN_DIR --out DIR [--step N] [--dtype bf16]
+    python -m hnet.export --checkpoint RUN_DIR --out DIR --format reference   # goombalab/hnet's names
 
 An export folder holds only what inference needs:
 
@@ -10,12 +11,15 @@ An export folder holds only what inference needs:
     DIR/tokenizer.json   the run's BPE tokenizer (token models only)
 
 `load_model` reads either kind of folder, so generate.py and eval.py accept both. Loading an
-export needs only the model code: no run config, optimizer or data pipeline.
+export needs only the model code: no run config, optimizer or data pipeline. `python -m
+hnet.convert` writes the same folder from a published reference checkpoint; `--format reference`
+writes model.safetensors and config.json the other way (hnet.convert.export_reference).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -29,13 +33,16 @@ from flax import nnx
 
 from hnet.checkpoint import restore_newest
 from hnet.config import ModelConfig, config_from_dict
-from hnet.errors import CheckpointError, ConfigError, LoadError
+from hnet.errors import CheckpointError, ConfigError, HNetError, LoadError, report
 from hnet.model import LanguageModel, build_model
 from hnet.run_dir import RunDir
 
 EXPORT_FORMAT = "hnet-export"
 EXPORT_VERSION = 1
 EXPORT_DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
+# Parameters added after run checkpoints and exports were first written (path suffixes). A folder
+# without one loads with zeros, which is what the model computed before it existed.
+ADDED_PARAMS = ("residual_proj.bias",)
 
 
 @dataclass
@@ -58,17 +65,33 @@ def abstract_params(config: ModelConfig):
 
 
 def _restore_params(directory: Path, abstract, *, partial: bool):
-    """Read a parameter tree shaped like `abstract` from an orbax pytree folder."""
+    """Read a parameter tree shaped like `abstract` from an orbax pytree folder: the "params" of a
+    training state (partial: the folder holds more) or exactly the parameters (an export).
+    Parameters in ADDED_PARAMS that the folder lacks are zeros."""
     item = {"params": abstract} if partial else abstract
     # Onto this process's first device, whatever mesh the checkpoint was saved from.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restore_args = jax.tree_util.tree_map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=device), item)
     checkpointer = ocp.PyTreeCheckpointer()
+    # partial_restore: leaves the folder lacks come back as their ShapeDtypeStructs (filled below).
     restored = checkpointer.restore(
         directory.absolute(),
-        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=partial),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
     )
-    return restored["params"] if partial else restored
+    params = restored["params"] if partial else restored
+    flat = nnx.traversals.flatten_mapping(params.to_pure_dict())
+    absent = {path: leaf for path, leaf in flat.items() if isinstance(leaf, jax.ShapeDtypeStruct)}
+    for path, leaf in absent.items():
+        name = ".".join(map(str, path))
+        if not name.endswith(ADDED_PARAMS):
+            raise ValueError(f"the folder has no parameter {name}")
+        flat[path] = jnp.zeros(leaf.shape, leaf.dtype)
+    if not partial:  # an export holds the model's parameters and nothing else
+        on_disk = len(nnx.traversals.flatten_mapping(checkpointer.metadata(directory.absolute()).item_metadata.tree))
+        if on_disk != len(flat) - len(absent):
+            raise ValueError(f"the folder holds {on_disk} parameters, the config's model {len(flat)}")
+    nnx.replace_by_pure_dict(params, nnx.traversals.unflatten_mapping(flat))
+    return params
 
 
 def _restore_run_params(run_dir: Path, abstract, step: int | None):
@@ -135,43 +158,78 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
                        path=path, step=step, tokenizer_path=tokenizer if tokenizer.is_file() else None)
 
 
-def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, dtype: str = "fp32") -> Path:
-    """Write an export folder for a run's checkpoint. Refuses to overwrite an existing `out`."""
-    out = Path(out)
+def export_dtype(dtype: str):
+    """--dtype name -> the jnp dtype parameters are stored in; LoadError for another name."""
     if dtype not in EXPORT_DTYPES:
         raise LoadError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    return EXPORT_DTYPES[dtype]
+
+
+def refuse_existing(out: Path) -> None:
     if out.exists():
         raise LoadError(f"{out} already exists; choose another --out")
-    loaded = load_model(checkpoint, step)
-    _, params = nnx.split(loaded.model, nnx.Param)
-    params = jax.tree_util.tree_map(lambda x: x.astype(EXPORT_DTYPES[dtype]), params)
-    staging = out.with_name(out.name + ".partial")  # written aside, renamed into place when complete
-    if staging.exists():
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | Path):
+    """Yields DIR.partial to write into; renamed to `out` when the block completes, removed when it
+    fails, so `out` appears only complete. Refuses an existing `out`."""
+    out = Path(out)
+    refuse_existing(out)
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():  # left by an earlier, interrupted attempt
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    ocp.PyTreeCheckpointer().save((staging / "params").absolute(), params)
-    (staging / "config.json").write_text(json.dumps(loaded.config.to_dict(), indent=2) + "\n")
-    if loaded.tokenizer_path is not None:
-        shutil.copyfile(loaded.tokenizer_path, staging / "tokenizer.json")
-    info = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "dtype": jnp.dtype(EXPORT_DTYPES[dtype]).name,
-            "source": str(Path(checkpoint).absolute()), "step": loaded.step}
-    (staging / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     staging.rename(out)
-    return out
+
+
+def write_export(out: str | Path, params, config: ModelConfig, info: dict, tokenizer_path: Path | None = None) -> Path:
+    """Write an export folder: params (an nnx.State of parameters, stored as they are), config,
+    export.json ({"format", "format_version"} + info) and the tokenizer if any."""
+    with staged_folder(out) as staging:
+        ocp.PyTreeCheckpointer().save((staging / "params").absolute(), params)
+        (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
+        info = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, **info}
+        (staging / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return Path(out)
+
+
+def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, dtype: str = "fp32") -> Path:
+    """Write an export folder for a run's checkpoint. Refuses to overwrite an existing `out`."""
+    stored = export_dtype(dtype)
+    refuse_existing(Path(out))
+    loaded = load_model(checkpoint, step)
+    _, params = nnx.split(loaded.model, nnx.Param)
+    params = jax.tree_util.tree_map(lambda x: x.astype(stored), params)
+    info = {"dtype": jnp.dtype(stored).name, "source": str(Path(checkpoint).absolute()), "step": loaded.step}
+    return write_export(out, params, loaded.config, info, loaded.tokenizer_path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Export a training checkpoint's parameters for inference.")
-    parser.add_argument("--checkpoint", required=True, help="training run folder")
+    parser.add_argument("--checkpoint", required=True, help="training run folder (or an export folder)")
     parser.add_argument("--out", required=True, help="export folder to create (must not exist)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     parser.add_argument("--dtype", default="fp32", help="parameter dtype: fp32 (default) or bf16")
+    parser.add_argument("--format", choices=("hnet", "reference"), default="hnet",
+                        help="hnet: an export folder (default); reference: model.safetensors + config.json "
+                             "in the names and layouts of goombalab/hnet")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out, step=args.step, dtype=args.dtype)
-    except LoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        if args.format == "reference":
+            from hnet.convert import export_reference
+            out = export_reference(args.checkpoint, args.out, step=args.step, dtype=args.dtype)
+        else:
+            out = export(args.checkpoint, args.out, step=args.step, dtype=args.dtype)
+    except HNetError as err:
+        return report(err)
     print(f"wrote {out}")
     return 0
 

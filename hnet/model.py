@@ -114,7 +114,11 @@ class HNetStage(nnx.Module):
     """One level of the hierarchy: (B, L, D_s) float32 -> (B, L, D_s) float32 plus stage reports.
 
     At stage == config.depth it is just the main network (an isotropic stack).
-    n_res_outer: residual additions in enclosing encoders (for the output-projection init scale).
+
+    n_res_outer: residual additions in the encoders and decoders of all enclosing stages. Output
+    projections are initialised with std 0.02 / sqrt(n_res), counted as the reference's
+    HNet._init_weights counts: a stage's encoder and decoder both use n_res_outer + encoder +
+    decoder residuals, the main network n_res_outer + its own.
     """
 
     def __init__(self, config: ModelConfig, stage: int, n_res_outer: int, rngs: nnx.Rngs):
@@ -122,18 +126,21 @@ class HNetStage(nnx.Module):
         self.is_main = stage == config.depth
         if self.is_main:
             (main_layout,) = config.stage_layout(stage)
-            self.main = Isotropic(main_layout, config, stage, n_res_outer, rngs)
+            self.main = Isotropic(main_layout, config, stage, n_res_outer + residual_count(main_layout), rngs)
             return
         encoder_layout, decoder_layout = config.stage_layout(stage)
         d_model, d_inner = config.d_model[stage], config.d_model[stage + 1]
-        self.encoder = Isotropic(encoder_layout, config, stage, n_res_outer, rngs)
+        n_res = n_res_outer + residual_count(encoder_layout) + residual_count(decoder_layout)
+        self.encoder = Isotropic(encoder_layout, config, stage, n_res, rngs)
         self.routing_mode, self.stride = config.routing_mode(stage)
         if self.routing_mode == "learned":
             self.routing = chunking.Routing(d_model)
         self.capacity_rule = chunking.CapacityRule.for_stage(config, stage)
-        self.inner = HNetStage(config, stage + 1, n_res_outer + residual_count(encoder_layout), rngs)
-        self.decoder = Isotropic(decoder_layout, config, stage, n_res_outer, rngs)
-        self.residual_proj = linear(d_model, d_model, ("embed", "embed_out"), rngs, dtype=jnp.float32, std=0.0)
+        self.inner = HNetStage(config, stage + 1, n_res, rngs)
+        self.decoder = Isotropic(decoder_layout, config, stage, n_res, rngs)
+        # Zero weight at init, so the decoder starts from the dechunked chunks alone. The bias is the
+        # reference's too (its checkpoints hold trained non-zero ones); ours starts at zero.
+        self.residual_proj = linear(d_model, d_model, ("embed", "embed_out"), rngs, dtype=jnp.float32, std=0.0, bias=True)
         if d_inner > d_model:  # learned padding that widens chunk features to the inner width
             self.pad_dimension = param(jnp.zeros((d_inner - d_model,), jnp.float32), ("embed",))
 

@@ -32,15 +32,16 @@ def test_ema_associative_scan_equals_sequential_loop_and_restarts_at_documents()
     doc_start = np.zeros((2, 11), bool)
     doc_start[:, 0] = doc_start[0, 4] = doc_start[1, 9] = True
     smoothed = chunking.ema_smooth(values, prob, jnp.asarray(doc_start))
-    p = np.where(doc_start, 1.0, np.clip(np.asarray(prob), 1e-4, 1 - 1e-4))
+    p = np.clip(np.asarray(prob), 1e-4, 1 - 1e-4)
     expected = np.zeros((2, 11, 3))
     previous = np.zeros((2, 3))
     for k in range(11):
+        previous = np.where(doc_start[:, k, None], 0.0, previous)  # the reference's state reset
         previous = p[:, k, None] * np.asarray(values[:, k]) + (1 - p[:, k, None]) * previous
         expected[:, k] = previous
     np.testing.assert_allclose(smoothed, expected, rtol=1e-5, atol=1e-6)
-    # A document start takes its own value exactly: nothing of the previous document leaks in.
-    np.testing.assert_array_equal(smoothed[0, 4], values[0, 4])
+    # A document start takes only its own value: nothing of the previous document leaks in.
+    np.testing.assert_array_equal(smoothed[0, 4], np.float32(p[0, 4]) * values[0, 4])
     # The one-step form agrees.
     step = chunking.ema_step(smoothed[:, 3], values[:, 4], prob[:, 4], jnp.asarray(doc_start[:, 4]))
     np.testing.assert_allclose(step, smoothed[:, 4], rtol=1e-6, atol=1e-6)

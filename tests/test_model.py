@@ -47,8 +47,9 @@ def set_routing(model, mode: str, input_ids):
 def perturb_residual_proj(model):
     """residual_proj starts at zero; make it nonzero so every path into the decoder is exercised."""
     for i, stage in enumerate(stages_of(model)):
-        kernel = stage.residual_proj.kernel
+        kernel, bias = stage.residual_proj.kernel, stage.residual_proj.bias
         kernel[...] = 0.1 * jax.random.normal(jax.random.key(i), kernel.shape)
+        bias[...] = 0.1 * jax.random.normal(jax.random.key(100 + i), bias.shape)
 
 
 def stages_of(model):

@@ -67,12 +67,13 @@ class Block(nnx.Module):
 class Isotropic(nnx.Module):
     """(B, L, D) -> float32 (B, L, D): the blocks of `layout` (e.g. "T1m4"), then a final RMSNorm.
 
-    n_res_outer: residual additions of the enclosing encoders; residual-branch output projections
-    are initialised with std 0.02 / sqrt(n_res_outer + this stack's own residual count).
+    n_res: the residual count that scales this stack's residual-branch output projections (Mamba2
+    and attention out_proj, MLP fc2): they are initialised with std 0.02 / sqrt(n_res). HNetStage
+    counts it as the reference does (see HNetStage).
     """
 
-    def __init__(self, layout: str, config: ModelConfig, stage: int, n_res_outer: int, rngs: nnx.Rngs):
-        out_scale = 1.0 / math.sqrt(n_res_outer + residual_count(layout))
+    def __init__(self, layout: str, config: ModelConfig, stage: int, n_res: int, rngs: nnx.Rngs):
+        out_scale = 1.0 / math.sqrt(n_res)
         self.blocks = nnx.List([
             Block(letter, config, stage, out_scale, rngs)
             for letter, count in parse_layout(layout) for _ in range(count)
