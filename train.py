@@ -27,7 +27,7 @@ def parse_args(argv):
     parser.add_argument("--config", help="run config JSON (default: configs/run_tiny.json; with --resume: the run's own)")
     parser.add_argument("--workdir", help="run folder for config, metrics and checkpoints (default: runs/<config>-<time>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a run-config value, e.g. train.lr=3e-4 or model.dtype=float32 (repeatable)")
+                        help="override a run-config value, e.g. train.lr=3e-4 or model.ssm_cfg.d_state=64 (any depth; repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its newest checkpoint")
     parser.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps in this call")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
