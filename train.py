@@ -32,6 +32,9 @@ def parse_args(argv):
     parser.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps in this call")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     parser.add_argument("--plot", metavar="RUN_DIR", help="write PNG curves of RUN_DIR's metrics and exit")
+    parser.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
+                        help="peak TFLOP/s per device for MFU (default: the known bf16 peak of GPUs and TPUs; "
+                             "without one, e.g. on CPU, MFU is not reported)")
     cluster = parser.add_argument_group("multi-process runs (see hnet/distributed.py)")
     cluster.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator "
                          "(default: $JAX_COORDINATOR_ADDRESS)")
@@ -73,6 +76,8 @@ def main(argv=None) -> int:
         from hnet.run_config import load_run_config
         from hnet.train_loop import train
 
+        if args.peak_tflops is not None and not args.peak_tflops > 0:
+            raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
         if args.resume and not args.workdir:
             raise RunError("--resume needs --workdir RUN_DIR")
         run = None
@@ -84,7 +89,8 @@ def main(argv=None) -> int:
                 raise RunError(f"--resume: {args.workdir} holds no run (no {saved.name})")
             run = load_run_config(saved, args.overrides)
         workdir = Path(args.workdir) if args.workdir else Path("runs") / f"{Path(args.config or 'run_tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        summary = train(run, workdir, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
+        summary = train(run, workdir, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
+                        peak_tflops=args.peak_tflops)
     except (ConfigError, DataError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

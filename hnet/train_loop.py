@@ -23,7 +23,7 @@ import numpy as np
 
 from hnet import checkpoint as checkpoint_lib
 from hnet import data as data_lib
-from hnet import multihost, sharding
+from hnet import multihost, sharding, throughput
 from hnet import tokenizer as tokenizer_lib
 from hnet.checkpoint import Checkpointer
 from hnet.errors import RunError
@@ -34,10 +34,12 @@ from hnet.train_step import StepFunctions, make_step_functions, run_mesh
 
 
 def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, progress: bool = True,
-          max_steps: int | None = None, verbose: bool = True) -> dict:
+          max_steps: int | None = None, verbose: bool = True, peak_tflops: float | None = None) -> dict:
     """Train (or resume) a run in `workdir`. Returns a summary dict.
 
     max_steps: stop after this many steps in this call (checkpointing there), as if preempted.
+    peak_tflops: peak TFLOP/s per device for MFU (default: the known peak of the device, if any;
+    see hnet.throughput).
     """
     run_dir = RunDir(workdir)
     mesh = run_mesh(run) if run is not None else None  # a layout error stops before the run folder is made
@@ -83,11 +85,14 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     bar = _progress_bar(train_cfg.steps, start_step, progress and process_index == 0)
     accum, micro = train_cfg.grad_accum, train_cfg.batch_size // process_count // train_cfg.grad_accum
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len  # targets per step, all processes
+    speed = throughput.TrainingSpeed(run.model_config, train_cfg.batch_size, train_cfg.seq_len,
+                                     throughput.peak_flops(jax.devices()[0], peak_tflops),
+                                     tuple(jax.devices()), tuple(jax.local_devices()))
     pending: list[tuple[int, dict, int]] = []  # (step, device metrics, bytes this process covered)
     last_eval: dict = {}
     status = "completed"
     end_step = train_cfg.steps if max_steps is None else min(train_cfg.steps, start_step + max_steps)
-    interval_start = time.perf_counter()
+    window_start = time.perf_counter()  # when the steps of the current metrics window began
     warmup_steps = int(round(train_cfg.warmup_frac * train_cfg.steps))
     warned_dropped = False
     with _StopFlag() as stop, open(run_dir.metrics if is_main else os.devnull, "a") as metrics_file:
@@ -109,14 +114,13 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
                 step_bytes = multihost.sum_over_processes(np.array([b for _, _, b in pending], dtype=np.int64))
                 rows = _flush_metrics(pending, step_bytes, steps.schedule, tokens_per_step, start_bytes=bytes_seen)
                 bytes_seen += int(step_bytes.sum())
-                elapsed = time.perf_counter() - interval_start  # after the transfer: steps run asynchronously
-                throughput = int(step_bytes.sum()) / max(elapsed, 1e-9)
+                # Timed after the transfer, which waits for the window's steps (they run asynchronously).
+                speed.annotate(rows, int(step_bytes.sum()), time.perf_counter() - window_start)
                 for row in rows:
-                    row["bytes_per_sec"] = throughput
                     metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
-                pending, interval_start = [], time.perf_counter()
-                _update_bar(bar, rows[-1], throughput, step)
+                pending = []
+                _update_bar(bar, rows[-1], step)
                 if not warned_dropped:
                     warned_dropped = _warn_dropped(rows, warmup_steps, run.model_config, bar.write if is_main else None)
                 if rows[-1]["nonfinite_run"] >= train_cfg.max_nonfinite_steps:
@@ -140,6 +144,8 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
                 break
             if step % train_cfg.checkpoint_every == 0 and step != end_step:
                 save(step)
+            if not pending:  # a window was flushed: the next one starts after its evaluation and save
+                window_start = time.perf_counter()
         if checkpointer.latest_step() != step:
             save(step)
         checkpointer.close()
@@ -295,8 +301,17 @@ def _warn_dropped(rows: list[dict], warmup_steps: int, config, write) -> bool:
     return False
 
 
-def _update_bar(bar, row: dict, throughput: float, step: int) -> None:
-    postfix = {"loss": f"{row['loss']:.3f}", "bpb": f"{row['bpb']:.3f}", "B/s": f"{throughput:,.0f}"}
+def _update_bar(bar, row: dict, step: int) -> None:
+    """Show a metrics row: loss, bpb, throughput, step time, MFU and peak memory (when known),
+    bytes per chunk, and dropped boundaries when there are any."""
+    postfix = {"loss": f"{row['loss']:.3f}", "bpb": f"{row['bpb']:.3f}", "B/s": f"{row['bytes_per_sec']:,.0f}"}
+    if "tokens_per_sec" in row:
+        postfix["tok/s"] = f"{row['tokens_per_sec']:,.0f}"
+    postfix["step"] = f"{row['step_time_s'] * 1e3:.0f}ms"
+    if "mfu" in row:
+        postfix["MFU"] = f"{row['mfu']:.1%}"
+    if "peak_memory_bytes" in row:
+        postfix["mem"] = f"{row['peak_memory_bytes'] / 2**30:.1f}GiB"
     for key, value in row.items():
         if key.endswith("_bytes_per_chunk"):
             postfix[key.split("_")[0] + " B/chunk"] = f"{value:.2f}"

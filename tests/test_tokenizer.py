@@ -166,6 +166,12 @@ def test_token_run_trains_resumes_and_counts_bytes(corpus, tmp_path, monkeypatch
     assert first["bpb"] == pytest.approx(nll / (math.log(2) * covered(batch["targets"])), rel=1e-5)
     assert first["bytes_seen"] > 4 * 16  # tokens cover several bytes each
 
+    # Speed: tokens/s counts the targets, bytes/s the text bytes they cover (one step per window here).
+    previous_bytes = 0
+    for row in (r for r in straight_rows if "loss" in r):
+        assert row["bytes_per_sec"] / row["tokens_per_sec"] == pytest.approx((row["bytes_seen"] - previous_bytes) / (4 * 16))
+        previous_bytes = row["bytes_seen"]
+
     evals = [r for r in straight_rows if "eval_bpb" in r]
     assert len(evals) == 1 and straight["eval"]["bpb"] == evals[0]["eval_bpb"]
     eval_batch_list = list(eval_batches(tokens, "validation", 16, 4))

@@ -49,7 +49,8 @@ def test_loss_decreases_on_default_corpus(tmp_path):
 
 def test_resume_reproduces_losses_exactly(tmp_path):
     run = run_config_from_dict(small_run(steps=8, grad_accum=2))
-    train(run, tmp_path / "straight", progress=False, verbose=False)
+    train(run, tmp_path / "straight", progress=False, verbose=False, peak_tflops=0.5)
+    check_speed_fields(run, tmp_path / "straight", peak_flops=0.5e12)
     first = train(run, tmp_path / "resumed", progress=False, verbose=False, max_steps=4)
     assert first["step"] == 4
     # What a kill -9 during a save leaves behind: an unfinished temporary checkpoint folder.
@@ -60,6 +61,53 @@ def test_resume_reproduces_losses_exactly(tmp_path):
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert len(straight) == len(resumed) == 8
     assert straight == resumed  # bitwise on CPU
+
+
+def check_speed_fields(run, run_dir: Path, peak_flops: float | None) -> None:
+    """Every step row has its window's speed: step time, bytes/s, model FLOPs at its own bytes per
+    chunk (hnet.flops), and MFU exactly when a peak is known; rows of a window share the timing."""
+    import jax
+
+    from hnet.flops import training_flops_per_step
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "loss" in row]
+    config, train_cfg = run.model_config, run.train
+    for row in rows:
+        assert row["step_time_s"] > 0 and row["bytes_per_sec"] > 0 and "tokens_per_sec" not in row  # bytes: no tokens
+        assert "peak_memory_bytes" not in row  # the CPU backend reports no memory statistics
+        bytes_per_chunk = [row[f"stage{s}_bytes_per_chunk"] for s in range(config.depth)]
+        assert row["model_flops_per_step"] == training_flops_per_step(config, train_cfg.batch_size, train_cfg.seq_len,
+                                                                      bytes_per_chunk)
+    step_bytes = train_cfg.batch_size * train_cfg.seq_len
+    for start in range(0, len(rows), train_cfg.log_every):  # flushed (and timed) every log_every steps
+        window = rows[start:start + train_cfg.log_every]
+        step_time = window[0]["step_time_s"]
+        assert all(row["step_time_s"] == step_time for row in window)
+        assert window[0]["bytes_per_sec"] == pytest.approx(len(window) * step_bytes / (step_time * len(window)))
+        if peak_flops is None:
+            assert all("mfu" not in row for row in window)
+        else:
+            flops = sum(row["model_flops_per_step"] for row in window)
+            expected = flops / (step_time * len(window) * jax.device_count() * peak_flops)
+            assert all(row["mfu"] == pytest.approx(expected) for row in window)
+
+
+def test_progress_bar_shows_speed():
+    import io
+
+    from hnet.train_loop import _progress_bar, _update_bar
+
+    bar = _progress_bar(10, 0, enabled=True)
+    bar.fp = io.StringIO()
+    row = {"loss": 2.0, "bpb": 3.0, "bytes_per_sec": 12345.0, "tokens_per_sec": 3000.0, "step_time_s": 0.0421,
+           "mfu": 0.375, "peak_memory_bytes": 3 * 2**30, "stage0_bytes_per_chunk": 4.5, "stage0_dropped_rate": 0.0}
+    _update_bar(bar, row, 2)
+    postfix = bar.postfix
+    assert "B/s=12,345" in postfix and "tok/s=3,000" in postfix and "step=42ms" in postfix
+    assert "MFU=37.5%" in postfix and "mem=3.0GiB" in postfix and "stage0 B/chunk=4.50" in postfix
+    assert "dropped" not in postfix
+    bar.close()
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
