@@ -24,6 +24,7 @@ import numpy as np
 from hnet import checkpoint as checkpoint_lib
 from hnet import data as data_lib
 from hnet import multihost, sharding, throughput
+from hnet import tensorboard as tensorboard_lib
 from hnet import tokenizer as tokenizer_lib
 from hnet.checkpoint import Checkpointer
 from hnet.errors import RunError
@@ -95,7 +96,11 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     window_start = time.perf_counter()  # when the steps of the current metrics window began
     warmup_steps = int(round(train_cfg.warmup_frac * train_cfg.steps))
     warned_dropped = False
-    with _StopFlag() as stop, open(run_dir.metrics if is_main else os.devnull, "a") as metrics_file:
+    if tensorboard_lib.available():
+        log(f"tensorboard: event files in {run_dir.tensorboard}")
+    else:
+        log("tensorboard: off (tensorboardX is not installed; pip install -e \".[tensorboard]\")")
+    with _StopFlag() as stop, MetricsLog(run_dir, is_main, first_step=start_step + 1) as metrics_log:
         step = start_step
         while step < end_step:
             batch = next(iterator)
@@ -116,9 +121,7 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
                 bytes_seen += int(step_bytes.sum())
                 # Timed after the transfer, which waits for the window's steps (they run asynchronously).
                 speed.annotate(rows, int(step_bytes.sum()), time.perf_counter() - window_start)
-                for row in rows:
-                    metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                metrics_log.write(rows)
                 pending = []
                 _update_bar(bar, rows[-1], step)
                 if not warned_dropped:
@@ -132,10 +135,8 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
                                    f"last good checkpoint: {where}")
             if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 last_eval = evaluate(steps, state["params"], corpus, run.data.eval_split, run, train_cfg.eval_batches)
-                record = {"step": step, "bytes_seen": bytes_seen, "split": run.data.eval_split,
-                          **{f"eval_{k}": v for k, v in last_eval.items()}}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                metrics_log.write([{"step": step, "bytes_seen": bytes_seen, "split": run.data.eval_split,
+                                    **{f"eval_{k}": v for k, v in last_eval.items()}}])
                 if is_main:
                     bar.write(f"step {step}: {run.data.eval_split} bpb {last_eval['bpb']:.4f}" + "".join(
                         f", stage {s} bytes/chunk {last_eval[f'stage{s}_bytes_per_chunk']:.2f}" for s in range(run.model_config.depth)))
@@ -246,6 +247,30 @@ def summarize_eval(totals: dict, depth: int) -> dict:
 # --------------------------------------------------------------------------------------------
 # Metrics, progress and signals
 # --------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Where metrics rows go: RUN_DIR/metrics.jsonl (the record, one JSON object a line) and,
+    when tensorboardX is installed, TensorBoard scalars in RUN_DIR/tensorboard (hnet.tensorboard).
+    Only process 0 writes (`enabled`); first_step: the first step this call logs."""
+
+    def __init__(self, run_dir: RunDir, enabled: bool, first_step: int):
+        self._file = open(run_dir.metrics if enabled else os.devnull, "a")
+        board_dir = run_dir.tensorboard if enabled and tensorboard_lib.available() else None
+        self._board = tensorboard_lib.TensorBoardLog(board_dir, first_step)
+
+    def write(self, rows: list[dict]) -> None:
+        for row in rows:
+            self._file.write(json.dumps(row) + "\n")
+            self._board.write(row)
+        self._file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+        self._board.close()
 
 
 def _flush_metrics(pending, step_bytes, schedule, tokens_per_step, start_bytes) -> list[dict]:

@@ -3,6 +3,7 @@ exits 0, non-finite steps are skipped and stop the run, bad input gets a one-lin
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,59 @@ def test_progress_bar_shows_speed():
     assert "MFU=37.5%" in postfix and "mem=3.0GiB" in postfix and "stage0 B/chunk=4.50" in postfix
     assert "dropped" not in postfix
     bar.close()
+
+
+def read_event_file(path: Path) -> list:
+    """The Event protos of a TensorBoard event file (TFRecord framing: u64 length, u32 length
+    CRC, the record, u32 record CRC; the CRCs are not checked here)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, position, events = path.read_bytes(), 0, []
+    while position < len(data):
+        (length,) = struct.unpack("<Q", data[position:position + 8])
+        position += 12
+        events.append(Event.FromString(data[position:position + length]))
+        position += length + 4
+    return events
+
+
+def logged_scalars(events) -> dict[tuple[str, int], float]:
+    """(tag, step) -> value of the scalar summaries among `events`."""
+    return {(value.tag, event.step): value.simple_value for event in events if event.HasField("summary")
+            for value in event.summary.value}
+
+
+def test_tensorboard_events_match_metrics_and_resume_purges(tmp_path):
+    pytest.importorskip("tensorboardX")
+    from hnet import tensorboard
+
+    run_dir = tmp_path / "run"
+    # test_resume_reproduces_losses_exactly's run config: its compiled steps are cached.
+    train(run_config_from_dict(small_run(steps=8, grad_accum=2)), run_dir, progress=False, verbose=False)
+    # As if the run had died after logging step 8 but before its checkpoint: resume from step 4.
+    shutil.rmtree(run_dir / "checkpoints" / "8")
+    train(None, run_dir, resume=True, progress=False, verbose=False)
+    first, resumed = (read_event_file(p) for p in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"),
+                                                              key=lambda p: int(p.name.rsplit(".step", 1)[1])))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [*range(1, 9), 8]  # steps, then the evaluation row
+
+    # The resumed writer tells TensorBoard to drop the first run's events from step 5 on.
+    starts = [event for event in resumed if event.HasField("session_log")]
+    assert len(starts) == 1 and starts[0].session_log.status == starts[0].session_log.START and starts[0].step == 5
+    first_scalars, resumed_scalars = logged_scalars(first), logged_scalars(resumed)
+    assert {step for _, step in first_scalars} == set(range(1, 9)) and {step for _, step in resumed_scalars} == {5, 6, 7, 8}
+    seen = {**{key: v for key, v in first_scalars.items() if key[1] < 5}, **resumed_scalars}
+    expected = {(tag, row["step"]): value for row in rows for tag, value in tensorboard.scalars(row).items()}
+    assert seen.keys() == expected.keys()
+    for key, value in expected.items():
+        assert seen[key] == pytest.approx(value, rel=1e-6), key  # stored as float32
+    tags = {tag for tag, _ in expected}
+    assert {"train/loss", "train/bpb", "train/ratio_loss", "train/lr", "train/stage0_bytes_per_chunk",
+            "train/stage0_dropped_rate", "speed/step_time_s", "speed/bytes_per_sec", "eval/bpb",
+            "eval/stage0_bytes_per_chunk"} <= tags
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
