@@ -29,21 +29,26 @@ from hnet import tokenizer as tokenizer_lib
 from hnet.checkpoint import Checkpointer
 from hnet.errors import RunError
 from hnet.model import bits_per_byte
+from hnet.profiling import ProfileSteps, StepProfiler
 from hnet.run_config import RunConfig, run_config_from_dict
 from hnet.run_dir import RunDir
 from hnet.train_step import StepFunctions, make_step_functions, run_mesh
 
 
 def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, progress: bool = True,
-          max_steps: int | None = None, verbose: bool = True, peak_tflops: float | None = None) -> dict:
+          max_steps: int | None = None, verbose: bool = True, peak_tflops: float | None = None,
+          profile: ProfileSteps | None = None) -> dict:
     """Train (or resume) a run in `workdir`. Returns a summary dict.
 
     max_steps: stop after this many steps in this call (checkpointing there), as if preempted.
     peak_tflops: peak TFLOP/s per device for MFU (default: the known peak of the device, if any;
     see hnet.throughput).
+    profile: trace these steps with jax.profiler into RUN_DIR/profile (hnet.profiling).
     """
     run_dir = RunDir(workdir)
     mesh = run_mesh(run) if run is not None else None  # a layout error stops before the run folder is made
+    if profile is not None and not resume:  # checked before the run folder is made
+        profile.check(1, _end_step(run.train.steps, 0, max_steps))
     run = prepare_run_dir(run_dir, run, resume)
     train_cfg = run.train
     is_main = jax.process_index() == 0  # only process 0 prints and writes metrics
@@ -76,6 +81,8 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
         if is_main:
             _truncate_metrics(run_dir.metrics, start_step)
         log(f"resumed {run_dir.path} at step {start_step} ({bytes_seen:,d} bytes seen)")
+        if profile is not None:
+            profile.check(start_step + 1, _end_step(train_cfg.steps, start_step, max_steps))
 
     def save(step: int):
         checkpointer.save(
@@ -92,7 +99,7 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     pending: list[tuple[int, dict, int]] = []  # (step, device metrics, bytes this process covered)
     last_eval: dict = {}
     status = "completed"
-    end_step = train_cfg.steps if max_steps is None else min(train_cfg.steps, start_step + max_steps)
+    end_step = _end_step(train_cfg.steps, start_step, max_steps)
     window_start = time.perf_counter()  # when the steps of the current metrics window began
     warmup_steps = int(round(train_cfg.warmup_frac * train_cfg.steps))
     warned_dropped = False
@@ -100,14 +107,17 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
         log(f"tensorboard: event files in {run_dir.tensorboard}")
     else:
         log("tensorboard: off (tensorboardX is not installed; pip install -e \".[tensorboard]\")")
-    with _StopFlag() as stop, MetricsLog(run_dir, is_main, first_step=start_step + 1) as metrics_log:
+    with (_StopFlag() as stop, MetricsLog(run_dir, is_main, first_step=start_step + 1) as metrics_log,
+          StepProfiler(profile, run_dir.profile, enabled=is_main) as profiler):
         step = start_step
         while step < end_step:
             batch = next(iterator)
             shape = (accum, micro, train_cfg.seq_len)
-            state, metrics = steps.train_step(state, steps.place_train_batch(batch["input_ids"].reshape(shape)),
-                                              steps.place_train_batch(batch["targets"].reshape(shape)))
+            with profiler.annotate(step + 1):
+                state, metrics = steps.train_step(state, steps.place_train_batch(batch["input_ids"].reshape(shape)),
+                                                  steps.place_train_batch(batch["targets"].reshape(shape)))
             step += 1
+            profiler.finish_step(step, (state, metrics))
             # Text bytes this process's targets cover (batch_size / P * seq_len for bytes).
             local_bytes = int(np.sum(corpus.bytes_per_id[batch["targets"]]))
             pending.append((step, metrics, local_bytes))
@@ -147,12 +157,18 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
                 save(step)
             if not pending:  # a window was flushed: the next one starts after its evaluation and save
                 window_start = time.perf_counter()
+        profiler.close(state)  # a trace still running: the run stopped before the last traced step
         if checkpointer.latest_step() != step:
             save(step)
         checkpointer.close()
     bar.close()
     return {"status": status, "step": step, "bytes_seen": bytes_seen, "eval": last_eval,
             "checkpoint": str(checkpointer.path(step)), "workdir": str(run_dir.path)}
+
+
+def _end_step(steps: int, start_step: int, max_steps: int | None) -> int:
+    """The step a call stops at: the run's last step, or max_steps after start_step."""
+    return steps if max_steps is None else min(steps, start_step + max_steps)
 
 
 def open_corpus(run: RunConfig, verbose: bool):

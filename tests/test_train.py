@@ -3,6 +3,7 @@ exits 0, non-finite steps are skipped and stop the run, bad input gets a one-lin
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -228,6 +229,23 @@ def test_run_folder_is_never_overwritten_and_resume_checks_model(tmp_path, capsy
     code, err = run_cli(["--workdir", str(tmp_path / "empty"), "--resume"], capsys)
     assert code == 2 and "holds no run" in err
     assert (run_dir / "config.json").read_text() == saved
+
+
+def test_profile_traces_the_chosen_steps(tmp_path, capsys):
+    import gzip
+
+    config = write_run(tmp_path, small_run(steps=2))  # the run config of the test above: compiled steps cached
+    code, err = run_cli(["--config", config, "--workdir", str(tmp_path / "run"), "--profile", "2:2", "--no-progress"], capsys)
+    assert code == 0, err
+    (trace_dir,) = (tmp_path / "run" / "profile" / "plugins" / "profile").iterdir()
+    assert [p.stat().st_size > 0 for p in trace_dir.glob("*.xplane.pb")] == [True]
+    events = json.loads(gzip.decompress((trace_dir / "perfetto_trace.json.gz").read_bytes()))["traceEvents"]
+    assert [e["args"]["step_num"] for e in events if e.get("name") == "train"] == ["2"]  # step 2 only
+    for spec, message in [("2-3", "expected START:STOP"), ("3:2", "1 <= START <= STOP"), ("0:1", "1 <= START <= STOP"),
+                          ("a:b", "expected START:STOP"), ("5:6", r"START must be a step this call runs \(1 to 2\)")]:
+        code, err = run_cli(["--config", config, "--workdir", str(tmp_path / "bad"), "--profile", spec], capsys)
+        assert code == 2 and err.startswith("error: --profile") and "\n" not in err and re.search(message, err), err
+        assert not (tmp_path / "bad").exists()  # checked before the run folder is made
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
