@@ -8,6 +8,7 @@ scan, a softmax over cache slots instead of a masked row), so results differ by 
 """
 
 import codecs
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from hnet import chunking, decode
 from hnet.config import AttnConfig, replace
 from hnet.decode import Generator, SamplingConfig, Utf8Stream
 from hnet.export import export, load_model
-from conftest import jit_forward, shrink, tiny_config, write_run_folder
+from conftest import ROOT, jit_forward, shrink, tiny_config, write_run_folder
 
 LENGTH = 120  # > the shrunk sliding windows (7), so ring buffers wrap; > 4 capacity multiples (8)
 
@@ -228,3 +229,30 @@ def test_generate_cli_bad_input(tmp_path, capsys):
     assert generate_cli.main(["--checkpoint", str(tmp_path / "empty_run"), "--prompt", "x"]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
 
+
+def readme_block(title: str) -> str:
+    """The first ```python block after the README heading `title`."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(f"\n### {title}\n"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_python_generation_example_runs(tmp_path, monkeypatch, capsys):
+    # The README's example, on a tiny byte Transformer saved where the example looks (runs/x).
+    model = hnet.build_model(shrink(tiny_config("transformer_byte_tiny")), seed=0)
+    write_run_folder(tmp_path / "runs" / "x", model)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(readme_block("Python generation"), "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert printed.startswith("def main(") and len(printed) > len("def main(")
+    texts = namespace["texts"]
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    # The example's greedy batch: the Generator's greedy bytes, cut right after the first stop
+    # string, as text; the one-call form takes a folder's path as well.
+    outputs = Generator(load_model("runs/x")).generate([b"import ", b"class "], max_new_bytes=100,
+                                                       sampling=SamplingConfig(temperature=0)).outputs
+    cut = [output.find(b"\n\n") for output in outputs]
+    expected = [(o if c < 0 else o[:c + 2]).decode("utf-8", errors="replace") for o, c in zip(outputs, cut)]
+    assert texts == expected == hnet.generate("runs/x", ["import ", "class "], max_new_bytes=100, temperature=0,
+                                              stop="\n\n")
