@@ -71,6 +71,10 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
 
     graphdef, steps = make_step_functions(run, mesh)
     log(f"mesh: {sharding.describe(steps.mesh)}")
+    if tensorboard_lib.available():
+        log(f"tensorboard: event files in {run_dir.tensorboard}")
+    else:
+        log("tensorboard: off (tensorboardX is not installed; pip install -e \".[tensorboard]\")")
     state = None if resume else steps.init()
     checkpointer = Checkpointer(run_dir.path, keep=train_cfg.keep_checkpoints, primary=is_main)
     start_step, bytes_seen = 0, 0
@@ -103,10 +107,6 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     window_start = time.perf_counter()  # when the steps of the current metrics window began
     warmup_steps = int(round(train_cfg.warmup_frac * train_cfg.steps))
     warned_dropped = False
-    if tensorboard_lib.available():
-        log(f"tensorboard: event files in {run_dir.tensorboard}")
-    else:
-        log("tensorboard: off (tensorboardX is not installed; pip install -e \".[tensorboard]\")")
     with (_StopFlag() as stop, MetricsLog(run_dir, is_main, first_step=start_step + 1) as metrics_log,
           StepProfiler(profile, run_dir.profile, enabled=is_main) as profiler):
         step = start_step
