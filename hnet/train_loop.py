@@ -1,5 +1,7 @@
-"""The training loop around hnet.train_step: data, periodic evaluation, JSON Lines metrics,
-orbax checkpoints, resume and preemption handling, in a run folder (hnet.run_dir).
+"""The training loop around hnet.train_step: data, periodic evaluation, JSON Lines metrics with
+step time, throughput and MFU (hnet.throughput) and their TensorBoard scalars (hnet.tensorboard),
+orbax checkpoints, resume and preemption handling, and jax.profiler traces of chosen steps
+(hnet.profiling), in a run folder (hnet.run_dir).
 
 The steps run over a device mesh (hnet.sharding, the run config's `mesh` section), on one device
 or many processes alike. Every process reads its own rows of each batch; process 0 alone prints
