@@ -108,13 +108,12 @@ class Checkpoint:
     def __init__(self, path: str, step=None):
         from hnet.export import load_model
         from hnet.run_dir import RunDir
-        from hnet.tokenizer import BPETokenizer
 
         self.loaded = load_model(path, step)
         self.path = Path(path)
         self.name = self.path.resolve().name
         self.run = json.loads(RunDir(self.path).config.read_text()) if self.loaded.kind == "run" else None
-        self.tokenizer = BPETokenizer.load(self.loaded.tokenizer_path) if self.loaded.tokenizer_path else None
+        self.tokenizer = self.loaded.tokenizer
 
     @property
     def config(self):

@@ -4,6 +4,7 @@
     python train.py --config configs/run_tiny.json --workdir runs/x --set train.lr=3e-4
     python train.py --workdir runs/x --resume         # continue from the newest checkpoint
     python train.py --plot runs/x                     # PNG curves of a run
+    python train.py --workdir runs/x --profile 10:12  # jax.profiler trace of steps 10-12 in runs/x/profile
     python train.py --set mesh.fsdp=8                 # lay the run out over devices (hnet.sharding)
     python train.py --coordinator HOST:PORT --num-processes 2 --process-id 0 ...   # one of several hosts
 
@@ -27,11 +28,16 @@ def parse_args(argv):
     parser.add_argument("--config", help="run config JSON (default: configs/run_tiny.json; with --resume: the run's own)")
     parser.add_argument("--workdir", help="run folder for config, metrics and checkpoints (default: runs/<config>-<time>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a run-config value, e.g. train.lr=3e-4 or model.dtype=float32 (repeatable)")
+                        help="override a run-config value, e.g. train.lr=3e-4 or model.ssm_cfg.d_state=64 (any depth; repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its newest checkpoint")
     parser.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps in this call")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     parser.add_argument("--plot", metavar="RUN_DIR", help="write PNG curves of RUN_DIR's metrics and exit")
+    parser.add_argument("--profile", metavar="START:STOP",
+                        help="trace steps START to STOP (1-based, both included) with jax.profiler into RUN_DIR/profile")
+    parser.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
+                        help="peak TFLOP/s per device for MFU (default: the known bf16 peak of GPUs and TPUs; "
+                             "without one, e.g. on CPU, MFU is not reported)")
     cluster = parser.add_argument_group("multi-process runs (see hnet/distributed.py)")
     cluster.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator "
                          "(default: $JAX_COORDINATOR_ADDRESS)")
@@ -70,9 +76,13 @@ def main(argv=None) -> int:
             for path in plot_run(args.plot):
                 print(f"wrote {path}")
             return 0
+        from hnet.profiling import ProfileSteps
         from hnet.run_config import load_run_config
         from hnet.train_loop import train
 
+        if args.peak_tflops is not None and not args.peak_tflops > 0:
+            raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+        profile = ProfileSteps.parse(args.profile) if args.profile else None
         if args.resume and not args.workdir:
             raise RunError("--resume needs --workdir RUN_DIR")
         run = None
@@ -84,7 +94,8 @@ def main(argv=None) -> int:
                 raise RunError(f"--resume: {args.workdir} holds no run (no {saved.name})")
             run = load_run_config(saved, args.overrides)
         workdir = Path(args.workdir) if args.workdir else Path("runs") / f"{Path(args.config or 'run_tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        summary = train(run, workdir, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
+        summary = train(run, workdir, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
+                        peak_tflops=args.peak_tflops, profile=profile)
     except (ConfigError, DataError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,10 @@
     out = model(input_ids)          # int32 (B, L) bytes
     out.logits                      # (B, L, 256)
     out.stages[0].boundary_mask     # (B, L), outermost stage first
+
+    loaded = hnet.load_model("runs/x")                      # a run or export folder
+    hnet.generate(loaded, "def main(", max_new_bytes=100, temperature=0.8, top_p=0.95)   # -> str
+    hnet.Generator(loaded).stream([b"def main("], sampling=hnet.SamplingConfig(temperature=0.8))
 """
 
 import importlib
@@ -21,7 +25,8 @@ _EXPORTS = {
     "ConfigError": "hnet.config", "ModelConfig": "hnet.config", "load_config": "hnet.config",
     "BOS_ID": "hnet.vocab", "EOS_ID": "hnet.vocab", "HNetLM": "hnet.model", "TransformerLM": "hnet.model",
     "ModelOutput": "hnet.model", "StageOutput": "hnet.model", "build_model": "hnet.model",
-    "cross_entropy": "hnet.model",
+    "cross_entropy": "hnet.model", "LoadedModel": "hnet.export", "load_model": "hnet.export",
+    "Generator": "hnet.decode", "SamplingConfig": "hnet.decode", "generate": "hnet.decode",
 }
 __all__ = sorted(_EXPORTS)
 

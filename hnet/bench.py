@@ -11,7 +11,8 @@ synthetic random bytes (token ids for a BPE model), so no corpus is needed: the 
 (compile + one step) is reported separately, then `--warmup` untimed steps, then the median of
 `--steps` timed steps, each waited for with jax.block_until_ready. Model FLOPs per step come from
 hnet.flops at the bytes per chunk the step measured; MFU = model FLOPs / (step time x device count
-x peak), with the dense bf16 peak of known accelerators (H100 SXM: 989 TFLOP/s) or --peak-tflops.
+x peak), with the dense bf16 peak of known accelerators (hnet.throughput: H100 and H200 989 TFLOP/s,
+A100 312, TPU v4 275, v5e 197, v5p 459) or --peak-tflops.
 
 `decode` times generation (hnet.decode.Generator: jitted prefill, then a lax.scan sampling loop)
 with randomly initialised weights in the config's dtype: bytes/s = batch x new bytes / time of the
@@ -42,26 +43,13 @@ def model_config_name(config_path: str | Path | None) -> str:
     return Path(model).stem if isinstance(model, str) else "inline"
 
 
-# Dense bf16 peak FLOP/s per device, by jax device_kind prefix (vendor datasheets; H100 SXM).
-DEVICE_PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "TPU v5p": 459e12,
-                     "TPU v4": 275e12}
-
-
-def device_peak_flops(device) -> float | None:
-    """The bf16 dense peak of a known accelerator, None otherwise (e.g. CPU: pass --peak-tflops)."""
-    for prefix, flops in DEVICE_PEAK_FLOPS.items():
-        if device.device_kind.startswith(prefix):
-            return flops
-    return None
-
-
 def bench_train(config_path: str | None, overrides: list[str], steps: int, warmup: int,
                 peak_tflops: float | None = None) -> dict:
     """Time the training step of a run config; returns a dict of results (see `format_table`)."""
     import jax
     import numpy as np
 
-    from hnet.flops import training_flops_per_step
+    from hnet import throughput
     from hnet.run_config import load_run_config
     from hnet.train_step import init_state
 
@@ -97,13 +85,11 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     step_s = statistics.median(times)
 
     device = jax.devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    peak = (stats or {}).get("peak_bytes_in_use")
     # Model FLOPs at the chunk sizes this step measured (hnet.flops); MFU against the device peak.
     config = run.model_config
-    bytes_per_chunk = [float(last_metrics[f"stage{s}_bytes_per_chunk"]) for s in range(config.depth)]
-    step_flops = training_flops_per_step(config, train.batch_size, train.seq_len, bytes_per_chunk)
-    peak_flops = peak_tflops * 1e12 if peak_tflops else device_peak_flops(device)
+    host_metrics = jax.device_get(last_metrics)
+    step_flops = throughput.step_model_flops(config, train.batch_size, train.seq_len, host_metrics)
+    peak_flops = throughput.peak_flops(device, peak_tflops)
     positions_per_sec = train.batch_size * train.seq_len / step_s
     return {
         "benchmark": "train",
@@ -123,11 +109,11 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
         "step_s_max": max(times),
         "bytes_per_sec": positions_per_sec if config.is_byte_model else None,
         "tokens_per_sec": None if config.is_byte_model else positions_per_sec,
-        "bytes_per_chunk": bytes_per_chunk,
+        "bytes_per_chunk": throughput.measured_bytes_per_chunk(config, host_metrics),
         "model_flops_per_step": step_flops,
         "peak_flops": peak_flops,
-        "mfu": step_flops / (step_s * peak_flops * jax.device_count()) if peak_flops else None,
-        "peak_memory_bytes": peak,
+        "mfu": throughput.mfu(step_flops, step_s, peak_flops, jax.device_count()),
+        "peak_memory_bytes": throughput.peak_memory_bytes(jax.local_devices()),
     }
 
 

@@ -33,9 +33,10 @@ from flax import nnx
 
 from hnet.checkpoint import restore_newest
 from hnet.config import ModelConfig, config_from_dict
-from hnet.errors import CheckpointError, ConfigError, HNetError, LoadError, report
+from hnet.errors import CheckpointError, ConfigError, DataError, HNetError, LoadError, report
 from hnet.model import LanguageModel, build_model
 from hnet.run_dir import RunDir
+from hnet.tokenizer import BPETokenizer
 
 EXPORT_FORMAT = "hnet-export"
 EXPORT_VERSION = 1
@@ -55,6 +56,7 @@ class LoadedModel:
     path: Path
     step: int | None          # training step of the parameters
     tokenizer_path: Path | None   # tokenizer.json for token models, else None
+    tokenizer: BPETokenizer | None  # that tokenizer, loaded
 
 
 def abstract_params(config: ModelConfig):
@@ -153,9 +155,17 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     else:
         params, step = _restore_run_params(path, abstract, step)
     params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)  # bf16 exports compute like training
-    tokenizer = path / "tokenizer.json"  # RunDir(path).tokenizer, and the same name in an export
+    tokenizer_path = path / "tokenizer.json"  # RunDir(path).tokenizer, and the same name in an export
+    tokenizer = None
+    if tokenizer_path.is_file():
+        try:
+            tokenizer = BPETokenizer.load(tokenizer_path)
+        except DataError as err:
+            raise LoadError(str(err)) from None
+    elif not config.is_byte_model:
+        raise LoadError(f"{path} holds a token model ({config.vocab_size} ids) but no tokenizer.json")
     return LoadedModel(model=nnx.merge(graphdef, params), config=config, kind="export" if is_export else "run",
-                       path=path, step=step, tokenizer_path=tokenizer if tokenizer.is_file() else None)
+                       path=path, step=step, tokenizer_path=tokenizer_path if tokenizer else None, tokenizer=tokenizer)
 
 
 def export_dtype(dtype: str):

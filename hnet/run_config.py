@@ -11,7 +11,9 @@ A run config is JSON with these sections; every key is known (unknown keys are e
 
 `model` may also be a path string, or a full inline model config. Paths are looked up as given,
 then next to the run config, then in the repository's configs/ folder. Command-line overrides
-(`--set train.lr=3e-4 --set model.dtype=bfloat16`) take JSON values (or bare strings).
+(`--set train.lr=3e-4 --set model.dtype=bfloat16`) take JSON values (or bare strings) and reach
+any depth: `--set model.attn_cfg.num_heads=[4,4]`, `--set model.ssm_cfg.d_state=64`. Every key
+of the dotted path must be a field at its level; an unknown one is an error naming the path.
 
 `data.tokenizer` chooses what the model reads: null = bytes (vocab_size 256); {"vocab_size": V}
 = train a byte-level BPE tokenizer of V ids on the training split at the start of the run; or a
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +146,8 @@ def _section(cls, data, name):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """"train.lr=3e-4" -> (["train", "lr"], 0.0003). Values are JSON, else plain strings."""
+    """"train.lr=3e-4" -> (["train", "lr"], 0.0003); "model.ssm_cfg.d_state=64" -> (["model",
+    "ssm_cfg", "d_state"], 64). Values are JSON, else plain strings."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     key, raw = text.split("=", 1)
@@ -154,9 +158,44 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if parts == ["model"]:  # model=PATH or model={"config": PATH, ...}: replaces the whole model section
         return parts, value
-    if len(parts) != 2 or parts[0] not in SECTIONS:
-        raise ConfigError(f"--set {text!r}: key must be model.X, data.X, train.X or mesh.X")
+    if len(parts) < 2 or parts[0] not in SECTIONS or not all(parts):
+        raise ConfigError(f"--set {text!r}: key must be model.X, data.X, train.X or mesh.X (X may be dotted: model.ssm_cfg.d_state)")
     return parts, value
+
+
+def _field_schema(schema, key: str):
+    """The dataclass a field holds (ModelConfig.ssm_cfg -> SSMConfig), or None for a plain value."""
+    hint = typing.get_type_hints(schema).get(key)
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def apply_override(sections: dict[str, dict], path: list[str], value, text: str) -> None:
+    """Set sections[path[0]][path[1]]...[path[-1]] = value (an override at any depth).
+
+    Each key must be a field of its level (the section's dataclass, then ModelConfig.ssm_cfg's
+    SSMConfig, ...); a missing nested object is created, and nested objects are copied before
+    they change. Raises ConfigError naming the full dotted path of an unknown key.
+    """
+    section, *keys = path
+    target, schema = sections[section], {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                                         "mesh": MeshConfig}[section]
+    for depth, key in enumerate(keys):
+        dotted = ".".join([section, *keys[:depth + 1]])
+        if schema is None:
+            raise ConfigError(f"--set {text!r}: {dotted.rsplit('.', 1)[0]} is a value, not an object with keys")
+        known = sorted(f.name for f in dataclasses.fields(schema))
+        if key not in known:
+            raise ConfigError(f"--set {text!r}: unknown key {dotted} (known: {', '.join(known)})")
+        if depth == len(keys) - 1:
+            target[key] = value
+            return
+        schema = _field_schema(schema, key)
+        if schema is not None:
+            child = target.get(key) or {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {dotted} is {child!r}, not an object")
+            target[key] = dict(child)
+            target = target[key]
 
 
 def run_config_from_dict(data: dict, overrides: list[str] = (), base: Path | None = None) -> RunConfig:
@@ -174,9 +213,8 @@ def run_config_from_dict(data: dict, overrides: list[str] = (), base: Path | Non
         path, value = parse_override(text)
         if path == ["model"]:
             sections["model"] = _resolve_model(value, base)
-            continue
-        (section, key) = path
-        sections[section][key] = value
+        else:
+            apply_override(sections, path, value, text)
     model_config = config_from_dict(sections["model"])
     tokenizer = sections["data"].get("tokenizer")
     if isinstance(tokenizer, str) and not Path(tokenizer).is_absolute():  # saved runs keep working from any folder

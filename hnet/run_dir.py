@@ -2,6 +2,8 @@
 
     RUN_DIR/config.json                  the resolved run config (written once, at the start)
     RUN_DIR/metrics.jsonl                one JSON row per step, plus evaluation rows
+    RUN_DIR/tensorboard/                 TensorBoard event files of those rows (hnet.tensorboard)
+    RUN_DIR/profile/                     jax.profiler traces (train.py --profile, hnet.profiling)
     RUN_DIR/tokenizer.json               the BPE tokenizer of a token run
     RUN_DIR/checkpoints/<step>/          orbax checkpoints, each with manifest.json (hnet.checkpoint)
     RUN_DIR/skipped_checkpoints/<step>/  checkpoints a --resume could not use, moved aside
@@ -33,6 +35,16 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (tensorboard --logdir RUN_DIR/tensorboard)."""
+        return self.path / "tensorboard"
+
+    @property
+    def profile(self) -> Path:
+        """jax.profiler traces: RUN_DIR/profile/plugins/profile/<time>/ (tensorboard --logdir RUN_DIR/profile)."""
+        return self.path / "profile"
 
     @property
     def tokenizer(self) -> Path:

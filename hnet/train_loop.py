@@ -1,5 +1,7 @@
-"""The training loop around hnet.train_step: data, periodic evaluation, JSON Lines metrics,
-orbax checkpoints, resume and preemption handling, in a run folder (hnet.run_dir).
+"""The training loop around hnet.train_step: data, periodic evaluation, JSON Lines metrics with
+step time, throughput and MFU (hnet.throughput) and their TensorBoard scalars (hnet.tensorboard),
+orbax checkpoints, resume and preemption handling, and jax.profiler traces of chosen steps
+(hnet.profiling), in a run folder (hnet.run_dir).
 
 The steps run over a device mesh (hnet.sharding, the run config's `mesh` section), on one device
 or many processes alike. Every process reads its own rows of each batch; process 0 alone prints
@@ -23,24 +25,32 @@ import numpy as np
 
 from hnet import checkpoint as checkpoint_lib
 from hnet import data as data_lib
-from hnet import multihost, sharding
+from hnet import multihost, sharding, throughput
+from hnet import tensorboard as tensorboard_lib
 from hnet import tokenizer as tokenizer_lib
 from hnet.checkpoint import Checkpointer
 from hnet.errors import RunError
 from hnet.model import bits_per_byte
+from hnet.profiling import ProfileSteps, StepProfiler
 from hnet.run_config import RunConfig, run_config_from_dict
 from hnet.run_dir import RunDir
 from hnet.train_step import StepFunctions, make_step_functions, run_mesh
 
 
 def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, progress: bool = True,
-          max_steps: int | None = None, verbose: bool = True) -> dict:
+          max_steps: int | None = None, verbose: bool = True, peak_tflops: float | None = None,
+          profile: ProfileSteps | None = None) -> dict:
     """Train (or resume) a run in `workdir`. Returns a summary dict.
 
     max_steps: stop after this many steps in this call (checkpointing there), as if preempted.
+    peak_tflops: peak TFLOP/s per device for MFU (default: the known peak of the device, if any;
+    see hnet.throughput).
+    profile: trace these steps with jax.profiler into RUN_DIR/profile (hnet.profiling).
     """
     run_dir = RunDir(workdir)
     mesh = run_mesh(run) if run is not None else None  # a layout error stops before the run folder is made
+    if profile is not None and not resume:  # checked before the run folder is made
+        profile.check(1, _end_step(run.train.steps, 0, max_steps))
     run = prepare_run_dir(run_dir, run, resume)
     train_cfg = run.train
     is_main = jax.process_index() == 0  # only process 0 prints and writes metrics
@@ -63,6 +73,10 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
 
     graphdef, steps = make_step_functions(run, mesh)
     log(f"mesh: {sharding.describe(steps.mesh)}")
+    if tensorboard_lib.available():
+        log(f"tensorboard: event files in {run_dir.tensorboard}")
+    else:
+        log("tensorboard: off (tensorboardX is not installed; pip install -e \".[tensorboard]\")")
     state = None if resume else steps.init()
     checkpointer = Checkpointer(run_dir.path, keep=train_cfg.keep_checkpoints, primary=is_main)
     start_step, bytes_seen = 0, 0
@@ -73,6 +87,8 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
         if is_main:
             _truncate_metrics(run_dir.metrics, start_step)
         log(f"resumed {run_dir.path} at step {start_step} ({bytes_seen:,d} bytes seen)")
+        if profile is not None:
+            profile.check(start_step + 1, _end_step(train_cfg.steps, start_step, max_steps))
 
     def save(step: int):
         checkpointer.save(
@@ -83,21 +99,27 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     bar = _progress_bar(train_cfg.steps, start_step, progress and process_index == 0)
     accum, micro = train_cfg.grad_accum, train_cfg.batch_size // process_count // train_cfg.grad_accum
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len  # targets per step, all processes
+    speed = throughput.TrainingSpeed(run.model_config, train_cfg.batch_size, train_cfg.seq_len,
+                                     throughput.peak_flops(jax.devices()[0], peak_tflops),
+                                     tuple(jax.devices()), tuple(jax.local_devices()))
     pending: list[tuple[int, dict, int]] = []  # (step, device metrics, bytes this process covered)
     last_eval: dict = {}
     status = "completed"
-    end_step = train_cfg.steps if max_steps is None else min(train_cfg.steps, start_step + max_steps)
-    interval_start = time.perf_counter()
+    end_step = _end_step(train_cfg.steps, start_step, max_steps)
+    window_start = time.perf_counter()  # when the steps of the current metrics window began
     warmup_steps = int(round(train_cfg.warmup_frac * train_cfg.steps))
     warned_dropped = False
-    with _StopFlag() as stop, open(run_dir.metrics if is_main else os.devnull, "a") as metrics_file:
+    with (_StopFlag() as stop, MetricsLog(run_dir, is_main, first_step=start_step + 1) as metrics_log,
+          StepProfiler(profile, run_dir.profile, enabled=is_main) as profiler):
         step = start_step
         while step < end_step:
             batch = next(iterator)
             shape = (accum, micro, train_cfg.seq_len)
-            state, metrics = steps.train_step(state, steps.place_train_batch(batch["input_ids"].reshape(shape)),
-                                              steps.place_train_batch(batch["targets"].reshape(shape)))
+            with profiler.annotate(step + 1):
+                state, metrics = steps.train_step(state, steps.place_train_batch(batch["input_ids"].reshape(shape)),
+                                                  steps.place_train_batch(batch["targets"].reshape(shape)))
             step += 1
+            profiler.finish_step(step, (state, metrics))
             # Text bytes this process's targets cover (batch_size / P * seq_len for bytes).
             local_bytes = int(np.sum(corpus.bytes_per_id[batch["targets"]]))
             pending.append((step, metrics, local_bytes))
@@ -109,14 +131,11 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
                 step_bytes = multihost.sum_over_processes(np.array([b for _, _, b in pending], dtype=np.int64))
                 rows = _flush_metrics(pending, step_bytes, steps.schedule, tokens_per_step, start_bytes=bytes_seen)
                 bytes_seen += int(step_bytes.sum())
-                elapsed = time.perf_counter() - interval_start  # after the transfer: steps run asynchronously
-                throughput = int(step_bytes.sum()) / max(elapsed, 1e-9)
-                for row in rows:
-                    row["bytes_per_sec"] = throughput
-                    metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                pending, interval_start = [], time.perf_counter()
-                _update_bar(bar, rows[-1], throughput, step)
+                # Timed after the transfer, which waits for the window's steps (they run asynchronously).
+                speed.annotate(rows, int(step_bytes.sum()), time.perf_counter() - window_start)
+                metrics_log.write(rows)
+                pending = []
+                _update_bar(bar, rows[-1], step)
                 if not warned_dropped:
                     warned_dropped = _warn_dropped(rows, warmup_steps, run.model_config, bar.write if is_main else None)
                 if rows[-1]["nonfinite_run"] >= train_cfg.max_nonfinite_steps:
@@ -128,10 +147,8 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
                                    f"last good checkpoint: {where}")
             if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 last_eval = evaluate(steps, state["params"], corpus, run.data.eval_split, run, train_cfg.eval_batches)
-                record = {"step": step, "bytes_seen": bytes_seen, "split": run.data.eval_split,
-                          **{f"eval_{k}": v for k, v in last_eval.items()}}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                metrics_log.write([{"step": step, "bytes_seen": bytes_seen, "split": run.data.eval_split,
+                                    **{f"eval_{k}": v for k, v in last_eval.items()}}])
                 if is_main:
                     bar.write(f"step {step}: {run.data.eval_split} bpb {last_eval['bpb']:.4f}" + "".join(
                         f", stage {s} bytes/chunk {last_eval[f'stage{s}_bytes_per_chunk']:.2f}" for s in range(run.model_config.depth)))
@@ -140,12 +157,20 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
                 break
             if step % train_cfg.checkpoint_every == 0 and step != end_step:
                 save(step)
+            if not pending:  # a window was flushed: the next one starts after its evaluation and save
+                window_start = time.perf_counter()
+        profiler.close(state)  # a trace still running: the run stopped before the last traced step
         if checkpointer.latest_step() != step:
             save(step)
         checkpointer.close()
     bar.close()
     return {"status": status, "step": step, "bytes_seen": bytes_seen, "eval": last_eval,
             "checkpoint": str(checkpointer.path(step)), "workdir": str(run_dir.path)}
+
+
+def _end_step(steps: int, start_step: int, max_steps: int | None) -> int:
+    """The step a call stops at: the run's last step, or max_steps after start_step."""
+    return steps if max_steps is None else min(steps, start_step + max_steps)
 
 
 def open_corpus(run: RunConfig, verbose: bool):
@@ -242,6 +267,30 @@ def summarize_eval(totals: dict, depth: int) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+class MetricsLog:
+    """Where metrics rows go: RUN_DIR/metrics.jsonl (the record, one JSON object a line) and,
+    when tensorboardX is installed, TensorBoard scalars in RUN_DIR/tensorboard (hnet.tensorboard).
+    Only process 0 writes (`enabled`); first_step: the first step this call logs."""
+
+    def __init__(self, run_dir: RunDir, enabled: bool, first_step: int):
+        self._file = open(run_dir.metrics if enabled else os.devnull, "a")
+        board_dir = run_dir.tensorboard if enabled and tensorboard_lib.available() else None
+        self._board = tensorboard_lib.TensorBoardLog(board_dir, first_step)
+
+    def write(self, rows: list[dict]) -> None:
+        for row in rows:
+            self._file.write(json.dumps(row) + "\n")
+            self._board.write(row)
+        self._file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+        self._board.close()
+
+
 def _flush_metrics(pending, step_bytes, schedule, tokens_per_step, start_bytes) -> list[dict]:
     """Pull a window of step metrics to the host (one transfer) and make JSON rows.
 
@@ -295,8 +344,17 @@ def _warn_dropped(rows: list[dict], warmup_steps: int, config, write) -> bool:
     return False
 
 
-def _update_bar(bar, row: dict, throughput: float, step: int) -> None:
-    postfix = {"loss": f"{row['loss']:.3f}", "bpb": f"{row['bpb']:.3f}", "B/s": f"{throughput:,.0f}"}
+def _update_bar(bar, row: dict, step: int) -> None:
+    """Show a metrics row: loss, bpb, throughput, step time, MFU and peak memory (when known),
+    bytes per chunk, and dropped boundaries when there are any."""
+    postfix = {"loss": f"{row['loss']:.3f}", "bpb": f"{row['bpb']:.3f}", "B/s": f"{row['bytes_per_sec']:,.0f}"}
+    if "tokens_per_sec" in row:
+        postfix["tok/s"] = f"{row['tokens_per_sec']:,.0f}"
+    postfix["step"] = f"{row['step_time_s'] * 1e3:.0f}ms"
+    if "mfu" in row:
+        postfix["MFU"] = f"{row['mfu']:.1%}"
+    if "peak_memory_bytes" in row:
+        postfix["mem"] = f"{row['peak_memory_bytes'] / 2**30:.1f}GiB"
     for key, value in row.items():
         if key.endswith("_bytes_per_chunk"):
             postfix[key.split("_")[0] + " B/chunk"] = f"{value:.2f}"

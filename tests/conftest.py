@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs built once, so JAX compiles as little as possible."""
 
+import json
 import os
 from pathlib import Path
 
@@ -88,3 +89,23 @@ def jit_forward(model):
 
     call.jitted = forward
     return call
+
+
+def write_run_folder(run_dir: Path, model, step: int = 3, tokenizer=None) -> Path:
+    """A training-run folder as train.py leaves it, holding `model`'s parameters: config.json, an
+    orbax checkpoint of the train state at `step` and, for a token model, tokenizer.json."""
+    import jax.numpy as jnp
+
+    from hnet.checkpoint import Checkpointer
+    from hnet.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    run.path.mkdir(parents=True)
+    run.config.write_text(json.dumps({"model": model.config.to_dict()}))
+    if tokenizer is not None:
+        tokenizer.save(run.tokenizer)
+    _, params = nnx.split(model, nnx.Param)
+    checkpointer = Checkpointer(run.path)
+    checkpointer.save(step, {"params": params, "nonfinite_total": jnp.zeros((), jnp.int32)}, {"iterator": "{}"}, {"step": step})
+    checkpointer.close()
+    return run.path

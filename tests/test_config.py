@@ -141,3 +141,43 @@ def test_run_config_model_override_replaces_the_model_section():
     run = load_run_config(None, ['model={"config": "transformer_bpe_tiny.json"}', 'data.tokenizer={"vocab_size": 4096}'])
     assert run.model_config.vocab_size == 4096 and run.model_config.depth == 0
     assert run.train.seq_len == load_run_config(None).train.seq_len  # the rest of the run config is kept
+
+
+def test_run_config_overrides_reach_any_depth():
+    from hnet.run_config import load_run_config
+
+    base = load_run_config(None)
+    run = load_run_config(None, ["model.attn_cfg.num_heads=[4,4]", "model.ssm_cfg.d_state=64", "train.lr=1e-3"])
+    config = run.model_config
+    assert config.attn_cfg.num_heads == (4, 4) and config.ssm_cfg.d_state == 64 and run.train.lr == 1e-3
+    # The rest of each nested object is kept.
+    assert config.attn_cfg.window_size == base.model_config.attn_cfg.window_size
+    assert config.ssm_cfg.head_dim == base.model_config.ssm_cfg.head_dim
+    # A nested object the config file does not have is created.
+    run = load_run_config(None, ['model={"config": "transformer_bpe_tiny.json"}', 'data.tokenizer={"vocab_size": 4096}',
+                                 "model.ssm_cfg.d_state=16"])
+    assert run.model_config.ssm_cfg.d_state == 16
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.attn_cfg.nonsense=1", r"unknown key model\.attn_cfg\.nonsense \(known: num_heads, num_kv_heads"),
+    ("model.ssm_cfg.d_state.x=1", r"model\.ssm_cfg\.d_state is a value, not an object"),
+    ("train.lr.x=1", r"train\.lr is a value"),
+    ("mesh.nonsense.deeper=1", r"unknown key mesh\.nonsense "),
+    ("model.attn_cfg.num_heads=[5,5]", r"attn_cfg\.num_heads\[0\] = 5 does not divide d_model\[0\] = 128"),
+    ("model.ssm_cfg.d_state=0", r"ssm_cfg: expected positive integers"),
+    ("train..lr=1", r"key must be model\.X"),
+])
+def test_nested_override_errors_name_the_path(override, message):
+    from hnet.run_config import load_run_config
+
+    with pytest.raises(config_lib.ConfigError, match=message):
+        load_run_config(None, [override])
+
+
+def test_nested_override_error_is_one_line_on_the_command_line(capsys):
+    import train as train_cli
+
+    assert train_cli.main(["--set", "model.attn_cfg.heads=[4,4]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "model.attn_cfg.heads" in err and "\n" not in err

@@ -8,7 +8,7 @@ scan, a softmax over cache slots instead of a masked row), so results differ by 
 """
 
 import codecs
-import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +19,10 @@ from flax import nnx
 import generate as generate_cli
 import hnet
 from hnet import chunking, decode
-from hnet.checkpoint import Checkpointer
 from hnet.config import AttnConfig, replace
 from hnet.decode import Generator, SamplingConfig, Utf8Stream
 from hnet.export import export, load_model
-from conftest import jit_forward, shrink, tiny_config
+from conftest import ROOT, jit_forward, shrink, tiny_config, write_run_folder
 
 LENGTH = 120  # > the shrunk sliding windows (7), so ring buffers wrap; > 4 capacity multiples (8)
 
@@ -166,6 +165,24 @@ def test_sample_respects_top_k_and_top_p():
         assert set(draws[:, row]) <= nucleus and len(set(draws[:, row])) > 1
 
 
+def test_row_limit_ends_right_after_a_stop_string_or_at_max_bytes():
+    from hnet.decode import RowLimit
+
+    def feed(limit, pieces):
+        return b"".join(piece[:limit.keep(piece)] for piece in pieces)
+
+    # A stop string split across updates, and one inside a multi-byte piece (a BPE token).
+    assert feed(RowLimit([b"\n\n"], 100), [b"ab\n", b"\ncd", b"ef"]) == b"ab\n\n"
+    limit = RowLimit([b"END", b"x"], 100)
+    assert feed(limit, [b"abcEN", b"Dxyz"]) == b"abcEND" and limit.done
+    assert feed(RowLimit([b"cd", b"bc"], 100), [b"abcd"]) == b"abc"      # the stop that ends first wins
+    assert feed(RowLimit([b"aa"], 100), [b"a", b"a"]) == b"aa"            # from the tail kept between updates
+    limit = RowLimit([], 5)
+    assert feed(limit, [b"abc", b"defg", b"h"]) == b"abcde" and limit.done   # max bytes
+    limit = RowLimit([b"zz"], 100)
+    assert feed(limit, [b"abz", b"yz"]) == b"abzyz" and not limit.done
+
+
 def test_utf8_stream_holds_back_split_characters():
     text = "aé東😀b".encode()
     for split in range(1, 5):  # every feed size splits some multi-byte character
@@ -180,15 +197,7 @@ def test_utf8_stream_holds_back_split_characters():
 
 
 def test_export_generates_like_the_checkpoint(tmp_path, small_model, capsys):
-    # A training-run folder as train.py writes it (config.json + an orbax checkpoint of the state).
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text(json.dumps({"model": small_model.config.to_dict()}))
-    _, params = nnx.split(small_model, nnx.Param)
-    checkpointer = Checkpointer(run_dir)
-    checkpointer.save(3, {"params": params, "nonfinite_total": jnp.zeros((), jnp.int32)}, {"iterator": "{}"}, {"step": 3})
-    checkpointer.close()
-
+    run_dir = write_run_folder(tmp_path / "run", small_model, step=3)
     assert generate_cli.main(["--checkpoint", str(run_dir), "--prompt", "Hi", "--max-bytes", "6",
                               "--temperature", "0", "--show-boundaries"]) == 0
     assert capsys.readouterr().out.startswith("Hi")
@@ -219,3 +228,31 @@ def test_generate_cli_bad_input(tmp_path, capsys):
     (tmp_path / "empty_run" / "config.json").write_text('{"model": {}}')
     assert generate_cli.main(["--checkpoint", str(tmp_path / "empty_run"), "--prompt", "x"]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def readme_block(title: str) -> str:
+    """The first ```python block after the README heading `title`."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(f"\n### {title}\n"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_python_generation_example_runs(tmp_path, monkeypatch, capsys):
+    # The README's example, on a tiny byte Transformer saved where the example looks (runs/x).
+    model = hnet.build_model(shrink(tiny_config("transformer_byte_tiny")), seed=0)
+    write_run_folder(tmp_path / "runs" / "x", model)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(readme_block("Python generation"), "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out
+    assert printed.startswith("def main(") and len(printed) > len("def main(")
+    texts = namespace["texts"]
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    # The example's greedy batch: the Generator's greedy bytes, cut right after the first stop
+    # string, as text; the one-call form takes a folder's path as well.
+    outputs = Generator(load_model("runs/x")).generate([b"import ", b"class "], max_new_bytes=100,
+                                                       sampling=SamplingConfig(temperature=0)).outputs
+    cut = [output.find(b"\n\n") for output in outputs]
+    expected = [(o if c < 0 else o[:c + 2]).decode("utf-8", errors="replace") for o, c in zip(outputs, cut)]
+    assert texts == expected == hnet.generate("runs/x", ["import ", "class "], max_new_bytes=100, temperature=0,
+                                              stop="\n\n")

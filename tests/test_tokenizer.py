@@ -166,6 +166,12 @@ def test_token_run_trains_resumes_and_counts_bytes(corpus, tmp_path, monkeypatch
     assert first["bpb"] == pytest.approx(nll / (math.log(2) * covered(batch["targets"])), rel=1e-5)
     assert first["bytes_seen"] > 4 * 16  # tokens cover several bytes each
 
+    # Speed: tokens/s counts the targets, bytes/s the text bytes they cover (one step per window here).
+    previous_bytes = 0
+    for row in (r for r in straight_rows if "loss" in r):
+        assert row["bytes_per_sec"] / row["tokens_per_sec"] == pytest.approx((row["bytes_seen"] - previous_bytes) / (4 * 16))
+        previous_bytes = row["bytes_seen"]
+
     evals = [r for r in straight_rows if "eval_bpb" in r]
     assert len(evals) == 1 and straight["eval"]["bpb"] == evals[0]["eval_bpb"]
     eval_batch_list = list(eval_batches(tokens, "validation", 16, 4))
@@ -200,3 +206,76 @@ def test_vocab_mismatch_is_a_clear_error(corpus, tokenizer, tmp_path, capsys, mo
     code = train_cli.main(["--config", str(tmp_path / "bytes.json"), "--workdir", str(tmp_path / "r2"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "holds tokens" in err and "\n" not in err
+
+
+# --------------------------------------------------------------------------
+# Generation from a token model
+
+
+@pytest.fixture(scope="module")
+def token_model(tokenizer):
+    from conftest import shrink, tiny_config
+
+    return build_model(shrink(tiny_config("transformer_bpe_tiny", vocab_size=tokenizer.vocab_size)), seed=1)
+
+
+def greedy_tokens_by_forward(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """Reference: recompute the full forward for every new token and take the argmax; a row
+    ends when it picks BOS (the start of the next document)."""
+    from conftest import jit_forward
+
+    forward = jit_forward(model)
+    sequence = list(prompt_ids)
+    for _ in range(new_tokens):
+        padded = np.zeros((1, 64), np.int32)
+        padded[0, :len(sequence)] = sequence
+        token = int(np.argmax(np.asarray(forward(jax.numpy.asarray(padded)).logits)[0, len(sequence) - 1]))
+        if token == model.config.bos_id:
+            break
+        sequence.append(token)
+    return sequence[len(prompt_ids):]
+
+
+def test_token_generation_equals_forward_argmax_and_stops_on_bytes(token_model, tokenizer):
+    from hnet.decode import Generator, SamplingConfig
+    from hnet.errors import GenerationError
+
+    generator = Generator(token_model, tokenizer=tokenizer, chunk_steps=8)
+    prompts = [b"alpha beta", "naïve 日本".encode()]
+    greedy = SamplingConfig(temperature=0)
+    result = generator.generate(prompts, max_new_bytes=16, sampling=greedy)
+    for prompt, output, marks in zip(prompts, result.outputs, result.boundaries):
+        assert generator.encode(prompt) == [tokenizer.bos_id] + tokenizer.encode(prompt).tolist()
+        tokens = greedy_tokens_by_forward(token_model, generator.encode(prompt), 16)
+        assert output == tokenizer.decode(tokens)[:16]  # max_new_bytes counts bytes
+        assert len(output) == 16 or len(tokens) < 16
+        token_starts = np.cumsum([0] + [len(b) for b in tokenizer.token_bytes(tokens)])[:-1]
+        assert marks.shape == (len(output), 1)
+        np.testing.assert_array_equal(np.flatnonzero(marks[:, 0]), token_starts[token_starts < len(output)])
+
+    # A stop string is matched on the decoded bytes, here ending inside a multi-byte token.
+    reference = result.outputs[0]
+    tokens = greedy_tokens_by_forward(token_model, generator.encode(prompts[0]), 16)
+    offsets = np.cumsum([0] + [len(b) for b in tokenizer.token_bytes(tokens)])
+    inside = next(int(start) + 1 for start, end in zip(offsets, offsets[1:]) if end - start >= 2 and end <= 16)
+    stopped = generator.generate(prompts[:1], max_new_bytes=16, sampling=greedy, stop=[reference[:inside]]).outputs[0]
+    assert stopped == reference[:inside]
+
+    with pytest.raises(GenerationError, match="give its tokenizer"):
+        Generator(token_model)
+
+
+def test_token_run_folder_generates_from_the_command_line(token_model, tokenizer, tmp_path, capsys):
+    import generate as generate_cli
+    import hnet
+    from conftest import write_run_folder
+
+    run_dir = write_run_folder(tmp_path / "run", token_model, tokenizer=tokenizer)
+    expected = tokenizer.decode(greedy_tokens_by_forward(token_model, [tokenizer.bos_id] + tokenizer.encode(b"alpha").tolist(), 16))[:16]
+    assert generate_cli.main(["--checkpoint", str(run_dir), "--prompt", "alpha", "--max-bytes", "16", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == "alpha" + expected.decode("utf-8", errors="replace") + "\n"
+    assert hnet.generate(str(run_dir), "alpha", max_new_bytes=16, temperature=0) == expected.decode("utf-8", errors="replace")
+    (run_dir / "tokenizer.json").unlink()
+    assert generate_cli.main(["--checkpoint", str(run_dir), "--prompt", "alpha"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no tokenizer.json" in err and "\n" not in err

@@ -1,0 +1,72 @@
+"""TensorBoard event files of a training run, beside metrics.jsonl (which stays the record).
+
+Written with tensorboardX (`pip install -e ".[tensorboard]"`: pure Python, needs only protobuf
+and numpy) whenever it is importable, by process 0 only, into RUN_DIR/tensorboard/
+(RunDir.tensorboard); view them with `tensorboard --logdir RUN_DIR/tensorboard`. Every metrics
+row becomes scalars at its step:
+
+    train/loss, train/ce, train/bpb, train/ratio_loss, train/grad_norm, train/lr
+    train/stage{s}_bytes_per_chunk, train/stage{s}_dropped_rate      per chunking stage
+    speed/step_time_s, speed/bytes_per_sec, speed/tokens_per_sec (token runs),
+    speed/model_flops_per_step, speed/mfu, speed/peak_memory_bytes   where the row has them
+    eval/bpb, eval/stage{s}_bytes_per_chunk, eval/stage{s}_dropped_rate
+
+A resumed run marks its first new step as the purge step: TensorBoard then hides what the
+interrupted run logged after the restored checkpoint, which the resumed run logs again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+TRAIN_SCALARS = ("loss", "ce", "bpb", "ratio_loss", "grad_norm", "lr")
+SPEED_SCALARS = ("step_time_s", "bytes_per_sec", "tokens_per_sec", "model_flops_per_step", "mfu", "peak_memory_bytes")
+EVAL_SCALARS = ("bpb",)
+STAGE_SUFFIXES = ("_bytes_per_chunk", "_dropped_rate")  # stage{s}<suffix>, in step and evaluation rows
+
+
+def available() -> bool:
+    """Whether tensorboardX is installed."""
+    return importlib.util.find_spec("tensorboardX") is not None
+
+
+def scalars(row: dict) -> dict[str, float]:
+    """The TensorBoard scalars of a metrics row (a step row, or an evaluation row with "split"):
+    tag -> value."""
+    is_stage = lambda key: key.startswith("stage") and key.endswith(STAGE_SUFFIXES)
+    if "split" in row:
+        values = {k.removeprefix("eval_"): v for k, v in row.items() if k.startswith("eval_")}
+        return {f"eval/{k}": float(v) for k, v in values.items() if k in EVAL_SCALARS or is_stage(k)}
+    tags = {f"train/{k}": float(v) for k, v in row.items() if k in TRAIN_SCALARS or is_stage(k)}
+    tags.update({f"speed/{k}": float(v) for k, v in row.items() if k in SPEED_SCALARS})
+    return tags
+
+
+class TensorBoardLog:
+    """Metrics rows -> scalars in an event file under `log_dir`; does nothing when `log_dir` is
+    None (another process than 0, or tensorboardX not installed).
+
+    first_step: the first step this call logs; on resume it is the purge step (events of the
+    earlier run from that step on are hidden by TensorBoard). It also ends the event file's name,
+    which otherwise holds only the time in whole seconds and the host, so that a resume within
+    the same second does not overwrite the earlier file.
+    """
+
+    def __init__(self, log_dir: Path | None, first_step: int = 1):
+        self._writer = None
+        if log_dir is not None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(log_dir), purge_step=first_step if first_step > 1 else None,
+                                         flush_secs=30, filename_suffix=f".step{first_step}")
+
+    def write(self, row: dict) -> None:
+        if self._writer is not None:
+            for tag, value in scalars(row).items():
+                self._writer.add_scalar(tag, value, row["step"])
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self._writer is not None:
+            self._writer.close()
