@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from hnet import sharding
+from hnet.layers.isotropic import rematerialise
 from hnet.model import build_model, cross_entropy
 from hnet.optim import make_optimizer
 from hnet.run_config import RunConfig
@@ -47,24 +48,27 @@ def loss_and_metrics(model, input_ids, targets, mask, ratio_loss_weight: float):
     return ce + ratio_loss_weight * ratio, metrics
 
 
-def micro_grads(params, input_ids, targets, *, graphdef, ratio_loss_weight: float):
-    """Gradients of one micro-batch (b, L) -> (grads like params, metrics including "loss")."""
+def micro_grads(params, input_ids, targets, *, graphdef, ratio_loss_weight: float, remat: str = "none"):
+    """Gradients of one micro-batch (b, L) -> (grads like params, metrics including "loss").
+    remat: a rematerialisation policy name (hnet.layers.isotropic.REMAT_POLICIES)."""
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        return loss_and_metrics(model, input_ids, targets, jnp.ones(targets.shape, jnp.float32), ratio_loss_weight)
+        with rematerialise(remat):
+            return loss_and_metrics(model, input_ids, targets, jnp.ones(targets.shape, jnp.float32), ratio_loss_weight)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, {"loss": loss, **metrics}
 
 
-def train_step(state: dict, input_ids, targets, *, graphdef, tx: optax.GradientTransformation, ratio_loss_weight: float):
+def train_step(state: dict, input_ids, targets, *, graphdef, tx: optax.GradientTransformation, ratio_loss_weight: float,
+               remat: str = "none"):
     """One optimizer step. input_ids, targets: (A, b, L) micro-batches; gradients averaged over A.
 
     A step whose loss or gradient norm is not finite leaves params and optimizer state untouched
     and is counted. Returns (new state, metrics of the step).
     """
     params = state["params"]
-    grads_of = functools.partial(micro_grads, graphdef=graphdef, ratio_loss_weight=ratio_loss_weight)
+    grads_of = functools.partial(micro_grads, graphdef=graphdef, ratio_loss_weight=ratio_loss_weight, remat=remat)
     if input_ids.shape[0] == 1:
         grads, metrics = grads_of(params, input_ids[0], targets[0])
     else:
@@ -103,6 +107,18 @@ def eval_step(params, input_ids, targets, mask, *, graphdef) -> dict:
         sums[f"stage{s}_chunks"] = stage.chunk_count
         sums[f"stage{s}_dropped"] = stage.dropped
     return sums
+
+
+# train.remat = "auto": rematerialise every block from this many parameters up (the S models and
+# larger, whose 8192-byte activations do not fit a GPU otherwise); smaller models keep everything.
+REMAT_AUTO_MIN_PARAMS = 50_000_000
+
+
+def remat_policy(remat: str, param_count: int) -> str:
+    """train.remat -> the policy name the step uses (hnet.layers.isotropic.REMAT_POLICIES)."""
+    if remat == "auto":
+        return "block" if param_count >= REMAT_AUTO_MIN_PARAMS else "none"
+    return remat
 
 
 def fresh_state(params, tx: optax.GradientTransformation) -> dict:
@@ -200,7 +216,8 @@ def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -
                 return fn(*args)
         return traced
 
-    step = functools.partial(train_step, graphdef=graphdef, tx=tx, ratio_loss_weight=train.ratio_loss_weight)
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, ratio_loss_weight=train.ratio_loss_weight,
+                             remat=remat_policy(train.remat, sharding.param_count(abstract_params)))
     init_from_params = jax.jit(functools.partial(fresh_state, tx=tx), out_shardings=state_shardings)
     init_in_place = jax.jit(lambda: fresh_state(nnx.state(build_model(config, seed=train.seed), nnx.Param), tx),
                             out_shardings=state_shardings)
