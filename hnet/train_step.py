@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from hnet import sharding
+from hnet.config import parse_layout
 from hnet.layers.isotropic import rematerialise
 from hnet.model import build_model, cross_entropy
 from hnet.optim import make_optimizer
@@ -109,16 +110,19 @@ def eval_step(params, input_ids, targets, mask, *, graphdef) -> dict:
     return sums
 
 
-# train.remat = "auto": rematerialise every block from this many parameters up (the S models and
-# larger, whose 8192-byte activations do not fit a GPU otherwise); smaller models keep everything.
-REMAT_AUTO_MIN_PARAMS = 50_000_000
+# train.remat = "auto": rematerialise every block when the residual streams of one sequence hold
+# at least this many values (sequence length x the widths of all blocks, ignoring chunking): the
+# S models at 8192 bytes and larger, whose activations do not fit a GPU otherwise.
+REMAT_AUTO_MIN_VALUES = 1 << 24
 
 
-def remat_policy(remat: str, param_count: int) -> str:
+def remat_policy(remat: str, config, seq_len: int) -> str:
     """train.remat -> the policy name the step uses (hnet.layers.isotropic.REMAT_POLICIES)."""
-    if remat == "auto":
-        return "block" if param_count >= REMAT_AUTO_MIN_PARAMS else "none"
-    return remat
+    if remat != "auto":
+        return remat
+    widths = sum(count * config.d_model[stage] for stage in range(config.depth + 1)
+                 for layout in config.stage_layout(stage) for _, count in parse_layout(layout))
+    return "block" if seq_len * widths >= REMAT_AUTO_MIN_VALUES else "none"
 
 
 def fresh_state(params, tx: optax.GradientTransformation) -> dict:
@@ -217,7 +221,7 @@ def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -
         return traced
 
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, ratio_loss_weight=train.ratio_loss_weight,
-                             remat=remat_policy(train.remat, sharding.param_count(abstract_params)))
+                             remat=remat_policy(train.remat, config, train.seq_len))
     init_from_params = jax.jit(functools.partial(fresh_state, tx=tx), out_shardings=state_shardings)
     init_in_place = jax.jit(lambda: fresh_state(nnx.state(build_model(config, seed=train.seed), nnx.Param), tx),
                             out_shardings=state_shardings)
