@@ -36,6 +36,7 @@ from hnet.errors import ConfigError
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_RUN = CONFIGS_DIR / "run_tiny.json"
 SCHEDULES = ("wsd", "cosine", "constant")
+REMAT_CHOICES = ("auto", "none", "block", "dots")  # see hnet.layers.isotropic.REMAT_POLICIES
 SECTIONS = ("model", "data", "train", "mesh")
 
 
@@ -67,6 +68,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     stage_lr_multipliers: tuple[float, ...] | None = None  # per stage, outermost first (depth + 1)
     ratio_loss_weight: float = 0.03  # alpha in CE + alpha * sum of ratio losses
+    # Rematerialisation of the blocks in the backward pass: none, block (keep only each block's
+    # input), dots (keep matmul outputs too), or auto (block for long rows of wide models, see
+    # hnet.train_step.remat_policy).
+    remat: str = "auto"
     # Loop.
     log_every: int = 10
     eval_every: int = 200
@@ -240,6 +245,8 @@ def validate_run(run: RunConfig, model_config: ModelConfig) -> None:
             raise ConfigError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.grad_accum {t.grad_accum} must divide train.batch_size {t.batch_size}")
+    if t.remat not in REMAT_CHOICES:
+        raise ConfigError(f"train.remat: expected one of {REMAT_CHOICES}, got {t.remat!r}")
     if t.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule: expected one of {SCHEDULES}, got {t.schedule!r}")
     if not (0 <= t.warmup_frac < 1 and 0 <= t.decay_frac <= 1 and t.warmup_frac + t.decay_frac <= 1):

@@ -27,6 +27,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from hnet import sharding
+from hnet.config import parse_layout
+from hnet.layers.isotropic import rematerialise
 from hnet.model import build_model, cross_entropy
 from hnet.optim import make_optimizer
 from hnet.run_config import RunConfig
@@ -47,24 +49,27 @@ def loss_and_metrics(model, input_ids, targets, mask, ratio_loss_weight: float):
     return ce + ratio_loss_weight * ratio, metrics
 
 
-def micro_grads(params, input_ids, targets, *, graphdef, ratio_loss_weight: float):
-    """Gradients of one micro-batch (b, L) -> (grads like params, metrics including "loss")."""
+def micro_grads(params, input_ids, targets, *, graphdef, ratio_loss_weight: float, remat: str = "none"):
+    """Gradients of one micro-batch (b, L) -> (grads like params, metrics including "loss").
+    remat: a rematerialisation policy name (hnet.layers.isotropic.REMAT_POLICIES)."""
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        return loss_and_metrics(model, input_ids, targets, jnp.ones(targets.shape, jnp.float32), ratio_loss_weight)
+        with rematerialise(remat):
+            return loss_and_metrics(model, input_ids, targets, jnp.ones(targets.shape, jnp.float32), ratio_loss_weight)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return grads, {"loss": loss, **metrics}
 
 
-def train_step(state: dict, input_ids, targets, *, graphdef, tx: optax.GradientTransformation, ratio_loss_weight: float):
+def train_step(state: dict, input_ids, targets, *, graphdef, tx: optax.GradientTransformation, ratio_loss_weight: float,
+               remat: str = "none"):
     """One optimizer step. input_ids, targets: (A, b, L) micro-batches; gradients averaged over A.
 
     A step whose loss or gradient norm is not finite leaves params and optimizer state untouched
     and is counted. Returns (new state, metrics of the step).
     """
     params = state["params"]
-    grads_of = functools.partial(micro_grads, graphdef=graphdef, ratio_loss_weight=ratio_loss_weight)
+    grads_of = functools.partial(micro_grads, graphdef=graphdef, ratio_loss_weight=ratio_loss_weight, remat=remat)
     if input_ids.shape[0] == 1:
         grads, metrics = grads_of(params, input_ids[0], targets[0])
     else:
@@ -103,6 +108,21 @@ def eval_step(params, input_ids, targets, mask, *, graphdef) -> dict:
         sums[f"stage{s}_chunks"] = stage.chunk_count
         sums[f"stage{s}_dropped"] = stage.dropped
     return sums
+
+
+# train.remat = "auto": rematerialise every block when the residual streams of one sequence hold
+# at least this many values (sequence length x the widths of all blocks, ignoring chunking): the
+# S models at 8192 bytes and larger, whose activations do not fit a GPU otherwise.
+REMAT_AUTO_MIN_VALUES = 1 << 24
+
+
+def remat_policy(remat: str, config, seq_len: int) -> str:
+    """train.remat -> the policy name the step uses (hnet.layers.isotropic.REMAT_POLICIES)."""
+    if remat != "auto":
+        return remat
+    widths = sum(count * config.d_model[stage] for stage in range(config.depth + 1)
+                 for layout in config.stage_layout(stage) for _, count in parse_layout(layout))
+    return "block" if seq_len * widths >= REMAT_AUTO_MIN_VALUES else "none"
 
 
 def fresh_state(params, tx: optax.GradientTransformation) -> dict:
@@ -200,7 +220,8 @@ def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -
                 return fn(*args)
         return traced
 
-    step = functools.partial(train_step, graphdef=graphdef, tx=tx, ratio_loss_weight=train.ratio_loss_weight)
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, ratio_loss_weight=train.ratio_loss_weight,
+                             remat=remat_policy(train.remat, config, train.seq_len))
     init_from_params = jax.jit(functools.partial(fresh_state, tx=tx), out_shardings=state_shardings)
     init_in_place = jax.jit(lambda: fresh_state(nnx.state(build_model(config, seed=train.seed), nnx.Param), tx),
                             out_shardings=state_shardings)

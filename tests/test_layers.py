@@ -8,7 +8,7 @@ import pytest
 
 from hnet import config as config_lib
 from hnet.config import SSMConfig, load_config
-from hnet.layers.attention import attend, attention_mask, rotary_embedding, CausalSelfAttention
+from hnet.layers.attention import attend, attention_mask, causal_attention, rotary_embedding, CausalSelfAttention
 from hnet.layers.mamba2 import Mamba2, causal_depthwise_conv, ssd_scan, ssd_step
 from hnet.layers.mlp import SwiGLU
 from hnet.segments import Segments
@@ -65,6 +65,24 @@ def test_ssd_chunked_scan_equals_recurrence_with_resets(length, chunk_size, docu
     y_loop, final_loop = recurrence(x, dt, A, B, C, segments.start)
     np.testing.assert_allclose(y_scan, y_loop, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(final_scan, final_loop, rtol=1e-4, atol=1e-4)
+
+
+def test_ssd_scan_gradients_equal_the_recurrence_gradients():
+    """The rematerialised intra-chunk term gives the recurrence's gradients (documents included)."""
+    x, dt, A, B, C = random_ssm_inputs(3, length=37)
+    segments = random_documents(3, 2, 37, rate=0.15)
+    cotangent = jax.random.normal(jax.random.key(9), x.shape)
+
+    def scan_loss(x, dt, B, C):
+        return jnp.sum(ssd_scan(x, dt, A, B, C, 8, segments.index)[0] * cotangent)
+
+    def loop_loss(x, dt, B, C):
+        return jnp.sum(recurrence(x, dt, A, B, C, segments.start)[0] * cotangent)
+
+    grads = jax.jit(jax.grad(scan_loss, argnums=(0, 1, 2, 3)))(x, dt, B, C)
+    expected = jax.jit(jax.grad(loop_loss, argnums=(0, 1, 2, 3)))(x, dt, B, C)
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_ssd_scan_documents_equal_each_document_alone():
@@ -129,6 +147,53 @@ def test_attention_equals_naive_masked_softmax_within_documents(window, kv_heads
     segments = random_documents(window + 2, 2, 13, rate=0.2)
     out = attend(q, k, v, attention_mask(jnp.arange(13), segments.index, window))
     np.testing.assert_allclose(out, naive_attention(q, k, v, window, segments.index), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window, block", [(-1, 8), (5, 8), (12, 16), (-1, 64)])
+def test_blockwise_attention_equals_the_plain_path_in_values_and_gradients(window, block):
+    """causal_attention over query blocks (only the keys the causal window reaches, rematerialised)
+    against attend with the whole mask: L = 45 is not a multiple of the block; two KV-head groups."""
+    keys = jax.random.split(jax.random.key(block + window), 4)
+    q = jax.random.normal(keys[0], (2, 45, 4, 8))
+    k = jax.random.normal(keys[1], (2, 45, 2, 8))
+    v = jax.random.normal(keys[2], (2, 45, 2, 8))
+    cotangent = jax.random.normal(keys[3], (2, 45, 4, 8))
+    segments = random_documents(window + block, 2, 45, rate=0.1)
+
+    def plain(q, k, v):
+        return jnp.sum(attend(q, k, v, attention_mask(jnp.arange(45), segments.index, window)) * cotangent)
+
+    def blockwise(q, k, v):
+        return jnp.sum(causal_attention(q, k, v, segments.index, window, block_size=block) * cotangent)
+
+    np.testing.assert_allclose(causal_attention(q, k, v, segments.index, window, block_size=block),
+                               naive_attention(q, k, v, window, segments.index), rtol=1e-5, atol=1e-5)
+    for expected, got in zip(jax.grad(plain, argnums=(0, 1, 2))(q, k, v), jax.grad(blockwise, argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pallas_attention_equals_the_plain_path_in_interpret_mode():
+    """The GPU path (Pallas flash attention with segment ids), run by Pallas' interpreter on CPU:
+    values and gradients against the plain masked softmax; L = 45 is padded to the kernel's block."""
+    from hnet.layers.attention import pallas_causal_attention
+
+    keys = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(keys[0], (1, 45, 4, 16))
+    k = jax.random.normal(keys[1], (1, 45, 2, 16))
+    v = jax.random.normal(keys[2], (1, 45, 2, 16))
+    cotangent = jax.random.normal(keys[3], (1, 45, 4, 16))
+    segments = random_documents(4, 1, 45, rate=0.1)
+
+    def plain(q, k, v):
+        return jnp.sum(attend(q, k, v, attention_mask(jnp.arange(45), segments.index, -1)) * cotangent)
+
+    def pallas(q, k, v):
+        return jnp.sum(pallas_causal_attention(q, k, v, segments.index, block=16, interpret=True) * cotangent)
+
+    np.testing.assert_allclose(pallas_causal_attention(q, k, v, segments.index, block=16, interpret=True),
+                               naive_attention(q, k, v, -1, segments.index), rtol=1e-4, atol=1e-4)
+    for want, got in zip(jax.grad(plain, argnums=(0, 1, 2))(q, k, v), jax.grad(pallas, argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_rope_scores_depend_only_on_relative_position():

@@ -326,3 +326,23 @@ def test_three_stage_hierarchy_runs_and_is_causal(config_2stage):
     assert [s.boundary_mask.shape[1] for s in base.stages] == chunking.stage_lengths(config, LENGTH)[:3]
     changed = ids.at[:, 41:].set(byte_batch(9)[:, 41:])
     np.testing.assert_allclose(forward(changed).logits[:, :41], base.logits[:, :41], rtol=1e-5, atol=1e-5)
+
+
+def test_rematerialised_blocks_give_the_same_gradients(config_2stage, monkeypatch):
+    """train.remat changes what the backward pass keeps, not what it computes; the blockwise
+    attention path (rows longer than its query block) is part of the model here."""
+    from hnet.layers import attention
+    from hnet.train_step import micro_grads
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 32)  # so the outer stage's attention runs blockwise
+    model = hnet.build_model(config_2stage, seed=0)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 97)), jnp.int32).at[:, 0].set(254)
+    results = {}
+    for remat in ("none", "block", "dots"):
+        step = jax.jit(lambda p, x, y, remat=remat: micro_grads(p, x, y, graphdef=graphdef, ratio_loss_weight=0.03,
+                                                                remat=remat))
+        results[remat] = step(params, tokens[:, :-1], tokens[:, 1:])
+    for remat in ("block", "dots"):
+        for want, got in zip(jax.tree_util.tree_leaves(results["none"]), jax.tree_util.tree_leaves(results[remat])):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

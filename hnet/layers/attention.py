@@ -10,6 +10,9 @@ masked, and RoPE positions count from the document's start.
 docs/ARCHITECTURE.md section 1 has the conventions (scale, RoPE, window).
 """
 
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -66,6 +69,85 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+QUERY_BLOCK = 256  # queries per block of the blockwise path (see causal_attention)
+# Which path causal_attention takes: "auto" (below), "plain", "blockwise" or "pallas". Settable
+# with the HNET_ATTENTION environment variable, e.g. to fall back to "blockwise" on a GPU.
+ATTENTION_IMPL = os.environ.get("HNET_ATTENTION", "auto")
+PALLAS_BLOCK = 128  # the Pallas kernel's query/key block; rows are padded to a multiple of it
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: jax.Array, window: int,
+                     block_size: int | None = None) -> jax.Array:
+    """Causal attention within the documents of a row: each query sees the keys of its own
+    document at positions j <= i (and i - j <= window unless window < 0).
+
+    q: (B, L, H, Dh); k, v: (B, L, Hkv, Dh); segment_index: (B, L) int32. Returns (B, L, H, Dh).
+
+    Paths (ATTENTION_IMPL, "auto" by default): rows of up to `block_size` (default QUERY_BLOCK)
+    positions use `attend` with the whole mask; on a GPU, longer rows of global layers use the
+    segment-aware Pallas flash-attention kernel (pallas_causal_attention). Other long rows go one
+    block of queries at a time: block [s, e) reads only keys [max(0, s - window), e) (all of them
+    before e for a global layer), so no L x L array exists and key blocks outside the causal
+    window cost nothing; each block is rematerialised (jax.checkpoint), so the backward pass keeps
+    only q, k, v and recomputes one block's scores at a time.
+    """
+    length = q.shape[1]
+    block_size = QUERY_BLOCK if block_size is None else block_size
+    impl = ATTENTION_IMPL
+    if impl == "auto":
+        impl = ("plain" if length <= block_size
+                else "pallas" if window < 0 and jax.default_backend() == "gpu" else "blockwise")
+    if impl == "pallas":
+        if window >= 0:
+            raise ValueError("the Pallas attention kernel has no sliding window; use HNET_ATTENTION=blockwise")
+        return pallas_causal_attention(q, k, v, segment_index)
+    if impl == "plain" or length <= block_size:
+        return attend(q, k, v, attention_mask(jnp.arange(length), segment_index, window))
+    blocks = []
+    for start in range(0, length, block_size):
+        stop = min(start + block_size, length)
+        key_start = 0 if window < 0 else max(0, start - window)
+        blocks.append(_attend_query_block(q, k, v, segment_index, start, stop, key_start, window))
+    return jnp.concatenate(blocks, axis=1)
+
+
+def pallas_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: jax.Array,
+                            block: int = PALLAS_BLOCK, interpret: bool = False) -> jax.Array:
+    """Global causal attention within documents with jax's Pallas flash-attention kernel for GPUs
+    (jax.experimental.pallas.ops.gpu.attention.mha: online softmax, segment ids, its own
+    backward). Shapes as causal_attention. KV heads are repeated to the query heads (the kernel
+    has no grouping); the row is padded to a multiple of `block` with a segment id of its own, so
+    padding is never visible to real positions. interpret=True runs it on any backend (tests).
+    """
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+    batch, length, heads, head_dim = q.shape
+    group = heads // k.shape[2]
+    k, v = (jnp.repeat(t, group, axis=2) for t in (k, v))
+    pad = -length % block
+    if pad:
+        q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+        segment_index = jnp.pad(segment_index, ((0, 0), (0, pad)), constant_values=-1)
+    sizes = pallas_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=min(32, block),
+                                        block_kv_dkv=min(32, block), block_q_dq=min(32, block),
+                                        block_kv_dq=min(32, block))
+    out = pallas_attention.mha(q, k, v, segment_index.astype(jnp.int32), sm_scale=head_dim ** -0.5, causal=True,
+                               block_sizes=sizes, interpret=interpret)
+    return out[:, :length]
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4, 5, 6, 7))
+def _attend_query_block(q, k, v, segment_index, start: int, stop: int, key_start: int, window: int):
+    """Queries [start, stop) against keys [key_start, stop) -> (B, stop - start, H, Dh)."""
+    query_pos, key_pos = jnp.arange(start, stop), jnp.arange(key_start, stop)
+    delta = query_pos[:, None] - key_pos[None, :]
+    visible = delta >= 0
+    if window >= 0:
+        visible &= delta <= window
+    same_document = segment_index[:, start:stop, None] == segment_index[:, None, key_start:stop]
+    return attend(q[:, start:stop], k[:, key_start:stop], v[:, key_start:stop], visible[None] & same_document)
 
 
 @struct.dataclass
@@ -131,7 +213,7 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = self.project_qkv(x, segments.position)
         # Heads split over tensor: each device attends with its own heads.
         q, k, v = (sharding.constrain(t, sharding.HEADS_AXES) for t in (q, k, v))
-        out = attend(q, k, v, attention_mask(jnp.arange(length), segments.index, self.window))
+        out = causal_attention(q, k, v, segments.index, self.window)
         out = sharding.constrain(out, sharding.HEADS_AXES)
         y = self.out_proj(out.reshape(batch, length, d_model))
         if lengths is None:

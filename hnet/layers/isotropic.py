@@ -1,5 +1,13 @@
-"""Isotropic stacks: a sequence of pre-norm residual blocks built from a layout string."""
+"""Isotropic stacks: a sequence of pre-norm residual blocks built from a layout string.
 
+Rematerialisation (`rematerialise`, set by the train step from `train.remat`): each block of the
+parallel forward runs under jax.checkpoint with a policy that decides what the backward pass may
+keep (REMAT_POLICIES); the rest is recomputed block by block. It changes memory and time, never
+values.
+"""
+
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -13,6 +21,29 @@ from hnet.layers.mamba2 import Mamba2
 from hnet.layers.mlp import SwiGLU
 from hnet.layers.norm import RMSNorm
 from hnet.segments import Segments
+
+
+# train.remat name -> jax.checkpoint policy (None: no rematerialisation).
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,          # keep only each block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs too
+}
+_remat_policy: contextvars.ContextVar[str] = contextvars.ContextVar("remat_policy", default="none")
+
+
+@contextlib.contextmanager
+def rematerialise(policy: str):
+    """Trace the parallel forward inside this block with blocks rematerialised under `policy`."""
+    token = _remat_policy.set(policy)
+    try:
+        yield
+    finally:
+        _remat_policy.reset(token)
+
+
+def _block_output(block, x, segments):
+    return block.prefill(x, segments)[0]
 
 
 def residual_count(layout: str) -> int:
@@ -83,9 +114,14 @@ class Isotropic(nnx.Module):
     def prefill(self, x: jax.Array, segments: Segments, lengths=None, max_length=None):
         """(B, L, D) -> (y, tuple of block caches); caches only when `lengths` (B,) is given."""
         x = x.astype(jnp.float32)
+        policy = REMAT_POLICIES[_remat_policy.get()] if lengths is None else None  # never when filling caches
+        run_block = None if policy is None else nnx.remat(_block_output, policy=policy)
         caches = []
         for block in self.blocks:
-            x, cache = block.prefill(x, segments, lengths, max_length)
+            if run_block is None:
+                x, cache = block.prefill(x, segments, lengths, max_length)
+            else:
+                x, cache = run_block(block, x, segments), None
             x = sharding.constrain(x, sharding.RESIDUAL_AXES)  # the residual stream: batch-split
             caches.append(cache)
         return self.norm(x), tuple(caches)

@@ -75,14 +75,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, segment_index=None):
     segment_in = jnp.concatenate([segment[:, :1, 0], chunk_last[:, :-1]], axis=1)  # (B, nc)
 
     log_decay = jnp.cumsum(dt * A, axis=2)  # (B, nc, Q, H): sum of dt*A up to and including i
-    # Within a chunk: y_i = sum_{j<=i, same document} (C_i·B_j) exp(logdecay_i - logdecay_j) dt_j x_j.
-    segsum = log_decay[:, :, :, None, :] - log_decay[:, :, None, :, :]  # (B, nc, Qi, Qj, H)
-    causal = jnp.tril(jnp.ones((chunk, chunk), bool))[None, None]
-    visible = causal & (segment[:, :, :, None] == segment[:, :, None, :])  # (B, nc, Qi, Qj)
-    decay = jnp.exp(jnp.where(visible[..., None], segsum, -jnp.inf))
-    scores = jnp.einsum("bcis,bcjs->bcij", C, B)
-    weights = scores[..., None] * decay * dt[:, :, None, :, :]
-    y = jnp.einsum("bcijh,bcjhp->bcihp", weights, x)
+    y = _intra_chunk_outputs(x, dt, log_decay, B, C, segment)
 
     # State contributed by each chunk alone at its end: only its last document's positions.
     in_last_doc = (segment == chunk_last[:, :, None])[..., None]  # (B, nc, Q, 1)
@@ -107,6 +100,25 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, segment_index=None):
     y = y + jnp.einsum("bcis,bchps,bcih->bcihp", C, states_in, carried_decay)
     y = y.reshape(batch, n_chunks * chunk, heads, head_dim)[:, :length]
     return y, final_state
+
+
+@jax.checkpoint
+def _intra_chunk_outputs(x, dt, log_decay, B, C, segment):
+    """The within-chunk term of ssd_scan: y_i = sum over j <= i of the same document of
+    (C_i·B_j) exp(log_decay_i - log_decay_j) dt_j x_j.
+
+    x: (B, nc, Q, H, P); dt, log_decay: (B, nc, Q, H); B, C: (B, nc, Q, S); segment: (B, nc, Q)
+    -> (B, nc, Q, H, P) float32. Rematerialised: its (B, nc, Q, Q, H) decay and weight tensors
+    exist one layer at a time in the forward pass and are recomputed, not kept, for the backward.
+    """
+    chunk = x.shape[2]
+    segsum = log_decay[:, :, :, None, :] - log_decay[:, :, None, :, :]  # (B, nc, Qi, Qj, H)
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))[None, None]
+    visible = causal & (segment[:, :, :, None] == segment[:, :, None, :])  # (B, nc, Qi, Qj)
+    decay = jnp.exp(jnp.where(visible[..., None], segsum, -jnp.inf))
+    scores = jnp.einsum("bcis,bcjs->bcij", C, B)
+    weights = scores[..., None] * decay * dt[:, :, None, :, :]
+    return jnp.einsum("bcijh,bcjhp->bcihp", weights, x)
 
 
 def ssd_step(state, x, dt, A, B, C, doc_start):
