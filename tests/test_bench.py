@@ -1,9 +1,29 @@
-"""hnet.xla_stats: matmul FLOPs of a jaxpr, XLA memory analysis."""
+"""hnet.xla_stats (matmul FLOPs of a jaxpr, XLA memory analysis) and hnet.bench: memory, train and
+components commands, the model-FLOPs lengths, bytes per token."""
+
+import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
+import hnet
+from hnet import bench, chunking, flops
+from hnet.bench_components import stage_piece_counts
+from hnet.run_config import load_run_config
 from hnet.xla_stats import dot_general_flops, matmul_flops, memory_estimate
+from tests.conftest import CONFIGS, ROOT
+
+# A BPE Transformer with one small block: its train step compiles in seconds. bench memory and
+# bench train of the same run share one compilation (hnet.bench.compile_train_step's cache).
+TOKEN_RUN = ["train.batch_size=2", "train.seq_len=64", 'model.arch_layout=["T1"]', "model.d_model=[32]",
+             "model.d_intermediate=[64]", 'model.attn_cfg={"num_heads": [2], "rotary_emb_dim": [8], "window_size": [-1]}']
+
+
+def with_sets(overrides):
+    return [arg for text in overrides for arg in ("--set", text)]
 
 
 def test_dot_general_flops_counts_batch_contracting_and_free_dims():
@@ -61,3 +81,89 @@ def test_memory_estimate_of_a_donating_function():
     assert memory.alias_bytes in (0, memory.argument_bytes)  # XLA may or may not reuse the donated buffer
     assert memory.peak_bytes == memory.argument_bytes + memory.output_bytes + memory.temp_bytes - memory.alias_bytes
     assert memory.to_dict()["peak_bytes"] == memory.peak_bytes
+
+
+def test_computed_stage_lengths_follow_targets_capped_by_capacity():
+    config = hnet.load_config(CONFIGS / "hnet_1stage_tiny.json")
+    capacity = chunking.stage_lengths(config, 512)
+    assert capacity[1] < 512
+    assert bench.computed_stage_lengths(config, 512) == pytest.approx([512, 512 / 6])
+    # The router selecting every byte: the stage still computes only its capacity.
+    assert bench.computed_stage_lengths(config, 512, [1.0]) == pytest.approx([512, capacity[1]])
+    step_flops, lengths = bench.model_flops_per_step(config, 4, 512, [1.0])
+    assert step_flops == pytest.approx(flops.training_flops_per_step(config, 4, 512, [512 / capacity[1]]))
+    assert step_flops < flops.training_flops_per_step(config, 4, 512, [1.0])
+    two_stage = hnet.load_config(CONFIGS / "hnet_2stage_tiny.json")
+    assert bench.computed_stage_lengths(two_stage, 540) == pytest.approx([540, 180, 60])  # N = 3, then 3 x 3
+
+
+def test_known_bytes_per_token_of_run_configs():
+    assert bench.known_bytes_per_token(load_run_config(CONFIGS / "run_bpe_tiny.json"))[0] == 3.488
+    assert bench.known_bytes_per_token(load_run_config(CONFIGS / "run_headline_bpe.json"))[0] == 3.933
+    assert bench.known_bytes_per_token(load_run_config(CONFIGS / "run_tiny.json")) is None  # bytes
+    unknown = load_run_config(CONFIGS / "run_bpe_tiny.json", ["data.corpus=prepared/books"])
+    assert bench.known_bytes_per_token(unknown) is None
+
+
+def test_stage_piece_counts_follow_the_layout():
+    config = hnet.load_config(CONFIGS / "hnet_2stage_S.json")  # m4 [T1m4 [T8] m4T1] m4
+    assert stage_piece_counts(config, 0) == {"ssd_scan": 8, "attention": 0, "chunking": 1}
+    assert stage_piece_counts(config, 1) == {"ssd_scan": 8, "attention": 2, "chunking": 1}
+    assert stage_piece_counts(config, 2) == {"ssd_scan": 0, "attention": 8, "chunking": 0}
+
+
+def test_bench_memory_of_a_transformer_agrees_with_hnet_flops(capsys):
+    """The jaxpr's matmuls are hnet.flops's model FLOPs plus the masked half of each L x L
+    attention block (scores and values, forward and backward): nothing else is missing or extra."""
+    result = bench.main(["memory", "--config", str(CONFIGS / "run_bpe_tiny.json"), *with_sets(TOKEN_RUN), "--json"])
+    assert json.loads(capsys.readouterr().out) == result
+    batch, length, width = 2, 64, 32
+    masked_keys = length * length - length * (length + 1) / 2
+    masked_attention = 3 * batch * 2 * (2 * width * masked_keys)
+    assert result["executed_matmul_flops_per_step"] == pytest.approx(result["model_flops_per_step"] + masked_attention)
+    assert result["executed_over_model_flops"] == pytest.approx(
+        result["executed_matmul_flops_per_step"] / result["model_flops_per_step"])
+    assert result["executed_backward_share"] == pytest.approx(2 / 3)
+    assert result["seq_unit"] == "tokens" and result["stage_lengths"] == [64]
+    assert result["temp_bytes"] > 0 and result["temp_bytes_per_sequence"] == result["temp_bytes"] / batch
+    assert result["peak_bytes"] == (result["argument_bytes"] + result["output_bytes"] + result["temp_bytes"]
+                                    - result["alias_bytes"])
+    assert result["argument_bytes"] > 3 * 4 * result["params"]  # float32 params and two Adam moments
+
+
+def test_bench_train_of_a_token_run_reports_bytes_per_second(capsys):
+    argv = ["train", "--config", str(CONFIGS / "run_bpe_tiny.json"), *with_sets(TOKEN_RUN), "--steps", "2",
+            "--warmup", "0", "--peak-tflops", "1"]
+    result = bench.main([*argv, "--json"])
+    assert json.loads(capsys.readouterr().out) == result
+    assert result["tokens_per_sec"] > 0 and result["bytes_per_token"] == 3.488
+    assert result["bytes_per_sec"] == pytest.approx(result["tokens_per_sec"] * 3.488)
+    assert result["bytes_per_token_source"] == "families.json stdlib_bpe4096"
+    assert result["mfu"] == pytest.approx(result["model_flops_per_step"] / (result["step_s_median"] * 1e12))
+    assert result["executed_flops_utilization"] == pytest.approx(result["mfu"] * result["executed_over_model_flops"])
+    assert result["xla_temp_bytes"] > 0
+    given = bench.main([*argv, "--bytes-per-token", "4"])
+    assert given["bytes_per_sec"] == pytest.approx(given["tokens_per_sec"] * 4)
+    assert "bytes/token (--bytes-per-token)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["memory", "--set", 'model={"config": "hnet_space_tiny.json"}'], "'space' routing"),
+    (["memory", "--bytes-per-chunk", "2", "3"], "expected 1 entries"),
+    (["train", "--bytes-per-token", "3"], "for token runs"),
+    (["memory", "--set", "train.batch_size=0"], "train.batch_size"),
+])
+def test_bench_bad_input_is_one_error_line(capsys, argv, message):
+    """Rejected before anything compiles."""
+    assert bench.main(argv) is None
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_bench_needs_no_grain():
+    """The benchmarks' import paths (train step, decode, components) work where grain is missing."""
+    code = ("import sys; sys.modules['grain'] = None\n"  # `import grain` now raises ImportError
+            "import hnet.bench, hnet.bench_components, hnet.train_step, hnet.decode, hnet.run_config\n"
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
