@@ -1,7 +1,8 @@
 """hnet.xla_stats (matmul FLOPs of a jaxpr, XLA memory analysis) and hnet.bench: memory, train and
-components commands, the model-FLOPs lengths, bytes per token."""
+components commands, the model-FLOPs lengths, bytes per token; scripts/gpu_check.sh (SMOKE=1)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -167,3 +168,52 @@ def test_bench_needs_no_grain():
             "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def run_gpu_check(out, **env):
+    """SMOKE=1 scripts/gpu_check.sh into `out` -> (its JSON report, its markdown table)."""
+    env = {**os.environ, "SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable, **env}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def smoke_check(tmp_path_factory):
+    """The whole SMOKE=1 check, once. About 2 minutes on 2 CPU cores although the shapes are
+    already small (one block per layout letter, widths 32-48, 256 positions): XLA compiling the
+    four train steps (~40 s, the H-Nets most), the components' 24 small programs (~30 s) and the
+    decode loops (~25 s) dominate."""
+    return run_gpu_check(tmp_path_factory.mktemp("gpu_check"))
+
+
+def test_gpu_check_smoke_holds_every_row(smoke_check):
+    report, table = smoke_check
+    runs = ["hnet1", "hnet2", "bpe", "byte"]
+    assert report["failures"] == [] and report["skipped"] == []
+    assert [(row["run"], row["micro_batch"]) for row in report["train"]] == [(run, 2) for run in runs]
+    assert [row["run"] for row in report["memory"]] == runs
+    assert [row["batch"] for row in report["decode"]] == [1, 32]
+    assert {row["run"] for row in report["components"]} == set(runs)
+    assert {row["piece"] for row in report["components"]} == {"ssd_scan", "attention", "chunking"}
+    assert all(row["bytes_per_sec"] > 0 for row in report["train"])  # the BPE run at its known bytes/token
+    for section in ("## Train step", "## Memory", "## Decode", "## Components"):
+        assert section in table
+    for run in runs:
+        assert table.count(f"| {run} |") == 2 + sum(row["run"] == run for row in report["components"])
+
+
+def test_gpu_check_takes_the_largest_micro_batch_under_the_limit(smoke_check, tmp_path):
+    """With a device limit just below micro-batch 2's estimate, 4 and 2 are skipped unrun and 1 is timed."""
+    report, _ = smoke_check
+    (byte_at_2,) = [row for row in report["memory"] if row["run"] == "byte"]
+    report, table = run_gpu_check(tmp_path, RUNS="byte", MICRO_BATCHES="4 2 1",
+                                  DEVICE_BYTES_LIMIT=str(byte_at_2["peak_bytes"] - 1))
+    assert report["failures"] == []
+    assert [(row["run"], row["micro_batch"]) for row in report["train"]] == [("byte", 1)]
+    skipped = {row["item"]: row["reason"] for row in report["skipped"]}
+    assert set(skipped) == {"train byte micro-batch 4", "train byte micro-batch 2"}
+    assert skipped["train byte micro-batch 4"].startswith("estimate")
+    assert report["memory"][0]["micro_batch"] == 4 and report["memory"][-1]["micro_batch"] == 1
+    assert "skipped train byte micro-batch 4" in table
