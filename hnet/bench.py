@@ -339,6 +339,21 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     }
 
 
+def bench_components(config_path: str | None, overrides: list[str], steps: int) -> dict:
+    """The model's pieces timed alone at the run's shapes (hnet.bench_components)."""
+    import jax
+
+    from hnet.bench_components import time_components
+    from hnet.run_config import load_run_config
+
+    run = load_run_config(config_path, overrides)
+    train = run.train
+    return {"benchmark": "components", "device": describe_device(), "device_count": jax.device_count(),
+            "model_config": model_config_name(config_path, overrides), "dtype": run.model_config.dtype,
+            "micro_batch": train.batch_size // train.grad_accum, "seq_len": train.seq_len, "timed_calls": steps,
+            "rows": time_components(run, steps)}
+
+
 def bench_decode(config_paths: list[str], batch_sizes: list[int], new_bytes: int, prompt_bytes: int) -> dict:
     """Decode throughput per (config, batch size) and time to first byte per config."""
     import numpy as np
@@ -521,7 +536,7 @@ def run_command(args) -> tuple[dict, str]:
         result = bench_memory(args.config, args.overrides, args.bytes_per_chunk)
         return result, format_memory_table(result)
     if args.command == "components":
-        from hnet.bench_components import bench_components, format_components_table
+        from hnet.bench_components import format_components_table
 
         result = bench_components(args.config, args.overrides, args.steps)
         return result, format_components_table(result)

@@ -131,21 +131,15 @@ def stage_piece_counts(config, stage: int) -> dict[str, int]:
     return counts
 
 
-def bench_components(config_path: str | None, overrides: list[str], steps: int) -> dict:
-    """Time every piece of every stage of a run's model; rows in data-flow order."""
-    import jax
-
+def time_components(run, steps: int) -> list[dict]:
+    """Time every piece of every stage of a RunConfig's model -> rows in data-flow order."""
     from hnet import chunking
-    from hnet.bench import describe_device, model_config_name
-    from hnet.run_config import load_run_config
 
-    run = load_run_config(config_path, overrides)
     config, train = run.model_config, run.train
     batch = train.batch_size // train.grad_accum
-    lengths = chunking.stage_lengths(config, train.seq_len)
     rng = np.random.default_rng(0)
     rows = []
-    for stage, length in enumerate(lengths):
+    for stage, length in enumerate(chunking.stage_lengths(config, train.seq_len)):
         for name, count in stage_piece_counts(config, stage).items():
             if not count:
                 continue
@@ -156,9 +150,7 @@ def bench_components(config_path: str | None, overrides: list[str], steps: int) 
             rows.append({"stage": stage, "piece": name, "layers": count, "shapes": shapes,
                          "forward_s": forward_s, "forward_backward_s": backward_s,
                          "compile_s": forward_first + backward_first})
-    return {"benchmark": "components", "device": describe_device(), "device_count": jax.device_count(),
-            "model_config": model_config_name(config_path, overrides), "dtype": config.dtype,
-            "micro_batch": batch, "seq_len": train.seq_len, "timed_calls": steps, "rows": rows}
+    return rows
 
 
 def format_components_table(result: dict) -> str:

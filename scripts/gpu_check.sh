@@ -50,7 +50,6 @@ from pathlib import Path
 import jax
 
 from hnet import bench
-from hnet.bench_components import bench_components
 
 out, smoke, budget_s = Path(sys.argv[1]), sys.argv[2] == "1", float(sys.argv[4])
 micro_batches = sorted({int(b) for b in sys.argv[3].split()}, reverse=True)
@@ -218,7 +217,7 @@ for path in (path for name, path in DECODE["models"].items() if name in RUNS):
 for name, micro in chosen.items():
     run_item(f"components {name}", report["components"], lambda: (
         {"run": name, "micro_batch": micro, **row}
-        for row in bench_components(RUNS[name], batch_set(name, micro), COMPONENT_STEPS)["rows"]))
+        for row in bench.bench_components(RUNS[name], batch_set(name, micro), COMPONENT_STEPS)["rows"]))
 
 
 def gib(n_bytes):
