@@ -3,16 +3,34 @@
     python -m hnet.bench train                                   # configs/run_tiny.json
     python -m hnet.bench train --config configs/run_tiny.json --set train.batch_size=16 --steps 20
     python -m hnet.bench train --json                            # one JSON object instead of a table
+    python -m hnet.bench memory --config configs/run_headline_hnet1.json --set train.batch_size=8 --set train.grad_accum=1
+    python -m hnet.bench components --config configs/run_headline_hnet1.json --set train.batch_size=8
     python -m hnet.bench decode                                  # tiny and S configs, batch 1 and 32
     python -m hnet.bench decode --configs configs/hnet_1stage_tiny.json --batch-sizes 1 --new-bytes 128
 
 `train` times the real training step (hnet.train_step.train_step jitted, optimizer included) on
-synthetic random bytes (token ids for a BPE model), so no corpus is needed: the first call
-(compile + one step) is reported separately, then `--warmup` untimed steps, then the median of
-`--steps` timed steps, each waited for with jax.block_until_ready. Model FLOPs per step come from
-hnet.flops at the bytes per chunk the step measured; MFU = model FLOPs / (step time x device count
-x peak), with the dense bf16 peak of known accelerators (hnet.throughput: H100 and H200 989 TFLOP/s,
-A100 312, TPU v4 275, v5e 197, v5p 459) or --peak-tflops.
+synthetic random bytes (token ids for a BPE model), so no corpus is needed: trace and compile are
+reported separately, then the first step, `--warmup` untimed steps, and the median of `--steps`
+timed steps, each waited for with jax.block_until_ready. Model FLOPs per step come from
+hnet.flops at the lengths the stages compute: an inner stage has seq_len / (bytes per chunk the
+step measured) positions, at most its static capacity (hnet.chunking.stage_lengths). MFU = model
+FLOPs / (step time x device count x peak), with the dense bf16 peak of known accelerators (H100
+SXM: 989 TFLOP/s) or --peak-tflops. Beside it: the executed matmul FLOPs of the step's jaxpr
+(hnet.xla_stats: padded chunk slots, full attention blocks, recomputation included). A token run
+reports tokens/s and bytes/s = tokens/s x bytes per token, from --bytes-per-token or, for a
+tokenizer the run trains ({"vocab_size": V}) on a corpus with a measured ratio
+(KNOWN_TOKENIZER_RATIOS, configs/families.json), that ratio.
+
+`memory` lowers and compiles the same train step on abstract arguments without running it or
+allocating the model, and prints XLA's memory analysis (arguments, outputs, aliased donations,
+temporaries, peak estimate = arguments + outputs + temporaries - aliased; temporaries per
+sequence of a micro-batch), the executed matmul FLOPs per step counted from its jaxpr, and the
+model FLOPs per step (hnet.flops at the routing targets N, or --bytes-per-chunk) with their
+ratio. A token model's FLOPs are per token sequence (seq_len counts tokens).
+
+`components` times single pieces of the model at the run's shapes, forward and forward +
+backward (hnet.bench_components): the SSD scan, attention, and chunking (layout, gather, dechunk)
+of each stage that has them.
 
 `decode` times generation (hnet.decode.Generator: jitted prefill, then a lax.scan sampling loop)
 with randomly initialised weights in the config's dtype: bytes/s = batch x new bytes / time of the
@@ -27,54 +45,205 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from hnet.flops import human  # no JAX: `--help` stays fast
 
-def model_config_name(config_path: str | Path | None) -> str:
-    """The model config a run config names ("hnet_1stage_tiny"), or "inline"."""
+
+def model_config_name(config_path: str | Path | None, overrides: list[str] = ()) -> str:
+    """The model config a run config names ("hnet_1stage_tiny"), after any model=... override;
+    "inline" for an inline model, "?" when unreadable."""
     from hnet.run_config import DEFAULT_RUN
 
-    try:
-        model = json.loads(Path(config_path or DEFAULT_RUN).read_text()).get("model")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return "?"
+    model = None
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key.strip() == "model":
+            try:
+                model = json.loads(value)
+            except json.JSONDecodeError:
+                model = value
+    if model is None:
+        try:
+            model = json.loads(Path(config_path or DEFAULT_RUN).read_text()).get("model")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return "?"
     if isinstance(model, dict):
         model = model.get("config")
     return Path(model).stem if isinstance(model, str) else "inline"
 
 
-def bench_train(config_path: str | None, overrides: list[str], steps: int, warmup: int,
-                peak_tflops: float | None = None) -> dict:
-    """Time the training step of a run config; returns a dict of results (see `format_table`)."""
+# Measured bytes per token of the tokenizer a run config trains at its start ({"vocab_size": V}),
+# by (corpus folder name, V): entries of configs/families.json "measurements".
+KNOWN_TOKENIZER_RATIOS = {("default", 4096): "stdlib_bpe4096", ("pg_en", 32768): "pg_en_bpe32768"}
+
+
+def known_bytes_per_token(run) -> tuple[float, str] | None:
+    """(bytes per token, where it comes from) of a token run's tokenizer when measured, else None."""
+    from hnet.config import read_json
+    from hnet.flops import FAMILIES_FILE
+
+    spec = run.data.tokenizer
+    if not isinstance(spec, dict):
+        return None
+    name = KNOWN_TOKENIZER_RATIOS.get((Path(run.data.corpus).name, spec["vocab_size"]))
+    if name is None:
+        return None
+    return float(read_json(FAMILIES_FILE, "families file")["measurements"][name]["value"]), f"families.json {name}"
+
+
+@dataclass
+class CompiledStep:
+    """The jitted train step of a run, traced and compiled for its batch shape, not yet run.
+
+    executable: (state, input_ids (A, b, L), targets (A, b, L)) -> (state, metrics), A = grad_accum,
+    b = batch_size / A; matmuls: dot_general FLOPs of its jaxpr (hnet.xla_stats); memory: XLA's
+    memory analysis.
+    """
+
+    run: object
+    step_fns: object
+    executable: object
+    matmuls: object
+    memory: object
+    trace_s: float
+    compile_s: float
+
+    @property
+    def micro_batch(self) -> int:
+        return self.run.train.batch_size // self.run.train.grad_accum
+
+
+_COMPILED_STEPS: dict[str, CompiledStep] = {}
+
+
+def compile_train_step(run) -> CompiledStep:
+    """Trace, lower and compile the real train step on abstract arguments (nothing is allocated).
+
+    Cached per run config, so that `bench memory` and `bench train` of the same run in one process
+    compile once.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from hnet.train_step import make_step_functions
+    from hnet.xla_stats import matmul_flops, memory_estimate
+
+    key = json.dumps(run.to_dict(), sort_keys=True)
+    if key in _COMPILED_STEPS:
+        return _COMPILED_STEPS[key]
+    train = run.train
+    _, step_fns = make_step_functions(run)
+    batch = jax.ShapeDtypeStruct((train.grad_accum, train.batch_size // train.grad_accum, train.seq_len), jnp.int32,
+                                 sharding=step_fns.micro_batch_sharding)
+    start = time.perf_counter()
+    traced = step_fns.train_step.trace(step_fns.abstract_state, batch, batch)
+    matmuls = matmul_flops(traced.jaxpr)
+    trace_s = time.perf_counter() - start
+    start = time.perf_counter()
+    executable = traced.lower().compile()
+    compile_s = time.perf_counter() - start
+    compiled = CompiledStep(run, step_fns, executable, matmuls, memory_estimate(executable), trace_s, compile_s)
+    _COMPILED_STEPS[key] = compiled
+    return compiled
+
+
+def describe_device() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    return f"{device.device_kind} ({device.platform}), jax {jax.__version__}"
+
+
+def bench_memory(config_path: str | None, overrides: list[str], bytes_per_chunk=None) -> dict:
+    """Memory and FLOPs of a run's train step from compilation alone (see `format_memory_table`).
+
+    Model FLOPs at the routing targets, or at `bytes_per_chunk` (one cumulative value per
+    chunking stage), capped by the capacity (computed_stage_lengths).
+    """
     import jax
     import numpy as np
 
-    from hnet import throughput
+    from hnet import chunking, throughput
     from hnet.run_config import load_run_config
-    from hnet.train_step import init_state
 
     run = load_run_config(config_path, overrides)
-    train = run.train
-    _, state, step_fns = init_state(run)
+    config, train = run.model_config, run.train
+    model_flops, lengths = throughput.model_flops_per_step(config, train.batch_size, train.seq_len, bytes_per_chunk)
+    compiled = compile_train_step(run)
+    memory = compiled.memory
+    params = compiled.step_fns.abstract_state["params"]
+    return {
+        "benchmark": "memory",
+        "device": describe_device(),
+        "device_count": jax.device_count(),
+        "model_config": model_config_name(config_path, overrides),
+        "dtype": config.dtype,
+        "params": sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)),
+        "batch_size": train.batch_size,
+        "grad_accum": train.grad_accum,
+        "micro_batch": compiled.micro_batch,
+        "seq_len": train.seq_len,
+        "seq_unit": "bytes" if config.is_byte_model else "tokens",
+        "trace_s": compiled.trace_s,
+        "compile_s": compiled.compile_s,
+        **memory.to_dict(),
+        "temp_bytes_per_sequence": memory.temp_bytes / compiled.micro_batch,
+        "stage_lengths": lengths,
+        "static_stage_lengths": chunking.stage_lengths(config, train.seq_len),
+        "executed_matmul_flops_per_step": compiled.matmuls.flops,
+        "executed_backward_share": compiled.matmuls.backward_flops / max(compiled.matmuls.flops, 1.0),
+        "executed_matmul_by_source": compiled.matmuls.to_dict()["by_source"],
+        "executed_notes": sorted(compiled.matmuls.notes),
+        "model_flops_per_step": model_flops,
+        "executed_over_model_flops": compiled.matmuls.flops / model_flops,
+    }
+
+
+def bench_train(config_path: str | None, overrides: list[str], steps: int, warmup: int,
+                peak_tflops: float | None = None, bytes_per_token: float | None = None) -> dict:
+    """Time the training step of a run config; returns a dict of results (see `format_table`).
+
+    bytes_per_token: a token run's bytes per token, for bytes/s (default: the measured ratio of
+    the run's tokenizer when known, KNOWN_TOKENIZER_RATIOS). Raises FlopsError when given for a
+    byte model.
+    """
+    import jax
+    import numpy as np
+
+    from hnet import chunking, throughput
+    from hnet.errors import FlopsError
+    from hnet.run_config import load_run_config
+
+    run = load_run_config(config_path, overrides)
+    train, config = run.train, run.model_config
+    if config.is_byte_model and bytes_per_token is not None:
+        raise FlopsError("--bytes-per-token is for token runs; this model reads bytes")
+    bytes_per_token_source = "--bytes-per-token" if bytes_per_token is not None else None
+    if bytes_per_token is None and not config.is_byte_model:
+        bytes_per_token, bytes_per_token_source = known_bytes_per_token(run) or (None, None)
+    compiled = compile_train_step(run)
+    state = compiled.step_fns.init()
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state["params"]))
 
     # The shapes train.py feeds: (grad_accum, batch / grad_accum, seq_len) int32 micro-batches.
-    shape = (train.grad_accum, train.batch_size // train.grad_accum, train.seq_len)
+    shape = (train.grad_accum, compiled.micro_batch, train.seq_len)
     rng = np.random.default_rng(0)
-    vocab = run.model_config.vocab_size
-    tokens = rng.integers(0, min(vocab, 256), size=shape[:-1] + (train.seq_len + 1,), dtype=np.int32)
-    input_ids, targets = step_fns.place_train_batch(tokens[..., :-1]), step_fns.place_train_batch(tokens[..., 1:])
+    tokens = rng.integers(0, min(config.vocab_size, 256), size=shape[:-1] + (train.seq_len + 1,), dtype=np.int32)
+    place = compiled.step_fns.place_train_batch
+    input_ids, targets = place(tokens[..., :-1]), place(tokens[..., 1:])
     last_metrics = {}
 
     def one_step(state):
-        state, metrics = step_fns.train_step(state, input_ids, targets)
+        state, metrics = compiled.executable(state, input_ids, targets)
         jax.block_until_ready((state, metrics))
         last_metrics.update(metrics)
         return state
 
     start = time.perf_counter()
-    state = one_step(state)  # traces, compiles and runs once
-    compile_s = time.perf_counter() - start
+    state = one_step(state)
+    first_step_s = time.perf_counter() - start
     for _ in range(warmup):
         state = one_step(state)
     times = []
@@ -85,47 +254,77 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     step_s = statistics.median(times)
 
     device = jax.devices()[0]
-    # Model FLOPs at the chunk sizes this step measured (hnet.flops); MFU against the device peak.
-    config = run.model_config
-    host_metrics = jax.device_get(last_metrics)
-    step_flops = throughput.step_model_flops(config, train.batch_size, train.seq_len, host_metrics)
+    peak = throughput.peak_memory_bytes([device])
+    # Model FLOPs at the chunks this step kept (averaged over micro-batches), at most the capacity.
+    bytes_per_chunk = [float(last_metrics[f"stage{s}_bytes_per_chunk"]) for s in range(config.depth)]
+    step_flops, lengths = throughput.model_flops_per_step(config, train.batch_size, train.seq_len, bytes_per_chunk)
+    executed = compiled.matmuls.flops
     peak_flops = throughput.peak_flops(device, peak_tflops)
+    device_flops = step_s * peak_flops * jax.device_count() if peak_flops else None
     positions_per_sec = train.batch_size * train.seq_len / step_s
+    if config.is_byte_model:
+        bytes_per_sec = positions_per_sec
+    else:
+        bytes_per_sec = positions_per_sec * bytes_per_token if bytes_per_token else None
     return {
         "benchmark": "train",
-        "device": f"{device.device_kind} ({device.platform})",
+        "device": describe_device(),
         "device_count": jax.device_count(),
-        "model_config": model_config_name(config_path),
-        "dtype": run.model.get("dtype"),
+        "model_config": model_config_name(config_path, overrides),
+        "dtype": config.dtype,
         "params": n_params,
         "batch_size": train.batch_size,
         "grad_accum": train.grad_accum,
         "seq_len": train.seq_len,
-        "compile_s": compile_s,
+        "seq_unit": "bytes" if config.is_byte_model else "tokens",
+        "trace_s": compiled.trace_s,
+        "compile_s": compiled.compile_s,
+        "first_step_s": first_step_s,
         "warmup_steps": warmup,
         "timed_steps": steps,
         "step_s_median": step_s,
         "step_s_min": min(times),
         "step_s_max": max(times),
-        "bytes_per_sec": positions_per_sec if config.is_byte_model else None,
+        "bytes_per_sec": bytes_per_sec,
         "tokens_per_sec": None if config.is_byte_model else positions_per_sec,
-        "bytes_per_chunk": throughput.measured_bytes_per_chunk(config, host_metrics),
+        "bytes_per_token": bytes_per_token,
+        "bytes_per_token_source": bytes_per_token_source,
+        "bytes_per_chunk": bytes_per_chunk,
+        "stage_lengths": lengths,
+        "static_stage_lengths": chunking.stage_lengths(config, train.seq_len),
         "model_flops_per_step": step_flops,
+        "executed_matmul_flops_per_step": executed,
+        "executed_over_model_flops": executed / step_flops,
         "peak_flops": peak_flops,
-        "mfu": throughput.mfu(step_flops, step_s, peak_flops, jax.device_count()),
-        "peak_memory_bytes": throughput.peak_memory_bytes(jax.local_devices()),
+        "mfu": step_flops / device_flops if device_flops else None,
+        "executed_flops_utilization": executed / device_flops if device_flops else None,
+        "peak_memory_bytes": peak,
+        **{f"xla_{name}": value for name, value in compiled.memory.to_dict().items()},
     }
+
+
+def bench_components(config_path: str | None, overrides: list[str], steps: int) -> dict:
+    """The model's pieces timed alone at the run's shapes (hnet.bench_components)."""
+    import jax
+
+    from hnet.bench_components import time_components
+    from hnet.run_config import load_run_config
+
+    run = load_run_config(config_path, overrides)
+    train = run.train
+    return {"benchmark": "components", "device": describe_device(), "device_count": jax.device_count(),
+            "model_config": model_config_name(config_path, overrides), "dtype": run.model_config.dtype,
+            "micro_batch": train.batch_size // train.grad_accum, "seq_len": train.seq_len, "timed_calls": steps,
+            "rows": time_components(run, steps)}
 
 
 def bench_decode(config_paths: list[str], batch_sizes: list[int], new_bytes: int, prompt_bytes: int) -> dict:
     """Decode throughput per (config, batch size) and time to first byte per config."""
-    import jax
     import numpy as np
 
     import hnet
     from hnet.decode import Generator, SamplingConfig
 
-    device = jax.devices()[0]
     sampling = SamplingConfig(temperature=1.0, seed=0)
     rows = []
     for path in config_paths:
@@ -154,7 +353,7 @@ def bench_decode(config_paths: list[str], batch_sizes: list[int], new_bytes: int
         first()
         rows[-1]["time_to_first_byte_s"] = time.perf_counter() - start
         rows[-1]["prompt_bytes"] = prompt_bytes
-    return {"benchmark": "decode", "device": f"{device.device_kind} ({device.platform})", "rows": rows}
+    return {"benchmark": "decode", "device": describe_device(), "rows": rows}
 
 
 def format_decode_table(result: dict) -> str:
@@ -167,28 +366,91 @@ def format_decode_table(result: dict) -> str:
     return header + "\n".join(lines)
 
 
+def mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:,.1f} MiB"
+
+
+def format_sources(by_source: dict, total: float, top: int = 6) -> str:
+    """The largest matmul sources as "layers/attention.py:attend 41%, ..."."""
+    items = sorted(by_source.items(), key=lambda item: -item[1])[:top]
+    return ", ".join(f"{name} {flops / total:.0%}" for name, flops in items) if total else "-"
+
+
+def format_aligned(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows) + 2
+    return "\n".join(f"{name:<{width}}{value}" for name, value in rows)
+
+
+def format_memory_table(result: dict) -> str:
+    """Two aligned columns, human units."""
+    executed, model = result["executed_matmul_flops_per_step"], result["model_flops_per_step"]
+    rows = [
+        ("device", result["device"]),
+        ("model config", f"{result['model_config']} ({result['dtype']}), {result['params']:,} parameters"),
+        ("global batch", f"{result['batch_size']} sequences (grad_accum {result['grad_accum']}, "
+                         f"micro-batch {result['micro_batch']})"),
+        ("sequence length", f"{result['seq_len']} {result['seq_unit']}"),
+        ("stage lengths", "computed " + ", ".join(f"{n:.0f}" for n in result["stage_lengths"])
+         + "; static " + ", ".join(str(n) for n in result["static_stage_lengths"])),
+        ("trace / compile", f"{result['trace_s']:.1f} s / {result['compile_s']:.1f} s"),
+        ("arguments", f"{mib(result['argument_bytes'])} (outputs {mib(result['output_bytes'])}, "
+                      f"aliased {mib(result['alias_bytes'])})"),
+        ("temporaries", f"{mib(result['temp_bytes'])} ({mib(result['temp_bytes_per_sequence'])} per sequence)"),
+        ("peak estimate", mib(result["peak_bytes"])),
+        ("executed matmul FLOPs", f"{human(executed)}FLOP per step (backward {result['executed_backward_share']:.0%})"),
+        ("matmuls by source", format_sources(result["executed_matmul_by_source"], executed)),
+        ("model FLOPs", f"{human(model)}FLOP per step (hnet.flops, training)"),
+        ("executed / model", f"{result['executed_over_model_flops']:.3f}"),
+    ]
+    rows += [("note", note) for note in result["executed_notes"]]
+    return format_aligned(rows)
+
+
 def format_table(result: dict) -> str:
     """Two aligned columns, human units."""
     peak = result["peak_memory_bytes"]
+    if result["bytes_per_sec"] is None:
+        speed = f"{result['tokens_per_sec']:,.0f} tokens/s (bytes/s: pass --bytes-per-token)"
+    elif result["tokens_per_sec"] is None:
+        speed = f"{result['bytes_per_sec']:,.0f} bytes/s"
+    else:
+        speed = (f"{result['tokens_per_sec']:,.0f} tokens/s = {result['bytes_per_sec']:,.0f} bytes/s at "
+                      f"{result['bytes_per_token']:g} bytes/token ({result['bytes_per_token_source']})")
+    if result["mfu"] is None:
+        mfu = "n/a (unknown device peak; pass --peak-tflops)"
+    else:
+        mfu = (f"{100 * result['mfu']:.1f}% of {result['peak_flops'] / 1e12:,.0f} TFLOP/s per device "
+               f"(executed matmuls: {100 * result['executed_flops_utilization']:.1f}%)")
     rows = [
         ("device", result["device"]),
         ("model config", f"{result['model_config']} ({result['dtype']})"),
         ("parameters", f"{result['params']:,}"),
         ("global batch", f"{result['batch_size']} sequences (grad_accum {result['grad_accum']})"),
-        ("sequence length", f"{result['seq_len']} bytes"),
-        ("compile (first step)", f"{result['compile_s']:.2f} s"),
+        ("sequence length", f"{result['seq_len']} {result['seq_unit']}"),
+        ("trace / compile / first step", f"{result['trace_s']:.1f} s / {result['compile_s']:.1f} s / "
+                                         f"{result['first_step_s']:.2f} s"),
         (f"step time (median of {result['timed_steps']})",
          f"{result['step_s_median'] * 1e3:.1f} ms (min {result['step_s_min'] * 1e3:.1f}, max {result['step_s_max'] * 1e3:.1f})"),
-        ("throughput", f"{result['bytes_per_sec']:,.0f} bytes/s" if result["bytes_per_sec"] is not None
-         else f"{result['tokens_per_sec']:,.0f} tokens/s"),
+        ("throughput", speed),
         ("bytes per chunk (this step)", ", ".join(f"{b:.2f}" for b in result["bytes_per_chunk"]) or "-"),
-        ("model FLOPs per step", f"{result['model_flops_per_step'] / 1e12:,.3f} TFLOP (hnet.flops, training)"),
-        ("MFU", "n/a (unknown device peak; pass --peak-tflops)" if result["mfu"] is None
-         else f"{100 * result['mfu']:.1f}% of {result['peak_flops'] / 1e12:,.0f} TFLOP/s per device"),
-        ("peak device memory", "n/a" if peak is None else f"{peak / 2**20:,.1f} MiB"),
+        ("stage lengths", "computed " + ", ".join(f"{n:.0f}" for n in result["stage_lengths"])
+         + "; static " + ", ".join(str(n) for n in result["static_stage_lengths"])),
+        ("model FLOPs per step", f"{human(result['model_flops_per_step'])}FLOP (hnet.flops, training)"),
+        ("executed matmul FLOPs", f"{human(result['executed_matmul_flops_per_step'])}FLOP "
+                                  f"({result['executed_over_model_flops']:.2f} x model)"),
+        ("MFU", mfu),
+        ("XLA temporaries", f"{mib(result['xla_temp_bytes'])} (peak estimate {mib(result['xla_peak_bytes'])})"),
+        ("peak device memory", "n/a" if peak is None else mib(peak)),
     ]
-    width = max(len(name) for name, _ in rows) + 2
-    return "\n".join(f"{name:<{width}}{value}" for name, value in rows)
+    return format_aligned(rows)
+
+
+def run_arguments(parser) -> None:
+    """--config and --set, shared by the commands that build a run's train step."""
+    parser.add_argument("--config", help="run config JSON (default: configs/run_tiny.json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a run-config value, e.g. train.batch_size=16 (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def parse_args(argv):
@@ -197,13 +459,19 @@ def parse_args(argv):
                                      epilog=__doc__.split("\n\n", 1)[1])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser("train", help="time the training step of a run config")
-    train.add_argument("--config", help="run config JSON (default: configs/run_tiny.json)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a run-config value, e.g. train.batch_size=16 (repeatable)")
+    run_arguments(train)
     train.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     train.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (default: 2)")
     train.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known bf16 peak, e.g. 989 for H100)")
-    train.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    train.add_argument("--bytes-per-token", type=float,
+                       help="a token run's bytes per token, for bytes/s (default: its tokenizer's measured ratio, when known)")
+    memory = commands.add_parser("memory", help="compile the training step without running it: memory and FLOPs")
+    run_arguments(memory)
+    memory.add_argument("--bytes-per-chunk", type=float, nargs="+",
+                        help="cumulative bytes per chunk, one per chunking stage, for the model FLOPs (default: targets N)")
+    components = commands.add_parser("components", help="time the SSD scan, attention and chunking alone")
+    run_arguments(components)
+    components.add_argument("--steps", type=int, default=10, help="timed calls per piece (default: 10)")
     decode = commands.add_parser("decode", help="time generation: bytes/s and time to first byte")
     decode.add_argument("--configs", nargs="+", default=["configs/hnet_1stage_tiny.json", "configs/hnet_1stage_S.json"],
                         help="model configs (default: the tiny and S 1-stage H-Nets)")
@@ -214,24 +482,40 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.command == "train" and (args.steps < 1 or args.warmup < 0):
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.command == "train" and args.bytes_per_token is not None and not args.bytes_per_token > 0:
+        parser.error("--bytes-per-token must be positive")
+    if args.command == "components" and args.steps < 1:
+        parser.error("--steps must be >= 1")
     if args.command == "decode" and (min(args.batch_sizes) < 1 or args.new_bytes < 1 or args.prompt_bytes < 1):
         parser.error("--batch-sizes, --new-bytes and --prompt-bytes must be >= 1")
     return args
 
 
+def run_command(args) -> tuple[dict, str]:
+    """-> (result dict, its table) of the parsed command."""
+    if args.command == "train":
+        result = bench_train(args.config, args.overrides, args.steps, args.warmup, args.peak_tflops, args.bytes_per_token)
+        return result, format_table(result)
+    if args.command == "memory":
+        result = bench_memory(args.config, args.overrides, args.bytes_per_chunk)
+        return result, format_memory_table(result)
+    if args.command == "components":
+        from hnet.bench_components import format_components_table
+
+        result = bench_components(args.config, args.overrides, args.steps)
+        return result, format_components_table(result)
+    result = bench_decode(args.configs, args.batch_sizes, args.new_bytes, args.prompt_bytes)
+    return result, format_decode_table(result)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
-    """Run the chosen benchmark, print it, and return its result dict (None on a config error)."""
+    """Run the chosen benchmark, print it, and return its result dict (None on bad input)."""
     args = parse_args(argv)
-    from hnet.errors import ConfigError
+    from hnet.errors import HNetError
 
     try:
-        if args.command == "train":
-            result = bench_train(args.config, args.overrides, args.steps, args.warmup, args.peak_tflops)
-            table = format_table(result)
-        else:
-            result = bench_decode(args.configs, args.batch_sizes, args.new_bytes, args.prompt_bytes)
-            table = format_decode_table(result)
-    except ConfigError as err:
+        result, table = run_command(args)
+    except HNetError as err:
         print(f"error: {err}", file=sys.stderr)
         return None
     print(json.dumps(result) if args.json else table)

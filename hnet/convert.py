@@ -3,7 +3,7 @@ write ours back in the reference's names.
 
     python -m hnet.convert --checkpoint hnet_2stage_XL.pt --config configs/hnet_2stage_XL.json \\
         --out exports/hnet_2stage_XL [--dtype float32|bfloat16]
-    python -m hnet.export --checkpoint RUN_OR_EXPORT --out DIR --format reference
+    python -m hnet.export --checkpoint RUN_OR_EXPORT --out DIR --format reference   # the other way
 
 The checkpoint is a state_dict of the reference HNetForCausalLM (goombalab/hnet): a .safetensors
 file (read with the `safetensors` package, numpy only) or a .pt/.bin file written by torch.save
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import zipfile
 from collections.abc import Mapping
@@ -36,9 +35,8 @@ from flax import nnx
 from hnet import config as config_lib
 from hnet.config import ModelConfig
 from hnet.errors import ConvertError, HNetError, report
-from hnet.export import abstract_params, export_dtype, load_model, refuse_existing, staged_folder, write_export
-from hnet.reference import (check_file_keys, check_model_covered, from_reference, parameter_table, reference_config,
-                            to_reference)
+from hnet.export import abstract_params, export_dtype, flat_param_paths, refuse_existing, write_export
+from hnet.reference import check_file_keys, check_model_covered, from_reference, parameter_table
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Where training scripts commonly nest a state_dict inside what they save.
@@ -174,11 +172,6 @@ def load_reference_config(path: str | Path) -> ModelConfig:
     return config
 
 
-def _flat_params(state) -> dict[str, tuple]:
-    """{dotted parameter path: path tuple} of an nnx.State."""
-    return {".".join(map(str, path)): path for path in nnx.traversals.flatten_mapping(state.to_pure_dict())}
-
-
 def convert(checkpoint: str | Path, config_path: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
     """Convert a reference checkpoint into an export folder `out`; parameters stored in `dtype`."""
     checkpoint, out = Path(checkpoint), Path(out)
@@ -187,7 +180,7 @@ def convert(checkpoint: str | Path, config_path: str | Path, out: str | Path, *,
     config = load_reference_config(config_path)
     tensors = read_state_dict(checkpoint)
     graphdef, params = abstract_params(config)
-    paths = _flat_params(params)
+    paths = flat_param_paths(params)
     abstract = nnx.traversals.flatten_mapping(params.to_pure_dict())
     model_shapes = {name: abstract[path].shape for name, path in paths.items()}
     table = parameter_table(config)
@@ -215,31 +208,6 @@ def convert(checkpoint: str | Path, config_path: str | Path, out: str | Path, *,
     info = {"dtype": jnp.dtype(stored).name, "source": checkpoint.name, "source_sha256": sha256, "step": None,
             "converted_from": SOURCE_DESCRIPTION}
     return write_export(out, params, config, info)
-
-
-def export_reference(checkpoint: str | Path, out: str | Path, *, step: int | None = None, dtype: str = "fp32") -> Path:
-    """Write a run's (or an export's) parameters as the reference's model.safetensors and config.json.
-
-    model.safetensors holds the state_dict the reference's HNetForCausalLM.load_state_dict takes
-    (its names and layouts, in `dtype`); config.json holds only the reference's config fields.
-    """
-    from safetensors.numpy import save_file
-
-    stored = export_dtype(dtype)
-    refuse_existing(Path(out))
-    loaded = load_model(checkpoint, step)
-    config_json = reference_config(loaded.config)  # before writing anything: can the reference express it?
-    _, params = nnx.split(loaded.model, nnx.Param)
-    values = nnx.traversals.flatten_mapping(params.to_pure_dict())
-    paths = _flat_params(params)
-    tensors = {}
-    for entry in parameter_table(loaded.config):
-        array = np.asarray(jnp.asarray(values[paths[entry.path]]).astype(stored))
-        tensors[entry.key] = to_reference(array, entry.layout)
-    with staged_folder(out) as staging:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(config_json, indent=4) + "\n")
-    return Path(out)
 
 
 def main(argv=None) -> int:

