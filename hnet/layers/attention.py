@@ -10,7 +10,6 @@ masked, and RoPE positions count from the document's start.
 docs/ARCHITECTURE.md section 1 has the conventions (scale, RoPE, window).
 """
 
-import functools
 import os
 
 import jax
@@ -87,11 +86,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: ja
 
     Paths (ATTENTION_IMPL, "auto" by default): rows of up to `block_size` (default QUERY_BLOCK)
     positions use `attend` with the whole mask; on a GPU, longer rows of global layers use the
-    segment-aware Pallas flash-attention kernel (pallas_causal_attention). Other long rows go one
-    block of queries at a time: block [s, e) reads only keys [max(0, s - window), e) (all of them
-    before e for a global layer), so no L x L array exists and key blocks outside the causal
-    window cost nothing; each block is rematerialised (jax.checkpoint), so the backward pass keeps
-    only q, k, v and recomputes one block's scores at a time.
+    segment-aware Pallas flash-attention kernel (pallas_causal_attention). Other long rows use
+    blockwise_attention: an online softmax over query blocks of `block_size`, one block of scores
+    live at a time, in the forward and the backward pass.
     """
     length = q.shape[1]
     block_size = QUERY_BLOCK if block_size is None else block_size
@@ -105,12 +102,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: ja
         return pallas_causal_attention(q, k, v, segment_index)
     if impl == "plain" or length <= block_size:
         return attend(q, k, v, attention_mask(jnp.arange(length), segment_index, window))
-    blocks = []
-    for start in range(0, length, block_size):
-        stop = min(start + block_size, length)
-        key_start = 0 if window < 0 else max(0, start - window)
-        blocks.append(_attend_query_block(q, k, v, segment_index, start, stop, key_start, window))
-    return jnp.concatenate(blocks, axis=1)
+    return blockwise_attention(q, k, v, segment_index, window, block_size)
 
 
 def pallas_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: jax.Array,
@@ -138,16 +130,73 @@ def pallas_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_in
     return out[:, :length]
 
 
-@functools.partial(jax.checkpoint, static_argnums=(4, 5, 6, 7))
-def _attend_query_block(q, k, v, segment_index, start: int, stop: int, key_start: int, window: int):
-    """Queries [start, stop) against keys [key_start, stop) -> (B, stop - start, H, Dh)."""
-    query_pos, key_pos = jnp.arange(start, stop), jnp.arange(key_start, stop)
-    delta = query_pos[:, None] - key_pos[None, :]
-    visible = delta >= 0
-    if window >= 0:
-        visible &= delta <= window
-    same_document = segment_index[:, start:stop, None] == segment_index[:, None, key_start:stop]
-    return attend(q[:, start:stop], k[:, key_start:stop], v[:, key_start:stop], visible[None] & same_document)
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: jax.Array, window: int,
+                        block: int) -> jax.Array:
+    """Flash-style attention in plain JAX: query blocks of `block` positions, each with an online
+    softmax over the key blocks its causal window reaches. Shapes as causal_attention.
+
+    Query blocks run one after the other (lax.map), each rematerialised (jax.checkpoint), and key
+    blocks in a lax.scan inside: a key block that lies after the query block is skipped by a
+    lax.cond at run time (the static FLOP count of the jaxpr still includes it), and a windowed
+    layer visits only the ceil(window / block) + 1 key blocks its window reaches. Memory is
+    O(L x block) per layer in the forward and the backward pass, never L x L.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    pad = -length % block
+    if pad:  # padded keys get a segment id of their own: never visible to real queries
+        q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+        segment_index = jnp.pad(segment_index, ((0, 0), (0, pad)), constant_values=-1)
+    blocks = (length + pad) // block
+    q_blocks = q.reshape(batch, blocks, block, kv_heads, group, head_dim)
+    k_blocks = k.reshape(batch, blocks, block, kv_heads, head_dim)
+    v_blocks = v.reshape(batch, blocks, block, kv_heads, head_dim)
+    segment_blocks = segment_index.reshape(batch, blocks, block)
+    reach = blocks if window < 0 else min(blocks, -(-window // block) + 1)  # key blocks a query block sees
+    scale = head_dim ** -0.5
+
+    def query_block(i):
+        q_i = jax.lax.dynamic_index_in_dim(q_blocks, i, axis=1, keepdims=False)       # (B, Qb, Hkv, G, Dh)
+        segment_i = jax.lax.dynamic_index_in_dim(segment_blocks, i, axis=1, keepdims=False)
+        query_pos = i * block + jnp.arange(block)
+
+        def key_block(carry, offset):
+            j = i - offset
+
+            def attend_block(carry):
+                running_max, total, acc = carry
+                k_j = jax.lax.dynamic_index_in_dim(k_blocks, j, axis=1, keepdims=False)   # (B, Kb, Hkv, Dh)
+                v_j = jax.lax.dynamic_index_in_dim(v_blocks, j, axis=1, keepdims=False)
+                segment_j = jax.lax.dynamic_index_in_dim(segment_blocks, j, axis=1, keepdims=False)
+                delta = query_pos[:, None] - (j * block + jnp.arange(block))[None, :]
+                visible = delta >= 0
+                if window >= 0:
+                    visible &= delta <= window
+                mask = visible[None] & (segment_i[:, :, None] == segment_j[:, None, :])       # (B, Qb, Kb)
+                scores = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
+                scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+                new_max = jnp.maximum(running_max, scores.max(axis=-1))
+                safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # rows with nothing visible yet
+                weights = jnp.exp(scores - safe_max[..., None])
+                rescale = jnp.exp(running_max - safe_max)
+                total = total * rescale + weights.sum(axis=-1)
+                acc = acc * rescale[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", weights.astype(v_j.dtype), v_j,
+                                                            preferred_element_type=jnp.float32)
+                return new_max, total, acc
+
+            return jax.lax.cond(j >= 0, attend_block, lambda carry: carry, carry), None
+
+        init = (jnp.full((batch, kv_heads, group, block), -jnp.inf, jnp.float32),
+                jnp.zeros((batch, kv_heads, group, block), jnp.float32),
+                jnp.zeros((batch, kv_heads, group, block, head_dim), jnp.float32))
+        (_, total, acc), _ = jax.lax.scan(key_block, init, jnp.arange(reach))
+        out = acc / total[..., None]                                  # every query sees itself: total > 0
+        return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)          # (B, Qb, Hkv, G, Dh)
+
+    out = jax.lax.map(jax.checkpoint(query_block), jnp.arange(blocks))  # (n, B, Qb, Hkv, G, Dh)
+    out = out.transpose(1, 0, 2, 3, 4, 5).reshape(batch, blocks * block, heads, head_dim)
+    return out[:, :length]
 
 
 @struct.dataclass

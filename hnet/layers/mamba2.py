@@ -102,23 +102,30 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, segment_index=None):
     return y, final_state
 
 
-@jax.checkpoint
 def _intra_chunk_outputs(x, dt, log_decay, B, C, segment):
     """The within-chunk term of ssd_scan: y_i = sum over j <= i of the same document of
     (C_i·B_j) exp(log_decay_i - log_decay_j) dt_j x_j.
 
     x: (B, nc, Q, H, P); dt, log_decay: (B, nc, Q, H); B, C: (B, nc, Q, S); segment: (B, nc, Q)
-    -> (B, nc, Q, H, P) float32. Rematerialised: its (B, nc, Q, Q, H) decay and weight tensors
-    exist one layer at a time in the forward pass and are recomputed, not kept, for the backward.
+    -> (B, nc, Q, H, P) float32. One chunk at a time (lax.map), each rematerialised, so a (B, Q, Q, H)
+    decay and weight tensor of one chunk is all that exists at once, in the forward and the
+    backward pass (all chunks at once would be (B, nc, Q, Q, H): L x Q x H per sequence).
     """
     chunk = x.shape[2]
-    segsum = log_decay[:, :, :, None, :] - log_decay[:, :, None, :, :]  # (B, nc, Qi, Qj, H)
-    causal = jnp.tril(jnp.ones((chunk, chunk), bool))[None, None]
-    visible = causal & (segment[:, :, :, None] == segment[:, :, None, :])  # (B, nc, Qi, Qj)
-    decay = jnp.exp(jnp.where(visible[..., None], segsum, -jnp.inf))
-    scores = jnp.einsum("bcis,bcjs->bcij", C, B)
-    weights = scores[..., None] * decay * dt[:, :, None, :, :]
-    return jnp.einsum("bcijh,bcjhp->bcihp", weights, x)
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))[None]
+
+    @jax.checkpoint
+    def one_chunk(inputs):
+        x_c, dt_c, log_decay_c, B_c, C_c, segment_c = inputs  # (B, Q, ...) of one chunk
+        segsum = log_decay_c[:, :, None, :] - log_decay_c[:, None, :, :]  # (B, Qi, Qj, H)
+        visible = causal & (segment_c[:, :, None] == segment_c[:, None, :])  # (B, Qi, Qj)
+        decay = jnp.exp(jnp.where(visible[..., None], segsum, -jnp.inf))
+        scores = jnp.einsum("bis,bjs->bij", C_c, B_c)
+        weights = scores[..., None] * decay * dt_c[:, None, :, :]
+        return jnp.einsum("bijh,bjhp->bihp", weights, x_c)
+
+    chunk_major = tuple(t.swapaxes(0, 1) for t in (x, dt, log_decay, B, C, segment))
+    return jax.lax.map(one_chunk, chunk_major).swapaxes(0, 1)
 
 
 def ssd_step(state, x, dt, A, B, C, doc_start):
