@@ -339,10 +339,9 @@ def test_rematerialised_blocks_give_the_same_gradients(config_1stage, monkeypatc
     graphdef, params = nnx.split(model, nnx.Param)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 65)), jnp.int32).at[:, 0].set(254)
     results = {}
-    for remat in ("none", "block", "dots"):
+    for remat in ("none", "block"):  # block: what train.remat=auto picks for the S models
         step = jax.jit(lambda p, x, y, remat=remat: micro_grads(p, x, y, graphdef=graphdef, ratio_loss_weight=0.03,
                                                                 remat=remat))
         results[remat] = step(params, tokens[:, :-1], tokens[:, 1:])
-    for remat in ("block", "dots"):
-        for want, got in zip(jax.tree_util.tree_leaves(results["none"]), jax.tree_util.tree_leaves(results[remat])):
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for want, got in zip(jax.tree_util.tree_leaves(results["none"]), jax.tree_util.tree_leaves(results["block"])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
