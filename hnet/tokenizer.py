@@ -314,3 +314,73 @@ def _write_token_corpus(corpus: PreparedCorpus, tokenizer: BPETokenizer, folder:
     meta = {"format": TOKENS_FORMAT, "source": f"{corpus.path} tokenized (key {key})",
             "dtype": dtype.name, "bos_id": tokenizer.bos_id, "vocab_size": tokenizer.vocab_size, "splits": splits}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------
+# Command line: train a tokenizer, measure bytes per token
+
+
+def bytes_per_token(tokenizer: BPETokenizer, corpus: PreparedCorpus, split: str) -> tuple[int, int]:
+    """(bytes, tokens) of every document of `split` encoded alone (no BOS), summed."""
+    num_bytes = num_tokens = 0
+    docs = list(corpus.documents(split))
+    for doc, ids in zip(docs, tokenizer.encode_documents(docs)):
+        num_bytes += len(doc)
+        num_tokens += len(ids)
+    return num_bytes, num_tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m hnet.tokenizer --corpus DIR --vocab-size V --out FILE [--measure SPLIT ...]"""
+    import argparse
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(
+        prog="python -m hnet.tokenizer",
+        description="Train the byte-level BPE tokenizer a token run uses (the recipe train.py applies for "
+                    "data.tokenizer = {\"vocab_size\": V}) and print bytes per token on corpus splits.")
+    parser.add_argument("--corpus", required=True, help="prepared byte corpus folder")
+    parser.add_argument("--split", default="train", help="split to train on (default: train)")
+    parser.add_argument("--vocab-size", type=int, help="ids, BOS included; omit with --load to only measure")
+    parser.add_argument("--out", help="where to write tokenizer.json (an existing file is not overwritten)")
+    parser.add_argument("--load", help="measure this tokenizer.json instead of training one")
+    parser.add_argument("--measure", nargs="*", default=["train", "validation"], metavar="SPLIT",
+                        help="splits to report bytes per token on (default: train validation)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = parser.parse_args(argv)
+    try:
+        corpus = PreparedCorpus(args.corpus)
+        if args.load:
+            tokenizer = BPETokenizer.load(args.load)
+        else:
+            if args.vocab_size is None or args.out is None:
+                parser.error("training needs --vocab-size and --out (or --load FILE to measure one)")
+            out = Path(args.out)
+            if out.exists():
+                raise DataError(f"{out} already exists; remove it or measure it with --load")
+            start = time.perf_counter()
+            tokenizer = train_tokenizer(corpus, args.split, args.vocab_size)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(out)
+            if not args.json:
+                print(f"trained {tokenizer.vocab_size} ids on split '{args.split}' of {corpus.path} "
+                      f"in {time.perf_counter() - start:.0f} s -> {out}")
+        report = {"tokenizer": args.load or args.out, "vocab_size": tokenizer.vocab_size, "splits": {}}
+        for split in args.measure:
+            num_bytes, num_tokens = bytes_per_token(tokenizer, corpus, split)
+            report["splits"][split] = {"bytes": num_bytes, "tokens": num_tokens,
+                                       "bytes_per_token": num_bytes / max(num_tokens, 1)}
+            if not args.json:
+                print(f"{split}: {num_bytes:,d} bytes / {num_tokens:,d} tokens = "
+                      f"{num_bytes / max(num_tokens, 1):.3f} bytes per token (each document alone, no BOS)")
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# Headline comparison (issue #8): four compute-matched S-family runs on Project Gutenberg English
-#   hnet1  H-Net 1-stage (N = 6)         configs/run_headline_hnet1.json
-#   hnet2  H-Net 2-stage (N = 3, 3)      configs/run_headline_hnet2.json
-#   bpe    BPE Transformer (vocab 32768, tokenizer trained on pg_en_train by train.py)
-#   byte   byte-level Transformer
-# Same bytes per step (32 x 8192 bytes; BPE 32 x 2083 tokens ~ 8192 bytes at 3.933 bytes/token),
-# same 800 steps (~210 MB, about one pass over pg_en_train), same wsd schedule, lr 1.5e-3.
-# Training FLOPs per byte are equal within 5% (python -m hnet.flops --family S).
+# Headline comparison: H-Net 1-stage and 2-stage against BPE and byte Transformers on Project
+# Gutenberg English, at matched training FLOPs per byte, same bytes seen, same bytes per sequence
+# and the same schedule shape. Two scales:
 #
-# Time per run: an ESTIMATE, not measured (written on a CPU-only machine). The S models train at
-# ~212 M FLOPs/byte; at an assumed 20-30% MFU of an H100's ~989 TFLOP/s bf16 peak that is
-# 0.9-1.4 M bytes/s, so 800 steps x 262,144 bytes = 210 MB take ~150-230 s, plus compilation and
-# 4 evaluations: at most ~5 minutes each. Measure the first run and adjust train.steps (same for
-# all four) if it is off. The BPE run first trains its tokenizer on the train split (not counted).
-# The whole script (prepare, 4 runs, evaluations) should take ~30-40 minutes on one H100.
+# SCALE=S (default, issue #8; needs a GPU): the S family, configs/run_headline_{hnet1,hnet2,bpe,byte}.json
+#   32 x 8192 bytes per step (BPE 32 x 2083 tokens at 3.933 bytes/token), 800 steps (~210 MB),
+#   wsd, lr 1.5e-3. Time per run is an ESTIMATE (written on a CPU-only machine): ~212 M FLOPs/byte
+#   at 20-30% MFU of an H100 is 0.9-1.4 M bytes/s, so ~5 minutes a run and ~30-40 minutes in all.
 #
-#   bash scripts/headline.sh                 # real run (needs a GPU), results in runs/headline
+# SCALE=cpu (issue #19; two CPU cores): the "cpu" family of configs/families.json, run configs
+#   configs/run_cpu_{hnet1,hnet2,bpe,byte}.json: the tiny models, 512-byte sequences (BPE 155
+#   tokens at 3.302 bytes/token, vocabulary 4096 trained here on the 20 MB training split),
+#   8 sequences per step, 480 steps = 1,966,080 bytes each, wsd; H-Nets with per-stage LR
+#   multipliers. Also a second seed of hnet1 and bpe (seed-to-seed spread). Evaluation bytes are
+#   capped (below) so that the whole script fits in about 100 minutes; docs/RESULTS.md has the results.
+#   TUNE=1 runs the learning-rate sweep instead: each model at LRS (default "1e-3 2e-3 4e-3") for
+#   120 steps (a quarter of the run, same schedule shape), scored on 32 batches of pg_en validation;
+#   it writes $OUT/tune/tune.md.
+#
+#   bash scripts/headline.sh                 # S scale (GPU), results in runs/headline
+#   SCALE=cpu bash scripts/headline.sh       # CPU scale, results in runs/headline_cpu
 #   SMOKE=1 bash scripts/headline.sh         # tiny models, 2 MB of train, 5 steps: checks the pipeline on CPU
+# Every stage resumes: a prepared corpus, a trained tokenizer, a run folder (train.py --resume) are reused.
 # Environment: OUT (output folder), DATA_DIR (folder with pg_en_*.txt.xz etc., default ../shared/data),
 # PYTHON (default python).
 set -euo pipefail
@@ -24,14 +29,21 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python}
 SMOKE=${SMOKE:-0}
+SCALE=${SCALE:-S}
+TUNE=${TUNE:-0}
 DATA_DIR=${DATA_DIR:-../shared/data}
-RUNS=(hnet1 hnet2 bpe byte)
+RUNS=(hnet1 hnet2 bpe byte)      # the four models; EXTRA_RUNS adds second seeds
+EXTRA_RUNS=()
+CONFIG_PREFIX=run_headline
+TOKENIZER_VOCAB=0                # > 0: train the BPE tokenizer first with python -m hnet.tokenizer
 START=$SECONDS
 
 if [ "$SMOKE" = 1 ]; then
     OUT=${OUT:-runs/headline_smoke}
     PREPARE_ARGS=(--max-train-bytes 2000000)
     EVAL_ARGS=(--max-bytes 8000 --batch-size 4)
+    TEST_ARGS=("${EVAL_ARGS[@]}")
+    OOD_ARGS=("${EVAL_ARGS[@]}")
     ROBUST_ARGS=(--max-bytes 2000 --rates 0.05 --kinds drop,swap --batch-size 4)
     COMMON_SET=(--set train.steps=5 --set train.batch_size=4 --set train.grad_accum=1 --set train.seq_len=512
                 --set train.eval_every=5 --set train.eval_batches=1 --set train.checkpoint_every=5
@@ -42,10 +54,26 @@ if [ "$SMOKE" = 1 ]; then
         [bpe]='model={"config": "transformer_bpe_tiny.json", "dtype": "float32"}'
         [byte]='model={"config": "transformer_byte_tiny.json", "dtype": "float32"}'
     )
+elif [ "$SCALE" = cpu ]; then
+    OUT=${OUT:-runs/headline_cpu}
+    CONFIG_PREFIX=run_cpu
+    TOKENIZER_VOCAB=4096
+    EXTRA_RUNS=(hnet1_seed1 bpe_seed1)
+    PREPARE_ARGS=(--max-train-bytes 20000000)
+    # pg_en: the first 1,000,000 bytes of test and 500,000 of validation (in book order), scored
+    # by every run; out-of-domain files: their first 250,000 bytes, the four models only.
+    TEST_ARGS=(--max-bytes 1000000 --batch-size 16)
+    EVAL_ARGS=(--max-bytes 500000 --batch-size 16)
+    OOD_ARGS=(--max-bytes 250000 --batch-size 16)
+    ROBUST_ARGS=(--max-bytes 100000 --batch-size 16)
+    COMMON_SET=()
+    declare -A RUN_SET=()
 else
     OUT=${OUT:-runs/headline}
     PREPARE_ARGS=()
     EVAL_ARGS=()
+    TEST_ARGS=()
+    OOD_ARGS=()
     ROBUST_ARGS=()
     COMMON_SET=()
     declare -A RUN_SET=()
@@ -104,40 +132,102 @@ if not (ood / "code_python.txt").exists():
 print("out-of-domain files:", ", ".join(sorted(p.name for p in ood.glob("*.txt"))))
 PYEOF
 
-# 3. Train the four runs (an existing run folder is resumed, so the script can be re-run).
-for run in "${RUNS[@]}"; do
-    dir=$OUT/$run
-    run_set=()
-    if [ -n "${RUN_SET[$run]:-}" ]; then run_set=(--set "${RUN_SET[$run]}"); fi
-    if [ "$SMOKE" = 1 ] && [ "$run" = bpe ]; then
-        run_set+=(--set 'data.tokenizer={"vocab_size": 4096}' --set train.seq_len=147)
+# 3. The BPE tokenizer (CPU scale: trained once here, so that its bytes per token, which sets the
+#    BPE run's seq_len, is the one in configs/families.json), then the runs. An existing run folder
+#    is resumed, so the script can be re-run.
+TOKENIZER_SET=()
+if [ "$TOKENIZER_VOCAB" -gt 0 ]; then
+    if [ -f "$OUT/tokenizer.json" ]; then
+        echo "== $OUT/tokenizer.json already trained"
+    else
+        $PY -m hnet.tokenizer --corpus "$CORPUS" --vocab-size "$TOKENIZER_VOCAB" --out "$OUT/tokenizer.json"
     fi
-    t0=$SECONDS
+    TOKENIZER_SET=(--set data.tokenizer="$OUT/tokenizer.json")
+fi
+
+# train DIR BASE_RUN [--set ...]: one run of configs/${CONFIG_PREFIX}_BASE_RUN.json into DIR (resumed if there).
+train() {
+    local dir=$1 base=$2
+    shift 2
+    local run_set=()
+    if [ -n "${RUN_SET[$base]:-}" ]; then run_set=(--set "${RUN_SET[$base]}"); fi
+    if [ "$base" = bpe ]; then
+        run_set+=("${TOKENIZER_SET[@]}")
+        if [ "$SMOKE" = 1 ]; then run_set+=(--set 'data.tokenizer={"vocab_size": 4096}' --set train.seq_len=147); fi
+    fi
+    local t0=$SECONDS
     if [ -f "$dir/config.json" ]; then
-        echo "== training $run: resuming $dir"
+        echo "== training $dir: resuming"
         $PY train.py --workdir "$dir" --resume --no-progress
     else
-        echo "== training $run"
-        $PY train.py --config "configs/run_headline_$run.json" --workdir "$dir" --no-progress \
-            --set data.corpus="$CORPUS" "${COMMON_SET[@]}" "${run_set[@]}"
+        echo "== training $dir"
+        $PY train.py --config "configs/${CONFIG_PREFIX}_$base.json" --workdir "$dir" --no-progress \
+            --set data.corpus="$CORPUS" "${COMMON_SET[@]}" "${run_set[@]}" "$@"
     fi
-    echo "== $run trained in $((SECONDS - t0)) s"
+    echo "== $dir trained in $((SECONDS - t0)) s"
+    printf '%s\t%s\n' "$(basename "$dir")" "$((SECONDS - t0))" >> "$(dirname "$dir")/wall_seconds.tsv"
+}
+
+if [ "$TUNE" = 1 ]; then
+    # Learning-rate sweep: short runs (a quarter of the steps, same schedule shape), final
+    # validation bpb on 32 batches. The chosen lr goes into configs/${CONFIG_PREFIX}_RUN.json by hand.
+    LRS=(${LRS:-1e-3 2e-3 4e-3})
+    TUNE_STEPS=${TUNE_STEPS:-120}
+    mkdir -p "$OUT/tune"
+    for run in "${RUNS[@]}"; do
+        for lr in "${LRS[@]}"; do
+            train "$OUT/tune/${run}_lr$lr" "$run" --set train.lr="$lr" --set train.steps="$TUNE_STEPS" \
+                --set train.eval_every="$TUNE_STEPS" --set train.eval_batches=32 --set train.checkpoint_every="$TUNE_STEPS"
+        done
+    done
+    $PY - "$OUT/tune" > "$OUT/tune/tune.md" <<'PYEOF'
+import json, sys
+from pathlib import Path
+rows = {}
+for run_dir in sorted(Path(sys.argv[1]).glob("*_lr*")):
+    run, lr = run_dir.name.rsplit("_lr", 1)
+    evals = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval_bpb"' in l]
+    rows.setdefault(run, {})[float(lr)] = evals[-1]["eval_bpb"] if evals else None
+lrs = sorted({lr for r in rows.values() for lr in r})
+print("| run | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |")
+print("|---|" + "---:|" * (len(lrs) + 1))
+for run, r in rows.items():
+    best = min((v, lr) for lr, v in r.items() if v is not None)[1]
+    print(f"| {run} | " + " | ".join("-" if r.get(lr) is None else f"{r[lr]:.4f}" for lr in lrs) + f" | {best:g} |")
+PYEOF
+    cat "$OUT/tune/tune.md"
+    echo "== sweep done in $((SECONDS - START)) s"
+    exit 0
+fi
+
+for run in "${RUNS[@]}"; do train "$OUT/$run" "$run"; done
+for run in "${EXTRA_RUNS[@]}"; do
+    train "$OUT/$run" "${run%_seed*}" --set train.seed="${run##*_seed}"
 done
 
 CHECKPOINTS=()
 for run in "${RUNS[@]}"; do CHECKPOINTS+=(--checkpoint "$OUT/$run"); done
+ALL_CHECKPOINTS=("${CHECKPOINTS[@]}")
+for run in "${EXTRA_RUNS[@]}"; do ALL_CHECKPOINTS+=(--checkpoint "$OUT/$run"); done
 
-# 4. pg_en test (the reported number) and validation (model selection), all four on the same bytes.
-for split in test validation; do
-    echo "== evaluating on pg_en $split"
-    $PY eval.py "${CHECKPOINTS[@]}" --data "$CORPUS" --split "$split" "${EVAL_ARGS[@]}" --json > "$EVAL/pg_en_$split.json"
-done
+# 4. pg_en test (the reported number) and validation (model selection), every run on the same bytes.
+#    An evaluation already written is kept (delete its JSON to redo it).
+evaluate() {
+    local out=$1
+    shift
+    if [ -s "$out" ]; then echo "== $out already written"; return; fi
+    $PY eval.py "$@" --json > "$out.tmp"
+    mv "$out.tmp" "$out"
+}
+echo "== evaluating on pg_en test and validation"
+evaluate "$EVAL/pg_en_test.json" "${ALL_CHECKPOINTS[@]}" --data "$CORPUS" --split test "${TEST_ARGS[@]}"
+evaluate "$EVAL/pg_en_validation.json" "${ALL_CHECKPOINTS[@]}" --data "$CORPUS" --split validation "${EVAL_ARGS[@]}"
 
 # 5. Out-of-domain sets.
 for file in "$OOD"/*.txt; do
     name=$(basename "$file" .txt)
     echo "== evaluating on $name"
-    $PY eval.py "${CHECKPOINTS[@]}" --data "$file" --doc-separator '\x00' "${EVAL_ARGS[@]}" --json > "$EVAL/$name.json"
+    evaluate "$EVAL/$name.json" "${CHECKPOINTS[@]}" --data "$file" --doc-separator '\x00' "${OOD_ARGS[@]}"
 done
 
 # 6. Robustness to noisy text (pg_en test), chunk boundaries on a fixed excerpt, training comparison.
@@ -160,19 +250,53 @@ mkdir -p "$OUT/compare"
 $PY eval.py --compare "${RUNS[@]/#/$OUT/}" --out "$OUT/compare" > "$OUT/compare/compare.txt" 2>&1 || {
     cat "$OUT/compare/compare.txt" >&2; exit 1; }
 
-# 7. One table of bits per byte: rows = data sets, columns = runs.
-$PY - "$EVAL" "${RUNS[@]}" > "$OUT/results.md" <<'PYEOF'
-import json, sys
+# 7. The results tables (results.md): pg_en per run, all data sets per model, chunking per stage.
+$PY - "$OUT" "${RUNS[@]}" -- "${EXTRA_RUNS[@]}" > "$OUT/results.md" <<'PYEOF'
+import json, statistics, sys
 from pathlib import Path
-folder, runs = Path(sys.argv[1]), sys.argv[2:]
-print("| data | bytes | " + " | ".join(runs) + " | xz -9e |")
-print("|---|---:|" + "---:|" * (len(runs) + 1))
-for path in sorted(folder.glob("*.json"), key=lambda p: (not p.stem.startswith("pg_en"), p.stem)):
-    result = json.loads(path.read_text())
-    bpb = {Path(m["checkpoint"]).name: m["bpb"] for m in result["models"]}
-    xz = result.get("compressors", {}).get("xz -9e")
-    print(f"| {path.stem} | {result['bytes']:,d} | " + " | ".join(f"{bpb[r]:.4f}" for r in runs)
-          + f" | {'-' if xz is None else f'{xz:.4f}'} |")
+from hnet.report import summarize_run
+out = Path(sys.argv[1]); split = sys.argv.index("--")
+runs, extra = sys.argv[2:split], sys.argv[split + 1:]
+evals = {p.stem: json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json"))}
+def bpb(data):
+    return {Path(m["checkpoint"]).name: m for m in evals[data]["models"]}
+wall = {}
+if (out / "wall_seconds.tsv").exists():
+    for line in (out / "wall_seconds.tsv").read_text().splitlines():
+        name, seconds = line.split("\t")
+        wall[name] = wall.get(name, 0) + int(seconds)
+test, valid = bpb("pg_en_test"), bpb("pg_en_validation")
+print(f"## pg_en (test: first {evals['pg_en_test']['bytes']:,d} bytes, validation: first {evals['pg_en_validation']['bytes']:,d})\n")
+print("| run | test bpb | validation bpb | bytes seen | train FLOPs/byte (measured chunking) | parameters | step time total | wall time (train.py) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for run in runs + extra:
+    summary = summarize_run(out / run)
+    rows = [json.loads(l) for l in (out / run / "metrics.jsonl").read_text().splitlines()]
+    step_seconds = sum(r["step_time_s"] for r in rows if "step_time_s" in r)
+    fpb = "-" if summary.flops_per_byte is None else f"{summary.flops_per_byte / 1e6:.2f} M"
+    print(f"| {run} | {test[run]['bpb']:.4f} | {valid[run]['bpb']:.4f} | {summary.bytes_seen:,d} | {fpb} | "
+          f"{summary.params:,d} | {step_seconds:.0f} s | {wall.get(run, '-')} s |")
+for base in runs:
+    seeds = [r for r in [base] + extra if r == base or r.startswith(base + "_seed")]
+    if len(seeds) > 1:
+        values = [test[r]["bpb"] for r in seeds]
+        print(f"\n{base}: test bpb over seeds {', '.join(seeds)}: mean {statistics.mean(values):.4f}, "
+              f"spread (max - min) {max(values) - min(values):.4f}")
+print("\n## Bits per byte on every data set (the four models; compressors: each document alone / concatenated)\n")
+print("| data | bytes | documents | " + " | ".join(runs) + " | xz -9e per doc | xz -9e concat | gzip -9 per doc |")
+print("|---|---:|---:|" + "---:|" * (len(runs) + 3))
+for name, result in sorted(evals.items(), key=lambda kv: (not kv[0].startswith("pg_en"), kv[0])):
+    models = bpb(name)
+    comp, concat = result.get("compressors", {}), result.get("compressors_concatenated", {})
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"
+    print(f"| {name} | {result['bytes']:,d} | {models[runs[0]]['documents']:,d} | " + " | ".join(fmt(models[r]['bpb']) for r in runs)
+          + f" | {fmt(comp.get('xz -9e'))} | {fmt(concat.get('xz -9e'))} | {fmt(comp.get('gzip -9'))} |")
+print("\n## Chunking on pg_en test, per stage\n")
+print("| run | stage | bytes per chunk | boundaries after whitespace/punctuation | dropped |")
+print("|---|---:|---:|---:|---:|")
+for run in runs:
+    for s, stage in enumerate(test[run]["stages"]):
+        print(f"| {run} | {s} | {stage['bytes_per_chunk']:.2f} | {stage['share_after_separator']:.1%} | {stage['dropped_rate']:.2%} |")
 PYEOF
 cat "$OUT/results.md"
 echo

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hnet import compress
-from hnet.compress import COMPRESSORS, compressor_bpb
+from hnet.compress import COMPRESSORS, compressor_bpb, compressor_bpb_per_document
 
 TEXT = b"".join(b"line %d: the quick brown fox jumps over the lazy dog\n" % (i % 50) for i in range(2000))
 RANDOM = np.random.default_rng(0).integers(0, 256, size=len(TEXT), dtype=np.uint8).tobytes()
@@ -56,6 +56,24 @@ def test_numbers_follow_the_data():
         assert noise[name] > 7.9  # incompressible bytes cost (at least) 8 bits each
     changed = compressor_bpb(TEXT[: len(TEXT) // 2] + RANDOM[: len(TEXT) // 2])
     assert all(changed[n] is None or text[n] < changed[n] < noise[n] for n in COMPRESSORS)
+
+
+def test_each_document_is_compressed_alone():
+    """Per document: the sum of each document's own compressed size, so a repeated document
+    costs as much as the first time (the concatenation gets it almost free)."""
+    half = TEXT[: len(TEXT) // 2]
+    alone, concatenated = compressor_bpb_per_document([half, half]), compressor_bpb(half + half)
+    single = compressor_bpb(half)
+    for name in COMPRESSORS:
+        if single[name] is None:
+            continue
+        assert alone[name] == single[name]  # two copies: twice the bits over twice the bytes
+        assert concatenated[name] < alone[name]
+    mixed = compressor_bpb_per_document([half, RANDOM[:1000], b""])  # empty documents add nothing
+    sizes = [len(compress.compress("bzip2 -9", d)) for d in (half, RANDOM[:1000])]
+    assert mixed["bzip2 -9"] == 8 * sum(sizes) / (len(half) + 1000)
+    with pytest.raises(ValueError, match="at least one byte"):
+        compressor_bpb_per_document([b""])
 
 
 def test_empty_input_and_unknown_compressor():

@@ -286,7 +286,8 @@ def test_eval_cli_on_the_runs_own_data(runs, capsys):
     assert code == 0, err
     assert "scoring 40 bytes" in out and "bits per byte" in out and "stage 0:" in out and "chunk lengths" in out
     assert "capacity slack exact (overridden: trained with 2.0)" in out and "dropped boundaries 0.00%" in out
-    assert "compressors on the same 40 bytes (bits per byte): gzip -9 " in out and "xz -9e" in out
+    assert "compressors on the same 40 bytes, each of the 1 documents alone (bits per byte): gzip -9 " in out
+    assert "compressors on the same 40 bytes, the documents concatenated (bits per byte): gzip -9 " in out and "xz -9e" in out
 
 
 def test_show_boundaries_cli_side_by_side(runs, tmp_path, capsys):

@@ -110,6 +110,25 @@ def test_tokenizer_errors(corpus, tmp_path):
         BPETokenizer.load(tmp_path / "absent.json")
 
 
+def test_tokenizer_command_trains_measures_and_never_overwrites(corpus, tokenizer, tmp_path, capsys):
+    out = tmp_path / "tok.json"
+    args = ["--corpus", str(corpus.path), "--vocab-size", str(VOCAB), "--out", str(out)]
+    assert tokenizer_lib.main(args) == 0
+    printed = capsys.readouterr().out
+    assert BPETokenizer.load(out).sha256 == tokenizer.sha256  # the recipe train.py uses
+    num_bytes = sum(len(d) for d in documents(60))
+    num_tokens = sum(len(tokenizer.encode(d)) for d in documents(60))
+    assert f"train: {num_bytes:,d} bytes / {num_tokens:,d} tokens = {num_bytes / num_tokens:.3f} bytes per token" in printed
+    assert tokenizer_lib.main(["--corpus", str(corpus.path), "--load", str(out), "--measure", "validation", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    valid = report["splits"]["validation"]
+    assert set(report["splits"]) == {"validation"} and valid["bytes"] == sum(len(d) for d in documents(68)[60:])
+    assert valid["bytes_per_token"] == valid["bytes"] / valid["tokens"] > 1
+    before = out.read_bytes()
+    assert tokenizer_lib.main(args) == 2  # an existing file is kept
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
+
+
 def test_token_corpus_holds_the_documents(tokenizer, corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("HNET_DATA_DIR", str(tmp_path))
     tokens = tokenize_corpus(corpus, tokenizer, verbose=False)
