@@ -11,12 +11,12 @@
 # SCALE=cpu (issue #19; two CPU cores): the "cpu" family of configs/families.json, run configs
 #   configs/run_cpu_{hnet1,hnet2,bpe,byte}.json: the tiny models, 512-byte sequences (BPE 155
 #   tokens at 3.302 bytes/token, vocabulary 4096 trained here on the 20 MB training split),
-#   8 sequences per step, 480 steps = 1,966,080 bytes each, wsd; H-Nets with per-stage LR
+#   8 sequences per step, 600 steps = 2,457,600 bytes each, wsd; H-Nets with per-stage LR
 #   multipliers. Also a second seed of hnet1 and bpe (seed-to-seed spread). Evaluation bytes are
 #   capped (below) so that the whole script fits in about 100 minutes; docs/RESULTS.md has the results.
 #   TUNE=1 runs the learning-rate sweep instead: each model at LRS (default "1e-3 2e-3 4e-3") for
-#   120 steps (a quarter of the run, same schedule shape), scored on 32 batches of pg_en validation;
-#   it writes $OUT/tune/tune.md.
+#   120 steps (a fifth of the run, same schedule shape), scored on 32 batches of pg_en validation;
+#   it writes $OUT/tune/tune.md (all sweep runs so far). TUNE_RUNS="bpe byte" LRS=3e-3 adds points.
 #
 #   bash scripts/headline.sh                 # S scale (GPU), results in runs/headline
 #   SCALE=cpu bash scripts/headline.sh       # CPU scale, results in runs/headline_cpu
@@ -169,12 +169,13 @@ train() {
 }
 
 if [ "$TUNE" = 1 ]; then
-    # Learning-rate sweep: short runs (a quarter of the steps, same schedule shape), final
+    # Learning-rate sweep: short runs (a fifth of the steps, same schedule shape), final
     # validation bpb on 32 batches. The chosen lr goes into configs/${CONFIG_PREFIX}_RUN.json by hand.
     LRS=(${LRS:-1e-3 2e-3 4e-3})
     TUNE_STEPS=${TUNE_STEPS:-120}
+    TUNE_RUNS=(${TUNE_RUNS:-${RUNS[*]}})
     mkdir -p "$OUT/tune"
-    for run in "${RUNS[@]}"; do
+    for run in "${TUNE_RUNS[@]}"; do
         for lr in "${LRS[@]}"; do
             train "$OUT/tune/${run}_lr$lr" "$run" --set train.lr="$lr" --set train.steps="$TUNE_STEPS" \
                 --set train.eval_every="$TUNE_STEPS" --set train.eval_batches=32 --set train.checkpoint_every="$TUNE_STEPS"
@@ -222,6 +223,9 @@ evaluate() {
 echo "== evaluating on pg_en test and validation"
 evaluate "$EVAL/pg_en_test.json" "${ALL_CHECKPOINTS[@]}" --data "$CORPUS" --split test "${TEST_ARGS[@]}"
 evaluate "$EVAL/pg_en_validation.json" "${ALL_CHECKPOINTS[@]}" --data "$CORPUS" --split validation "${EVAL_ARGS[@]}"
+# The H-Nets' chunking on training text: the bytes per chunk that configs/families.json counts FLOPs at.
+HNET_CHECKPOINTS=(--checkpoint "$OUT/hnet1" --checkpoint "$OUT/hnet2")
+evaluate "$EVAL/chunks_pg_en_train.json" "${HNET_CHECKPOINTS[@]}" --data "$CORPUS" --split train "${EVAL_ARGS[@]}" --no-compressors
 
 # 5. Out-of-domain sets.
 for file in "$OOD"/*.txt; do
@@ -258,6 +262,7 @@ from hnet.report import summarize_run
 out = Path(sys.argv[1]); split = sys.argv.index("--")
 runs, extra = sys.argv[2:split], sys.argv[split + 1:]
 evals = {p.stem: json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json"))}
+train_chunks = evals.pop("chunks_pg_en_train", None)
 def bpb(data):
     return {Path(m["checkpoint"]).name: m for m in evals[data]["models"]}
 wall = {}
@@ -291,12 +296,15 @@ for name, result in sorted(evals.items(), key=lambda kv: (not kv[0].startswith("
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
     print(f"| {name} | {result['bytes']:,d} | {models[runs[0]]['documents']:,d} | " + " | ".join(fmt(models[r]['bpb']) for r in runs)
           + f" | {fmt(comp.get('xz -9e'))} | {fmt(concat.get('xz -9e'))} | {fmt(comp.get('gzip -9'))} |")
-print("\n## Chunking on pg_en test, per stage\n")
-print("| run | stage | bytes per chunk | boundaries after whitespace/punctuation | dropped |")
-print("|---|---:|---:|---:|---:|")
+print("\n## Chunking per stage: pg_en test (and the training split's first bytes)\n")
+print("| run | stage | bytes per chunk | on train | boundaries after whitespace/punctuation | dropped |")
+print("|---|---:|---:|---:|---:|---:|")
+on_train = {} if train_chunks is None else {Path(m["checkpoint"]).name: m for m in train_chunks["models"]}
 for run in runs:
     for s, stage in enumerate(test[run]["stages"]):
-        print(f"| {run} | {s} | {stage['bytes_per_chunk']:.2f} | {stage['share_after_separator']:.1%} | {stage['dropped_rate']:.2%} |")
+        train_value = on_train[run]["stages"][s]["bytes_per_chunk"] if run in on_train else float("nan")
+        print(f"| {run} | {s} | {stage['bytes_per_chunk']:.2f} | {train_value:.2f} | "
+              f"{stage['share_after_separator']:.1%} | {stage['dropped_rate']:.2%} |")
 PYEOF
 cat "$OUT/results.md"
 echo
