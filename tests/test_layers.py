@@ -8,7 +8,7 @@ import pytest
 
 from hnet import config as config_lib
 from hnet.config import SSMConfig, load_config
-from hnet.layers.attention import attend, attention_mask, causal_attention, rotary_embedding, CausalSelfAttention
+from hnet.layers.attention import attend, attention_mask, blockwise_attention, causal_attention, rotary_embedding, CausalSelfAttention
 from hnet.layers.mamba2 import Mamba2, causal_depthwise_conv, ssd_scan, ssd_step
 from hnet.layers.mlp import SwiGLU
 from hnet.segments import Segments
@@ -149,10 +149,11 @@ def test_attention_equals_naive_masked_softmax_within_documents(window, kv_heads
     np.testing.assert_allclose(out, naive_attention(q, k, v, window, segments.index), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("window, block", [(-1, 8), (5, 8), (12, 16)])
+@pytest.mark.parametrize("window, block", [(-1, 8), (-1, 16), (5, 8), (12, 16)])
 def test_blockwise_attention_equals_the_plain_path_in_values_and_gradients(window, block):
     """causal_attention over query blocks (only the keys the causal window reaches, rematerialised)
-    against attend with the whole mask: L = 45 is not a multiple of the block; two KV-head groups."""
+    against attend with the whole mask: L = 45 is not a multiple of the block (global layers: 6
+    blocks, or 3 padded to 4 to pair them up); two KV-head groups."""
     keys = jax.random.split(jax.random.key(block + window), 4)
     q = jax.random.normal(keys[0], (2, 45, 4, 8))
     k = jax.random.normal(keys[1], (2, 45, 2, 8))
@@ -171,6 +172,22 @@ def test_blockwise_attention_equals_the_plain_path_in_values_and_gradients(windo
     gradients = [jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v) for f in (plain, blockwise)]
     for expected, got in zip(*gradients):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_blockwise_attention_executes_only_the_blocks_its_window_reaches():
+    """The jaxpr's matmul FLOPs (what runs: no block is skipped at run time) are the causal
+    triangle of blocks for a global layer and (window / block + 1) blocks per query block for a
+    windowed one: 2 matmuls (scores, values) of 2 x block^2 x H x Dh FLOPs per block visited."""
+    from hnet.xla_stats import matmul_flops
+
+    blocks, block, heads, head_dim = 6, 8, 4, 8
+    q = jnp.zeros((1, blocks * block, heads, head_dim))
+    kv = jnp.zeros((1, blocks * block, 2, head_dim))
+    segments = jnp.zeros((1, blocks * block), jnp.int32)
+    per_block = 2 * 2 * block * block * heads * head_dim
+    for window, visited in ((-1, blocks * (blocks + 1) // 2), (8, blocks * 2), (20, blocks * 4)):
+        jaxpr = jax.make_jaxpr(lambda q, k, v: blockwise_attention(q, k, v, segments, window, block))(q, kv, kv)
+        assert matmul_flops(jaxpr).flops == visited * per_block, window
 
 
 def test_pallas_attention_equals_the_plain_path_in_interpret_mode():

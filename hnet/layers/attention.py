@@ -135,66 +135,99 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index:
     """Flash-style attention in plain JAX: query blocks of `block` positions, each with an online
     softmax over the key blocks its causal window reaches. Shapes as causal_attention.
 
-    Query blocks run one after the other (lax.map), each rematerialised (jax.checkpoint), and key
-    blocks in a lax.scan inside: a key block that lies after the query block is skipped by a
-    lax.cond at run time (the static FLOP count of the jaxpr still includes it), and a windowed
-    layer visits only the ceil(window / block) + 1 key blocks its window reaches. Memory is
-    O(L x block) per layer in the forward and the backward pass, never L x L.
+    Work items run one after the other (lax.map), each rematerialised (jax.checkpoint), and the
+    key blocks of an item in a lax.scan inside, so memory is O(L x block) per layer in the forward
+    and the backward pass, never L x L. No block is skipped at run time, so the step's static FLOP
+    count is what runs:
+    - a windowed layer: one item per query block, visiting the ceil(window / block) + 1 key blocks
+      its window reaches (blocks before the row start are masked);
+    - a global layer: query blocks i and n - 1 - i form one item (the row is padded to an even
+      number of blocks), visiting the i + 1 and n - i key blocks at or before them: n + 1 blocks
+      for every item, n (n + 1) / 2 in all, the causal triangle and nothing more.
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = heads // kv_heads
-    pad = -length % block
+    padded = -(-length // block) * block
+    if window < 0:
+        padded = -(-padded // (2 * block)) * 2 * block  # an even number of blocks to pair up
+    pad = padded - length
     if pad:  # padded keys get a segment id of their own: never visible to real queries
         q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
         segment_index = jnp.pad(segment_index, ((0, 0), (0, pad)), constant_values=-1)
-    blocks = (length + pad) // block
+    blocks = padded // block
     q_blocks = q.reshape(batch, blocks, block, kv_heads, group, head_dim)
     k_blocks = k.reshape(batch, blocks, block, kv_heads, head_dim)
     v_blocks = v.reshape(batch, blocks, block, kv_heads, head_dim)
     segment_blocks = segment_index.reshape(batch, blocks, block)
-    reach = blocks if window < 0 else min(blocks, -(-window // block) + 1)  # key blocks a query block sees
     scale = head_dim ** -0.5
 
-    def query_block(i):
-        q_i = jax.lax.dynamic_index_in_dim(q_blocks, i, axis=1, keepdims=False)       # (B, Qb, Hkv, G, Dh)
-        segment_i = jax.lax.dynamic_index_in_dim(segment_blocks, i, axis=1, keepdims=False)
-        query_pos = i * block + jnp.arange(block)
-
-        def key_block(carry, offset):
-            j = i - offset
-
-            def attend_block(carry):
-                running_max, total, acc = carry
-                k_j = jax.lax.dynamic_index_in_dim(k_blocks, j, axis=1, keepdims=False)   # (B, Kb, Hkv, Dh)
-                v_j = jax.lax.dynamic_index_in_dim(v_blocks, j, axis=1, keepdims=False)
-                segment_j = jax.lax.dynamic_index_in_dim(segment_blocks, j, axis=1, keepdims=False)
-                delta = query_pos[:, None] - (j * block + jnp.arange(block))[None, :]
-                visible = delta >= 0
-                if window >= 0:
-                    visible &= delta <= window
-                mask = visible[None] & (segment_i[:, :, None] == segment_j[:, None, :])       # (B, Qb, Kb)
-                scores = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
-                scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-                new_max = jnp.maximum(running_max, scores.max(axis=-1))
-                safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # rows with nothing visible yet
-                weights = jnp.exp(scores - safe_max[..., None])
-                rescale = jnp.exp(running_max - safe_max)
-                total = total * rescale + weights.sum(axis=-1)
-                acc = acc * rescale[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", weights.astype(v_j.dtype), v_j,
-                                                            preferred_element_type=jnp.float32)
-                return new_max, total, acc
-
-            return jax.lax.cond(j >= 0, attend_block, lambda carry: carry, carry), None
-
-        init = (jnp.full((batch, kv_heads, group, block), -jnp.inf, jnp.float32),
+    def empty_state():
+        return (jnp.full((batch, kv_heads, group, block), -jnp.inf, jnp.float32),
                 jnp.zeros((batch, kv_heads, group, block), jnp.float32),
                 jnp.zeros((batch, kv_heads, group, block, head_dim), jnp.float32))
-        (_, total, acc), _ = jax.lax.scan(key_block, init, jnp.arange(reach))
-        out = acc / total[..., None]                                  # every query sees itself: total > 0
+
+    def attend_block(state, i, j):
+        """Online-softmax update of query block i's state with key block j (j < 0: nothing visible)."""
+        running_max, total, acc = state
+        q_i = jax.lax.dynamic_index_in_dim(q_blocks, i, axis=1, keepdims=False)           # (B, Qb, Hkv, G, Dh)
+        segment_i = jax.lax.dynamic_index_in_dim(segment_blocks, i, axis=1, keepdims=False)
+        j_safe = jnp.maximum(j, 0)
+        k_j = jax.lax.dynamic_index_in_dim(k_blocks, j_safe, axis=1, keepdims=False)       # (B, Kb, Hkv, Dh)
+        v_j = jax.lax.dynamic_index_in_dim(v_blocks, j_safe, axis=1, keepdims=False)
+        segment_j = jax.lax.dynamic_index_in_dim(segment_blocks, j_safe, axis=1, keepdims=False)
+        delta = (i * block + jnp.arange(block))[:, None] - (j * block + jnp.arange(block))[None, :]
+        visible = (delta >= 0) & (j >= 0)
+        if window >= 0:
+            visible &= delta <= window
+        mask = visible[None] & (segment_i[:, :, None] == segment_j[:, None, :])           # (B, Qb, Kb)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+        new_max = jnp.maximum(running_max, scores.max(axis=-1))
+        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # rows with nothing visible yet
+        weights = jnp.exp(scores - safe_max[..., None])
+        rescale = jnp.exp(running_max - safe_max)
+        total = total * rescale + weights.sum(axis=-1)
+        acc = acc * rescale[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", weights.astype(v_j.dtype), v_j,
+                                                    preferred_element_type=jnp.float32)
+        return new_max, total, acc
+
+    def finish(state):
+        _, total, acc = state
+        # Every query sees itself, so a finished block has total > 0; the guard keeps the
+        # not-yet-finished block that query_pair's jnp.where discards free of 0/0 (and NaN gradients).
+        out = acc / jnp.where(total > 0, total, 1.0)[..., None]
         return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)          # (B, Qb, Hkv, G, Dh)
 
-    out = jax.lax.map(jax.checkpoint(query_block), jnp.arange(blocks))  # (n, B, Qb, Hkv, G, Dh)
+    if window >= 0:
+        reach = min(blocks, -(-window // block) + 1)  # key blocks a query block's window reaches
+
+        def query_block(i):
+            step = lambda state, offset: (attend_block(state, i, i - offset), None)
+            return finish(jax.lax.scan(step, empty_state(), jnp.arange(reach))[0])
+
+        out = jax.lax.map(jax.checkpoint(query_block), jnp.arange(blocks))           # (n, B, Qb, Hkv, G, Dh)
+    else:
+        def query_pair(p):
+            """Query blocks p (key blocks 0..p) and n-1-p (key blocks 0..n-1-p): n + 1 steps."""
+            first, second = p, blocks - 1 - p
+
+            def step(carry, t):
+                state, first_out = carry
+                switch = t == first + 1  # first block done: keep its output, start the second
+                first_out = jnp.where(switch, finish(state), first_out)
+                state = jax.tree.map(lambda fresh, old: jnp.where(switch, fresh, old), empty_state(), state)
+                in_first = t <= first
+                i = jnp.where(in_first, first, second)
+                j = jnp.where(in_first, t, t - first - 1)
+                return (attend_block(state, i, j), first_out), None
+
+            first_out = jnp.zeros((batch, block, kv_heads, group, head_dim), q.dtype)
+            state, first_out = jax.lax.scan(step, (empty_state(), first_out), jnp.arange(blocks + 1))[0]
+            return first_out, finish(state)
+
+        firsts, seconds = jax.lax.map(jax.checkpoint(query_pair), jnp.arange(blocks // 2))
+        out = jnp.concatenate([firsts, seconds[::-1]], axis=0)                         # blocks in order
     out = out.transpose(1, 0, 2, 3, 4, 5).reshape(batch, blocks * block, heads, head_dim)
     return out[:, :length]
 
