@@ -214,9 +214,8 @@ def run_evaluate(args, checkpoints) -> dict:
             if checkpoint.tokenizer:
                 print(f"  bytes per token   {result.bytes / max(result.positions, 1):.3f}")
             for s, stats in enumerate(result.stages):
-                share = stats.share_after_separator
                 print(f"  stage {s}: {stats.bytes_per_chunk:.2f} bytes/chunk, dropped boundaries {stats.dropped_rate:.2%}, "
-                      f"{'-' if share != share else f'{share:.1%}'} of boundaries after whitespace/punctuation")
+                      f"{separator_shares(stats)}")
                 print(f"           chunk lengths (bytes): {format_histogram(stats.histogram)}")
             print(f"  {result.seconds:.1f} s incl. compilation ({result.bytes / max(result.seconds, 1e-9):,.0f} bytes/s)")
     if not args.no_compressors:
@@ -239,6 +238,13 @@ def run_evaluate(args, checkpoints) -> dict:
             chunks = [f"{st['bytes_per_chunk']:.2f}" for st in m["stages"]] + ["-"] * (depth - len(m["stages"]))
             print("| " + " | ".join([m["checkpoint"], f"{m['bpb']:.4f}"] + chunks) + " |")
     return out
+
+
+def separator_shares(stats) -> str:
+    """'X% of boundaries after whitespace/punctuation, Y% at one' for a BoundaryStats."""
+    after, at = stats.share_after_separator, stats.share_on_separator
+    percent = lambda share: "-" if share != share else f"{share:.1%}"
+    return f"{percent(after)} of boundaries after whitespace/punctuation, {percent(at)} at one"
 
 
 def run_show_boundaries(args, checkpoints) -> dict:
@@ -272,9 +278,7 @@ def run_show_boundaries(args, checkpoints) -> dict:
         if not positions:
             print("   (no chunking stages)\n")
         for label, pos, st in zip(labels, positions, stats):
-            share = st.share_after_separator
-            print(f"-- {label}: {st.chunks} chunks, {st.bytes_per_chunk:.2f} bytes/chunk, "
-                  f"{'-' if share != share else f'{share:.1%}'} of boundaries after whitespace/punctuation")
+            print(f"-- {label}: {st.chunks} chunks, {st.bytes_per_chunk:.2f} bytes/chunk, {separator_shares(st)}")
             print(f"   chunk lengths (bytes): {format_histogram(st.histogram)}")
             print(render_terminal(text, pos, colour))
             print()

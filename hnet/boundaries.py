@@ -79,6 +79,11 @@ def after_separator(stream: np.ndarray) -> np.ndarray:
     return out
 
 
+def on_separator(stream: np.ndarray) -> np.ndarray:
+    """uint8/int (n,) input positions -> bool (n,): the byte at position t is a separator."""
+    return SEPARATOR_TABLE[np.clip(np.asarray(stream), 0, 255)]
+
+
 def chunk_lengths(boundary: np.ndarray) -> np.ndarray:
     """bool (n,) boundaries of one document (position 0 always starts a chunk) -> int (chunks,)."""
     starts = np.flatnonzero(boundary)
@@ -96,6 +101,7 @@ class BoundaryStats:
     dropped: int = 0           # boundaries the router chose that did not become chunks
     chosen: int = 0            # chunk starts not forced by a document or window start
     chosen_after_separator: int = 0
+    chosen_on_separator: int = 0  # the chunk begins with the separator (a GPT-2 style " word" cut)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(HIST_MAX + 1, np.int64))
 
     def add(self, stream, chunk_start, dropped=None, forced=None) -> None:
@@ -113,6 +119,7 @@ class BoundaryStats:
         self.dropped += 0 if dropped is None else int(np.asarray(dropped).sum())
         self.chosen += int(chosen.sum())
         self.chosen_after_separator += int((chosen & after_separator(stream)).sum())
+        self.chosen_on_separator += int((chosen & on_separator(stream)).sum())
         if n:
             lengths = np.minimum(chunk_lengths(chunk_start), HIST_MAX)
             self.histogram += np.bincount(lengths, minlength=HIST_MAX + 1)
@@ -131,6 +138,12 @@ class BoundaryStats:
         """Share of chosen boundaries right after whitespace/punctuation (nan if none)."""
         return self.chosen_after_separator / self.chosen if self.chosen else float("nan")
 
+    @property
+    def share_on_separator(self) -> float:
+        """Share of chosen boundaries at a whitespace/punctuation byte: the chunk begins with it,
+        so the cut lies just before the separator (nan if none)."""
+        return self.chosen_on_separator / self.chosen if self.chosen else float("nan")
+
     def to_dict(self) -> dict:
         return {
             "positions": self.positions,
@@ -139,6 +152,7 @@ class BoundaryStats:
             "dropped": self.dropped,
             "dropped_rate": self.dropped_rate,
             "share_after_separator": None if self.chosen == 0 else self.share_after_separator,
+            "share_on_separator": None if self.chosen == 0 else self.share_on_separator,
             # chunk_length_histogram[k]: chunks of k bytes (k = HIST_MAX: HIST_MAX or more).
             "chunk_length_histogram": [int(c) for c in self.histogram],
         }
@@ -238,13 +252,13 @@ def render_html(text: bytes, models: list[ShownModel]) -> str:
     for model in models:
         rows = "".join(
             f"<tr><td>{html.escape(label)}</td><td>{st.chunks}</td><td>{st.bytes_per_chunk:.2f}</td>"
-            f"<td>{_percent(st.share_after_separator)}</td></tr>"
+            f"<td>{_percent(st.share_after_separator)}</td><td>{_percent(st.share_on_separator)}</td></tr>"
             for label, st in zip(model.labels, model.stats)
         )
         parts = [f"<h2>{html.escape(model.name)}</h2><p>{html.escape(model.description)}</p>"]
         if rows:
             parts.append("<table><tr><th>stage</th><th>chunks</th><th>bytes/chunk</th>"
-                         "<th>after whitespace/punctuation</th></tr>" + rows + "</table>")
+                         "<th>after whitespace/punctuation</th><th>at whitespace/punctuation</th></tr>" + rows + "</table>")
         else:
             parts.append("<p>No chunking stages (a flat byte model).</p>")
         for label, positions in zip(model.labels, model.positions):

@@ -151,6 +151,7 @@ def test_boundary_stats_on_a_handcrafted_mask():
     stats.add(stream, boundary)
     assert stats.chunks == 5 and stats.positions == 11 and stats.bytes_per_chunk == 11 / 5
     assert stats.chosen == 4 and stats.share_after_separator == 2 / 4
+    assert stats.share_on_separator == 1 / 4  # only ',' begins its chunk (a cut before the separator)
     assert list(bnd.chunk_lengths(boundary)) == [3, 2, 1, 4, 1]
     assert stats.histogram[1] == 2 and stats.histogram[2] == 1 and stats.histogram[3] == 1 and stats.histogram[4] == 1
     long = np.zeros(100, bool)
