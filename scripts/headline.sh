@@ -155,7 +155,8 @@ train() {
         run_set+=("${TOKENIZER_SET[@]}")
         if [ "$SMOKE" = 1 ]; then run_set+=(--set 'data.tokenizer={"vocab_size": 4096}' --set train.seq_len=147); fi
     fi
-    local t0=$SECONDS
+    local t0=$SECONDS rows_before=0
+    if [ -f "$dir/metrics.jsonl" ]; then rows_before=$(wc -l < "$dir/metrics.jsonl"); fi
     if [ -f "$dir/config.json" ]; then
         echo "== training $dir: resuming"
         $PY train.py --workdir "$dir" --resume --no-progress
@@ -165,7 +166,10 @@ train() {
             --set data.corpus="$CORPUS" "${COMMON_SET[@]}" "${run_set[@]}" "$@"
     fi
     echo "== $dir trained in $((SECONDS - t0)) s"
-    printf '%s\t%s\n' "$(basename "$dir")" "$((SECONDS - t0))" >> "$(dirname "$dir")/wall_seconds.tsv"
+    # Wall time of the invocations that trained (a finished run's resume logs nothing new).
+    if [ "$(wc -l < "$dir/metrics.jsonl")" -gt "$rows_before" ]; then
+        printf '%s\t%s\n' "$(basename "$dir")" "$((SECONDS - t0))" >> "$(dirname "$dir")/wall_seconds.tsv"
+    fi
 }
 
 if [ "$TUNE" = 1 ]; then
@@ -236,7 +240,12 @@ done
 
 # 6. Robustness to noisy text (pg_en test), chunk boundaries on a fixed excerpt, training comparison.
 echo "== robustness"
-$PY eval.py --robustness "${CHECKPOINTS[@]}" --data "$CORPUS" --split test "${ROBUST_ARGS[@]}" > "$OUT/robustness.md"
+if [ -s "$OUT/robustness.md" ]; then
+    echo "== $OUT/robustness.md already written"
+else
+    $PY eval.py --robustness "${CHECKPOINTS[@]}" --data "$CORPUS" --split test "${ROBUST_ARGS[@]}" > "$OUT/robustness.md.tmp"
+    mv "$OUT/robustness.md.tmp" "$OUT/robustness.md"
+fi
 $PY - "$CORPUS" "$OUT/excerpt.txt" <<'PYEOF'
 import sys
 from hnet.data import PreparedCorpus
@@ -297,14 +306,15 @@ for name, result in sorted(evals.items(), key=lambda kv: (not kv[0].startswith("
     print(f"| {name} | {result['bytes']:,d} | {models[runs[0]]['documents']:,d} | " + " | ".join(fmt(models[r]['bpb']) for r in runs)
           + f" | {fmt(comp.get('xz -9e'))} | {fmt(concat.get('xz -9e'))} | {fmt(comp.get('gzip -9'))} |")
 print("\n## Chunking per stage: pg_en test (and the training split's first bytes)\n")
-print("| run | stage | bytes per chunk | on train | boundaries after whitespace/punctuation | dropped |")
-print("|---|---:|---:|---:|---:|---:|")
+print("| run | stage | bytes per chunk | on train | boundaries after whitespace/punctuation | at one (chunk begins with it) | dropped |")
+print("|---|---:|---:|---:|---:|---:|---:|")
 on_train = {} if train_chunks is None else {Path(m["checkpoint"]).name: m for m in train_chunks["models"]}
 for run in runs:
     for s, stage in enumerate(test[run]["stages"]):
         train_value = on_train[run]["stages"][s]["bytes_per_chunk"] if run in on_train else float("nan")
+        at = stage.get("share_on_separator")
         print(f"| {run} | {s} | {stage['bytes_per_chunk']:.2f} | {train_value:.2f} | "
-              f"{stage['share_after_separator']:.1%} | {stage['dropped_rate']:.2%} |")
+              f"{stage['share_after_separator']:.1%} | {'-' if at is None else f'{at:.1%}'} | {stage['dropped_rate']:.2%} |")
 PYEOF
 cat "$OUT/results.md"
 echo
