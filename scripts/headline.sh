@@ -13,7 +13,7 @@
 #   tokens at 3.302 bytes/token, vocabulary 4096 trained here on the 20 MB training split),
 #   8 sequences per step, 600 steps = 2,457,600 bytes each, wsd; H-Nets with per-stage LR
 #   multipliers. Also a second seed of hnet1 and bpe (seed-to-seed spread). Evaluation bytes are
-#   capped (below) so that the whole script fits in about 100 minutes; docs/RESULTS.md has the results.
+#   capped (below) so that the whole script fits in 100 minutes (75 measured on two cores); docs/RESULTS.md has the results.
 #   TUNE=1 runs the learning-rate sweep instead: each model at LRS (default "1e-3 2e-3 4e-3") for
 #   120 steps (a fifth of the run, same schedule shape), scored on 32 batches of pg_en validation;
 #   it writes $OUT/tune/tune.md (all sweep runs so far). TUNE_RUNS="bpe byte" LRS=3e-3 adds points.
