@@ -132,7 +132,8 @@ if not (ood / "code_python.txt").exists():
 print("out-of-domain files:", ", ".join(sorted(p.name for p in ood.glob("*.txt"))))
 PYEOF
 
-# 3. The BPE tokenizer (CPU scale: trained once here, so that its bytes per token, which sets the
+# 3. The BPE tokenizer (CPU scale: trained once here with the same recipe a run uses for
+#    data.tokenizer = {"vocab_size": V}, so that its bytes per token, which sets the
 #    BPE run's seq_len, is the one in configs/families.json), then the runs. An existing run folder
 #    is resumed, so the script can be re-run.
 TOKENIZER_SET=()
