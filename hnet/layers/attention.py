@@ -194,9 +194,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index:
 
     def finish(state):
         _, total, acc = state
-        # Every query sees itself, so a finished block has total > 0; the guard keeps the
-        # not-yet-finished block that query_pair's jnp.where discards free of 0/0 (and NaN gradients).
-        out = acc / jnp.where(total > 0, total, 1.0)[..., None]
+        out = acc / total[..., None]                                  # every query sees itself: total > 0
         return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)          # (B, Qb, Hkv, G, Dh)
 
     if window >= 0:
@@ -213,18 +211,17 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index:
             first, second = p, blocks - 1 - p
 
             def step(carry, t):
-                state, first_out = carry
-                switch = t == first + 1  # first block done: keep its output, start the second
-                first_out = jnp.where(switch, finish(state), first_out)
-                state = jax.tree.map(lambda fresh, old: jnp.where(switch, fresh, old), empty_state(), state)
+                state, first_state = carry
+                switch = t == first + 1  # the first block is done: keep its state, start the second
+                select = lambda new, old: jax.tree.map(lambda a, b: jnp.where(switch, a, b), new, old)
+                first_state, state = select(state, first_state), select(empty_state(), state)
                 in_first = t <= first
                 i = jnp.where(in_first, first, second)
                 j = jnp.where(in_first, t, t - first - 1)
-                return (attend_block(state, i, j), first_out), None
+                return (attend_block(state, i, j), first_state), None
 
-            first_out = jnp.zeros((batch, block, kv_heads, group, head_dim), q.dtype)
-            state, first_out = jax.lax.scan(step, (empty_state(), first_out), jnp.arange(blocks + 1))[0]
-            return first_out, finish(state)
+            state, first_state = jax.lax.scan(step, (empty_state(), empty_state()), jnp.arange(blocks + 1))[0]
+            return finish(first_state), finish(state)
 
         firsts, seconds = jax.lax.map(jax.checkpoint(query_pair), jnp.arange(blocks // 2))
         out = jnp.concatenate([firsts, seconds[::-1]], axis=0)                         # blocks in order
