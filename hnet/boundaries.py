@@ -71,17 +71,16 @@ def byte_boundaries(stages) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
-def after_separator(stream: np.ndarray) -> np.ndarray:
-    """uint8/int (n,) input positions -> bool (n,): the byte before position t is a separator."""
-    prev = np.asarray(stream)[:-1]
-    out = np.zeros(len(stream), bool)
-    out[1:] = SEPARATOR_TABLE[np.clip(prev, 0, 255)]
-    return out
-
-
 def on_separator(stream: np.ndarray) -> np.ndarray:
     """uint8/int (n,) input positions -> bool (n,): the byte at position t is a separator."""
     return SEPARATOR_TABLE[np.clip(np.asarray(stream), 0, 255)]
+
+
+def after_separator(stream: np.ndarray) -> np.ndarray:
+    """uint8/int (n,) input positions -> bool (n,): the byte before position t is a separator."""
+    out = np.zeros(len(stream), bool)
+    out[1:] = on_separator(np.asarray(stream)[:-1])
+    return out
 
 
 def chunk_lengths(boundary: np.ndarray) -> np.ndarray:

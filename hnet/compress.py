@@ -78,8 +78,8 @@ def compressor_bpb_per_document(docs) -> dict[str, float | None]:
         raise ValueError("compressor_bpb_per_document needs at least one byte")
     results = {}
     for name in COMPRESSORS:
-        sizes = [compress(name, d) for d in docs]
-        results[name] = None if sizes[0] is None else 8 * sum(len(c) for c in sizes) / total
+        compressed = [compress(name, d) for d in docs]
+        results[name] = None if compressed[0] is None else 8 * sum(len(c) for c in compressed) / total
     return results
 
 

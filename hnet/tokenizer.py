@@ -369,11 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         report = {"tokenizer": args.load or args.out, "vocab_size": tokenizer.vocab_size, "splits": {}}
         for split in args.measure:
             num_bytes, num_tokens = bytes_per_token(tokenizer, corpus, split)
-            report["splits"][split] = {"bytes": num_bytes, "tokens": num_tokens,
-                                       "bytes_per_token": num_bytes / max(num_tokens, 1)}
+            ratio = num_bytes / max(num_tokens, 1)
+            report["splits"][split] = {"bytes": num_bytes, "tokens": num_tokens, "bytes_per_token": ratio}
             if not args.json:
-                print(f"{split}: {num_bytes:,d} bytes / {num_tokens:,d} tokens = "
-                      f"{num_bytes / max(num_tokens, 1):.3f} bytes per token (each document alone, no BOS)")
+                print(f"{split}: {num_bytes:,d} bytes / {num_tokens:,d} tokens = {ratio:.3f} bytes per token "
+                      f"(each document alone, no BOS)")
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
