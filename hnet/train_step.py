@@ -125,6 +125,19 @@ def remat_policy(remat: str, config, seq_len: int) -> str:
     return "block" if seq_len * widths >= REMAT_AUTO_MIN_VALUES else "none"
 
 
+# XLA's CPU compiler removes optimization barriers before its last common-subexpression pass, so
+# the forward that jax.checkpoint recomputes for the backward pass is merged back into the first
+# forward and every block's activations are kept after all (GPU and TPU remove the barriers only
+# after scheduling). Keeping the pass off on CPU makes rematerialisation real there too; the
+# barriers compute nothing, so values are unchanged.
+CPU_REMAT_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+def step_compiler_options(policy: str, platform: str) -> dict | None:
+    """XLA options for the jitted train step under remat `policy` on `platform` ("cpu", "gpu", ...)."""
+    return CPU_REMAT_COMPILER_OPTIONS if policy != "none" and platform == "cpu" else None
+
+
 def fresh_state(params, tx: optax.GradientTransformation) -> dict:
     """The train state at step 0 for these parameters."""
     return {
@@ -220,8 +233,8 @@ def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -
                 return fn(*args)
         return traced
 
-    step = functools.partial(train_step, graphdef=graphdef, tx=tx, ratio_loss_weight=train.ratio_loss_weight,
-                             remat=remat_policy(train.remat, config, train.seq_len))
+    remat = remat_policy(train.remat, config, train.seq_len)
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, ratio_loss_weight=train.ratio_loss_weight, remat=remat)
     init_from_params = jax.jit(functools.partial(fresh_state, tx=tx), out_shardings=state_shardings)
     init_in_place = jax.jit(lambda: fresh_state(nnx.state(build_model(config, seed=train.seed), nnx.Param), tx),
                             out_shardings=state_shardings)
@@ -236,7 +249,8 @@ def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -
     return StepFunctions(
         train_step=jax.jit(on_mesh(step), donate_argnums=(0,),
                            in_shardings=(state_shardings, micro_batch_sharding, micro_batch_sharding),
-                           out_shardings=(state_shardings, replicated)),
+                           out_shardings=(state_shardings, replicated),
+                           compiler_options=step_compiler_options(remat, mesh.devices.flat[0].platform)),
         eval_step=jax.jit(on_mesh(functools.partial(eval_step, graphdef=graphdef)),
                           in_shardings=(state_shardings["params"],) + (batch_sharding,) * 3, out_shardings=replicated),
         init=init,

@@ -132,6 +132,18 @@ def test_bench_memory_of_a_transformer_agrees_with_hnet_flops(capsys):
     assert result["argument_bytes"] > 3 * 4 * result["params"]  # float32 params and two Adam moments
 
 
+def test_rematerialisation_lowers_the_compiled_steps_temporaries_on_cpu():
+    """train.remat=block keeps only each block's input for the backward pass. On CPU this holds
+    only with XLA's barrier expander off (hnet.train_step.step_compiler_options): otherwise XLA
+    merges the recomputed forward back into the first one and the temporaries stay those of
+    remat=none."""
+    run = [*TOKEN_RUN[:2], 'model.arch_layout=["T4"]', *TOKEN_RUN[3:]]
+    run[1] = "train.seq_len=256"
+    temp = {remat: bench.bench_memory(str(CONFIGS / "run_bpe_tiny.json"), [*run, f"train.remat={remat}"])["temp_bytes"]
+            for remat in ("none", "block")}
+    assert temp["block"] < 0.7 * temp["none"]
+
+
 def test_bench_train_of_a_token_run_reports_bytes_per_second(capsys):
     argv = ["train", "--config", str(CONFIGS / "run_bpe_tiny.json"), *with_sets(TOKEN_RUN), "--steps", "2",
             "--warmup", "0", "--peak-tflops", "1"]

@@ -332,7 +332,7 @@ def test_rematerialised_blocks_give_the_same_gradients(config_1stage, monkeypatc
     """train.remat changes what the backward pass keeps, not what it computes; the blockwise
     attention path (rows longer than its query block) is part of the model here."""
     from hnet.layers import attention
-    from hnet.train_step import micro_grads
+    from hnet.train_step import micro_grads, step_compiler_options
 
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)  # so the main network's attention runs blockwise
     model = hnet.build_model(config_1stage, seed=0)
@@ -341,7 +341,8 @@ def test_rematerialised_blocks_give_the_same_gradients(config_1stage, monkeypatc
     results = {}
     for remat in ("none", "block"):  # block: what train.remat=auto picks for the S models
         step = jax.jit(lambda p, x, y, remat=remat: micro_grads(p, x, y, graphdef=graphdef, ratio_loss_weight=0.03,
-                                                                remat=remat))
+                                                                remat=remat),
+                       compiler_options=step_compiler_options(remat, jax.devices()[0].platform))  # as the train step
         results[remat] = step(params, tokens[:, :-1], tokens[:, 1:])
     for want, got in zip(jax.tree_util.tree_leaves(results["none"]), jax.tree_util.tree_leaves(results["block"])):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
