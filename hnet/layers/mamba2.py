@@ -8,6 +8,7 @@ start and the scan's state resets there (hnet.segments).
 docs/ARCHITECTURE.md section 1 has the equations.
 """
 
+import functools
 import math
 
 import jax
@@ -51,9 +52,14 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, segment_index=None):
     all heads; segment_index: (B, L) int32 document number of each position, non-decreasing
     along the row (None: one document).
     Returns y (B, L, H, P) and the final state (B, H, P, S) of each row's last document, float32.
+
+    One lax.scan step per chunk of Q positions carries the state from chunk to chunk (see
+    `_ssd_chunk`). Each step is rematerialised, so the backward pass keeps only the state entering
+    each chunk (B, H, P, S) and the inputs; x, B and C stay in their own dtype until a chunk
+    computes with them in float32.
     """
     f32 = jnp.float32
-    x, dt, A, B, C = (t.astype(f32) for t in (x, dt, A, B, C))
+    dt, A = dt.astype(f32), A.astype(f32)
     batch, length, heads, head_dim = x.shape
     d_state = B.shape[-1]
     if segment_index is None:
@@ -64,68 +70,54 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, segment_index=None):
     if pad:  # dt = 0 on padding: decay 1 and no input, so the final state is unchanged.
         x, dt, B, C = (jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) for t in (x, dt, B, C))
         segment_index = jnp.pad(segment_index, ((0, 0), (0, pad)), mode="edge")
-    x = x.reshape(batch, n_chunks, chunk, heads, head_dim)
-    dt = dt.reshape(batch, n_chunks, chunk, heads)
-    B = B.reshape(batch, n_chunks, chunk, d_state)
-    C = C.reshape(batch, n_chunks, chunk, d_state)
-    segment = segment_index.reshape(batch, n_chunks, chunk)
+    # Chunk-major: (nc, B, Q, ...), the scan's leading axis.
+    x = x.reshape(batch, n_chunks, chunk, heads, head_dim).swapaxes(0, 1)
+    dt = dt.reshape(batch, n_chunks, chunk, heads).swapaxes(0, 1)
+    B = B.reshape(batch, n_chunks, chunk, d_state).swapaxes(0, 1)
+    C = C.reshape(batch, n_chunks, chunk, d_state).swapaxes(0, 1)
+    segment = segment_index.reshape(batch, n_chunks, chunk).swapaxes(0, 1)
     # Document of the state entering each chunk: the previous chunk's last position (the first
     # chunk: its own first position).
-    chunk_last = segment[:, :, -1]
-    segment_in = jnp.concatenate([segment[:, :1, 0], chunk_last[:, :-1]], axis=1)  # (B, nc)
-
-    log_decay = jnp.cumsum(dt * A, axis=2)  # (B, nc, Q, H): sum of dt*A up to and including i
-    y = _intra_chunk_outputs(x, dt, log_decay, B, C, segment)
-
-    # State contributed by each chunk alone at its end: only its last document's positions.
-    in_last_doc = (segment == chunk_last[:, :, None])[..., None]  # (B, nc, Q, 1)
-    decay_to_end = jnp.where(in_last_doc, jnp.exp(log_decay[:, :, -1:, :] - log_decay), 0.0)  # (B, nc, Q, H)
-    chunk_states = jnp.einsum("bcjs,bcjh,bcjhp->bchps", B, decay_to_end * dt, x)
-    # Carry states across chunks (a short sequential scan over n_chunks); a document starting
-    # inside a chunk cuts the carried state off.
-    continues = chunk_last == segment_in  # (B, nc): no document starts inside the chunk
-    chunk_decay = jnp.where(continues[..., None], jnp.exp(log_decay[:, :, -1, :]), 0.0)  # (B, nc, H)
+    segment_in = jnp.concatenate([segment[:1, :, 0], segment[:-1, :, -1]], axis=0)  # (nc, B)
     initial_state = jnp.zeros((batch, heads, head_dim, d_state), f32)
-
-    def carry_step(state, inputs):
-        decay_c, new_c = inputs
-        return decay_c[:, :, None, None] * state + new_c, state
-
-    final_state, states_in = jax.lax.scan(
-        carry_step, initial_state, (chunk_decay.swapaxes(0, 1), chunk_states.swapaxes(0, 1))
-    )
-    states_in = states_in.swapaxes(0, 1)  # (B, nc, H, P, S): state entering each chunk
-    # The entering state reaches the positions of its own document only.
-    carried_decay = jnp.where((segment == segment_in[:, :, None])[..., None], jnp.exp(log_decay), 0.0)
-    y = y + jnp.einsum("bcis,bchps,bcih->bcihp", C, states_in, carried_decay)
-    y = y.reshape(batch, n_chunks * chunk, heads, head_dim)[:, :length]
+    final_state, y = jax.lax.scan(
+        functools.partial(_ssd_chunk, A=A), initial_state, (x, dt, B, C, segment, segment_in))
+    y = y.swapaxes(0, 1).reshape(batch, n_chunks * chunk, heads, head_dim)[:, :length]
     return y, final_state
 
 
-def _intra_chunk_outputs(x, dt, log_decay, B, C, segment):
-    """The within-chunk term of ssd_scan: y_i = sum over j <= i of the same document of
-    (C_i·B_j) exp(log_decay_i - log_decay_j) dt_j x_j.
+@jax.checkpoint
+def _ssd_chunk(state, inputs, A):
+    """One chunk of ssd_scan: (state entering it, inputs) -> (state at its end, y).
 
-    x: (B, nc, Q, H, P); dt, log_decay: (B, nc, Q, H); B, C: (B, nc, Q, S); segment: (B, nc, Q)
-    -> (B, nc, Q, H, P) float32. One chunk at a time (lax.map), each rematerialised, so a (B, Q, Q, H)
-    decay and weight tensor of one chunk is all that exists at once, in the forward and the
-    backward pass (all chunks at once would be (B, nc, Q, Q, H): L x Q x H per sequence).
+    state (B, H, P, S) float32; inputs x (B, Q, H, P), dt (B, Q, H), B, C (B, Q, S), segment
+    (B, Q) document numbers, segment_in (B,) the document of the entering state; A (H,).
+    y_i = sum over j <= i of the same document of (C_i·B_j) exp(log_decay_i - log_decay_j) dt_j x_j
+          + exp(log_decay_i) C_i · state   (only where position i continues the entering document).
     """
-    chunk = x.shape[2]
+    x, dt, B, C, segment, segment_in = inputs
+    f32 = jnp.float32
+    x, B, C = x.astype(f32), B.astype(f32), C.astype(f32)
+    chunk = x.shape[1]
+    log_decay = jnp.cumsum(dt * A, axis=1)  # (B, Q, H): sum of dt*A up to and including i
+    # Within the chunk: a (B, Q, Q, H) decay and weight tensor of this chunk only.
     causal = jnp.tril(jnp.ones((chunk, chunk), bool))[None]
-
-    @jax.checkpoint
-    def one_chunk(inputs):
-        x_c, dt_c, log_decay_c, B_c, C_c, segment_c = inputs  # (B, Q, ...) of one chunk
-        segsum = log_decay_c[:, :, None, :] - log_decay_c[:, None, :, :]  # (B, Qi, Qj, H)
-        visible = causal & (segment_c[:, :, None] == segment_c[:, None, :])  # (B, Qi, Qj)
-        decay = jnp.exp(jnp.where(visible[..., None], segsum, -jnp.inf))
-        scores = jnp.einsum("bis,bjs->bij", C_c, B_c)
-        weights = scores[..., None] * decay * dt_c[:, None, :, :]
-        return jnp.einsum("bijh,bjhp->bihp", weights, x_c)
-
-    chunk_major = tuple(t.swapaxes(0, 1) for t in (x, dt, log_decay, B, C, segment))
-    return jax.lax.map(one_chunk, chunk_major).swapaxes(0, 1)
+    visible = causal & (segment[:, :, None] == segment[:, None, :])  # (B, Qi, Qj)
+    segsum = log_decay[:, :, None, :] - log_decay[:, None, :, :]  # (B, Qi, Qj, H)
+    decay = jnp.exp(jnp.where(visible[..., None], segsum, -jnp.inf))
+    weights = jnp.einsum("bis,bjs->bij", C, B)[..., None] * decay * dt[:, None, :, :]
+    y = jnp.einsum("bijh,bjhp->bihp", weights, x)
+    # The entering state reaches the positions of its own document only.
+    carried_decay = jnp.where((segment == segment_in[:, None])[..., None], jnp.exp(log_decay), 0.0)  # (B, Q, H)
+    y = y + jnp.einsum("bis,bhps,bih->bihp", C, state, carried_decay)
+    # The state at the chunk's end: what its last document added, plus the entering state unless
+    # a document starts inside the chunk (that cuts it off).
+    chunk_last = segment[:, -1]
+    in_last_doc = (segment == chunk_last[:, None])[..., None]  # (B, Q, 1)
+    decay_to_end = jnp.where(in_last_doc, jnp.exp(log_decay[:, -1:, :] - log_decay), 0.0)  # (B, Q, H)
+    added = jnp.einsum("bjs,bjh,bjhp->bhps", B, decay_to_end * dt, x)
+    chunk_decay = jnp.where((chunk_last == segment_in)[:, None], jnp.exp(log_decay[:, -1, :]), 0.0)  # (B, H)
+    return chunk_decay[:, :, None, None] * state + added, y
 
 
 def ssd_step(state, x, dt, A, B, C, doc_start):
