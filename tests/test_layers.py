@@ -177,17 +177,22 @@ def test_blockwise_attention_equals_the_plain_path_in_values_and_gradients(windo
 def test_blockwise_attention_executes_only_the_blocks_its_window_reaches():
     """The jaxpr's matmul FLOPs (what runs: no block is skipped at run time) are the causal
     triangle of blocks for a global layer and (window / block + 1) blocks per query block for a
-    windowed one: 2 matmuls (scores, values) of 2 x block^2 x H x Dh FLOPs per block visited."""
+    windowed one: 2 matmuls (scores, values) of 2 x block^2 x H x Dh FLOPs per block visited. The
+    backward pass (custom VJP) adds 5 matmuls per pair of blocks holding a visible key, and does
+    not run the forward again."""
     from hnet.xla_stats import matmul_flops
 
     blocks, block, heads, head_dim = 6, 8, 4, 8
     q = jnp.zeros((1, blocks * block, heads, head_dim))
     kv = jnp.zeros((1, blocks * block, 2, head_dim))
     segments = jnp.zeros((1, blocks * block), jnp.int32)
-    per_block = 2 * 2 * block * block * heads * head_dim
-    for window, visited in ((-1, blocks * (blocks + 1) // 2), (8, blocks * 2), (20, blocks * 4)):
-        jaxpr = jax.make_jaxpr(lambda q, k, v: blockwise_attention(q, k, v, segments, window, block))(q, kv, kv)
-        assert matmul_flops(jaxpr).flops == visited * per_block, window
+    matmul = 2 * block * block * heads * head_dim
+    for window, visited, pairs in ((-1, blocks * (blocks + 1) // 2, blocks * (blocks + 1) // 2),
+                                   (8, blocks * 2, blocks * 2 - 1), (20, blocks * 4, blocks * 4 - 6)):
+        attention = lambda q, k, v: blockwise_attention(q, k, v, segments, window, block)
+        assert matmul_flops(jax.make_jaxpr(attention)(q, kv, kv)).flops == visited * 2 * matmul, window
+        grads = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(attention(*a)), argnums=(0, 1, 2)))(q, kv, kv)
+        assert matmul_flops(grads).flops == (visited * 2 + pairs * 5) * matmul, window
 
 
 def test_pallas_attention_equals_the_plain_path_in_interpret_mode():

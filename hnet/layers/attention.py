@@ -10,10 +10,14 @@ masked, and RoPE positions count from the document's start.
 docs/ARCHITECTURE.md section 1 has the conventions (scale, RoPE, window).
 """
 
+import functools
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 from flax import struct
 
@@ -135,32 +139,79 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index:
     """Flash-style attention in plain JAX: query blocks of `block` positions, each with an online
     softmax over the key blocks its causal window reaches. Shapes as causal_attention.
 
-    Work items run one after the other (lax.map), each rematerialised (jax.checkpoint), and the
-    key blocks of an item in a lax.scan inside, so memory is O(L x block) per layer in the forward
-    and the backward pass, never L x L. No block is skipped at run time, so the step's static FLOP
-    count is what runs:
+    Forward (`_blockwise_forward`): work items one after the other (lax.map), the key blocks of an
+    item in a lax.scan inside, so memory is O(L x block) per layer, never L x L. No block is
+    skipped at run time, so the step's static FLOP count is what runs:
     - a windowed layer: one item per query block, visiting the ceil(window / block) + 1 key blocks
       its window reaches (blocks before the row start are masked);
     - a global layer: query blocks i and n - 1 - i form one item (the row is padded to an even
       number of blocks), visiting the i + 1 and n - i key blocks at or before them: n + 1 blocks
       for every item, n (n + 1) / 2 in all, the causal triangle and nothing more.
+    Backward (`_blockwise_backward`, a custom VJP): the forward keeps only its output and each
+    query's log-sum-exp (named ATTENTION_RESIDUALS, so a rematerialised block can keep them
+    instead of running the forward again); one lax.scan over the (query block, key block) pairs
+    that hold a visible key recomputes that pair's scores and adds its share of dq, dk and dv:
+    5 matmuls per pair, against 2 in the forward.
     """
+    return _blockwise(q, k, v, segment_index, window, block)
+
+
+# checkpoint_name of the forward's residuals: remat=block keeps them (hnet.layers.isotropic).
+ATTENTION_RESIDUALS = ("attention_out", "attention_lse")
+
+
+class _Blocks(NamedTuple):
+    """A row cut into `count` blocks of `size` (padded: padded keys get segment id -1, never
+    visible to real queries). q: (B, n, Qb, Hkv, G, Dh); k, v: (B, n, Kb, Hkv, Dh); segment: (B, n, Qb)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    segment: jax.Array
+    count: int
+    size: int
+
+
+def _cut_into_blocks(q, k, v, segment_index, window: int, block: int) -> _Blocks:
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    group = heads // kv_heads
     padded = -(-length // block) * block
     if window < 0:
         padded = -(-padded // (2 * block)) * 2 * block  # an even number of blocks to pair up
     pad = padded - length
-    if pad:  # padded keys get a segment id of their own: never visible to real queries
+    if pad:
         q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
         segment_index = jnp.pad(segment_index, ((0, 0), (0, pad)), constant_values=-1)
-    blocks = padded // block
-    q_blocks = q.reshape(batch, blocks, block, kv_heads, group, head_dim)
-    k_blocks = k.reshape(batch, blocks, block, kv_heads, head_dim)
-    v_blocks = v.reshape(batch, blocks, block, kv_heads, head_dim)
-    segment_blocks = segment_index.reshape(batch, blocks, block)
-    scale = head_dim ** -0.5
+    count = padded // block
+    return _Blocks(q=q.reshape(batch, count, block, kv_heads, heads // kv_heads, head_dim),
+                   k=k.reshape(batch, count, block, kv_heads, head_dim),
+                   v=v.reshape(batch, count, block, kv_heads, head_dim),
+                   segment=segment_index.reshape(batch, count, block), count=count, size=block)
+
+
+def _block_scores(blocks: _Blocks, i, j, window: int):
+    """Scaled scores of query block i against key block j (j < 0: nothing visible) and their mask.
+    -> (q_i (B, Qb, Hkv, G, Dh), k_j, v_j (B, Kb, Hkv, Dh), scores (B, Hkv, G, Qb, Kb) float32 with
+    -inf where hidden, mask (B, 1, 1, Qb, Kb))."""
+    take = lambda a, index: jax.lax.dynamic_index_in_dim(a, index, axis=1, keepdims=False)
+    size = blocks.size
+    j_safe = jnp.maximum(j, 0)
+    q_i, k_j, v_j = take(blocks.q, i), take(blocks.k, j_safe), take(blocks.v, j_safe)
+    delta = (i * size + jnp.arange(size))[:, None] - (j * size + jnp.arange(size))[None, :]
+    visible = (delta >= 0) & (j >= 0)
+    if window >= 0:
+        visible &= delta <= window
+    mask = (visible[None] & (take(blocks.segment, i)[:, :, None] == take(blocks.segment, j_safe)[:, None, :]))[:, None, None]
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * q_i.shape[-1] ** -0.5
+    return q_i, k_j, v_j, jnp.where(mask, scores, -jnp.inf), mask
+
+
+def _blockwise_forward(q, k, v, segment_index, window: int, block: int):
+    """-> (out (B, L, H, Dh) in q's dtype, lse (n, B, Hkv, G, Qb) float32: log-sum-exp of each
+    query's visible scores, by query block)."""
+    batch, length, heads, head_dim = q.shape
+    blocks = _cut_into_blocks(q, k, v, segment_index, window, block)
+    kv_heads, group = blocks.k.shape[3], heads // blocks.k.shape[3]
 
     def empty_state():
         return (jnp.full((batch, kv_heads, group, block), -jnp.inf, jnp.float32),
@@ -168,21 +219,9 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index:
                 jnp.zeros((batch, kv_heads, group, block, head_dim), jnp.float32))
 
     def attend_block(state, i, j):
-        """Online-softmax update of query block i's state with key block j (j < 0: nothing visible)."""
+        """Online-softmax update of query block i's state with key block j."""
         running_max, total, acc = state
-        q_i = jax.lax.dynamic_index_in_dim(q_blocks, i, axis=1, keepdims=False)           # (B, Qb, Hkv, G, Dh)
-        segment_i = jax.lax.dynamic_index_in_dim(segment_blocks, i, axis=1, keepdims=False)
-        j_safe = jnp.maximum(j, 0)
-        k_j = jax.lax.dynamic_index_in_dim(k_blocks, j_safe, axis=1, keepdims=False)       # (B, Kb, Hkv, Dh)
-        v_j = jax.lax.dynamic_index_in_dim(v_blocks, j_safe, axis=1, keepdims=False)
-        segment_j = jax.lax.dynamic_index_in_dim(segment_blocks, j_safe, axis=1, keepdims=False)
-        delta = (i * block + jnp.arange(block))[:, None] - (j * block + jnp.arange(block))[None, :]
-        visible = (delta >= 0) & (j >= 0)
-        if window >= 0:
-            visible &= delta <= window
-        mask = visible[None] & (segment_i[:, :, None] == segment_j[:, None, :])           # (B, Qb, Kb)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+        _, _, v_j, scores, _ = _block_scores(blocks, i, j, window)
         new_max = jnp.maximum(running_max, scores.max(axis=-1))
         safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # rows with nothing visible yet
         weights = jnp.exp(scores - safe_max[..., None])
@@ -193,22 +232,23 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index:
         return new_max, total, acc
 
     def finish(state):
-        _, total, acc = state
+        running_max, total, acc = state
         out = acc / total[..., None]                                  # every query sees itself: total > 0
-        return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)          # (B, Qb, Hkv, G, Dh)
+        return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), running_max + jnp.log(total)
 
+    n = blocks.count
     if window >= 0:
-        reach = min(blocks, -(-window // block) + 1)  # key blocks a query block's window reaches
+        reach = min(n, -(-window // block) + 1)  # key blocks a query block's window reaches
 
         def query_block(i):
             step = lambda state, offset: (attend_block(state, i, i - offset), None)
             return finish(jax.lax.scan(step, empty_state(), jnp.arange(reach))[0])
 
-        out = jax.lax.map(jax.checkpoint(query_block), jnp.arange(blocks))           # (n, B, Qb, Hkv, G, Dh)
+        out, lse = jax.lax.map(query_block, jnp.arange(n))                           # (n, B, Qb, Hkv, G, Dh)
     else:
         def query_pair(p):
             """Query blocks p (key blocks 0..p) and n-1-p (key blocks 0..n-1-p): n + 1 steps."""
-            first, second = p, blocks - 1 - p
+            first, second = p, n - 1 - p
 
             def step(carry, t):
                 state, first_state = carry
@@ -220,13 +260,76 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index:
                 j = jnp.where(in_first, t, t - first - 1)
                 return (attend_block(state, i, j), first_state), None
 
-            state, first_state = jax.lax.scan(step, (empty_state(), empty_state()), jnp.arange(blocks + 1))[0]
+            state, first_state = jax.lax.scan(step, (empty_state(), empty_state()), jnp.arange(n + 1))[0]
             return finish(first_state), finish(state)
 
-        firsts, seconds = jax.lax.map(jax.checkpoint(query_pair), jnp.arange(blocks // 2))
-        out = jnp.concatenate([firsts, seconds[::-1]], axis=0)                         # blocks in order
-    out = out.transpose(1, 0, 2, 3, 4, 5).reshape(batch, blocks * block, heads, head_dim)
-    return out[:, :length]
+        (out_firsts, lse_firsts), (out_seconds, lse_seconds) = jax.lax.map(query_pair, jnp.arange(n // 2))
+        out = jnp.concatenate([out_firsts, out_seconds[::-1]], axis=0)                 # blocks in order
+        lse = jnp.concatenate([lse_firsts, lse_seconds[::-1]], axis=0)
+    out = out.transpose(1, 0, 2, 3, 4, 5).reshape(batch, n * block, heads, head_dim)
+    return out[:, :length], lse
+
+
+def _visible_pairs(count: int, size: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query block, key block) index arrays of every pair of blocks that holds a visible key."""
+    reach = count if window < 0 else min(count, -(-window // size) + 1)
+    pairs = [(i, j) for i in range(count) for j in range(max(0, i - reach + 1), i + 1)]
+    return np.array([i for i, _ in pairs], np.int32), np.array([j for _, j in pairs], np.int32)
+
+
+def _blockwise_backward(window: int, block: int, residuals, d_out):
+    """The VJP of _blockwise_forward from its output and log-sum-exp (FlashAttention's backward):
+    per pair, P = exp(S - lse), dv += Pᵀ dO, dS = P (dO Vᵀ - rowsum(dO ∘ O)), dq += dS k, dk += dSᵀ q."""
+    q, k, v, segment_index, out, lse = residuals
+    batch, length, heads, head_dim = q.shape
+    blocks = _cut_into_blocks(q, k, v, segment_index, window, block)
+    n, kv_heads = blocks.count, blocks.k.shape[3]
+    scale = head_dim ** -0.5
+    pad = n * block - length
+    # rowsum(dO ∘ O) per query, and dO, in the block layout of the scores (B, n, Hkv, G, Qb).
+    d_out_blocks = jnp.pad(d_out, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(blocks.q.shape)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = jnp.pad(delta, ((0, 0), (0, pad), (0, 0))).reshape(batch, n, block, kv_heads, -1).transpose(0, 1, 3, 4, 2)
+
+    def add_at(total, index, part):
+        return jax.lax.dynamic_update_index_in_dim(
+            total, jax.lax.dynamic_index_in_dim(total, index, axis=1, keepdims=False) + part, index, axis=1)
+
+    def pair_step(grads, pair):
+        dq, dk, dv = grads
+        i, j = pair
+        q_i, k_j, v_j, scores, mask = _block_scores(blocks, i, j, window)
+        lse_i = jax.lax.dynamic_index_in_dim(lse, i, axis=0, keepdims=False)               # (B, Hkv, G, Qb)
+        d_out_i = jax.lax.dynamic_index_in_dim(d_out_blocks, i, axis=1, keepdims=False)    # (B, Qb, Hkv, G, Dh)
+        delta_i = jax.lax.dynamic_index_in_dim(delta, i, axis=1, keepdims=False)
+        probs = jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)                  # (B, Hkv, G, Qb, Kb)
+        dv_j = jnp.einsum("bkgqs,bqkgd->bskd", probs.astype(d_out.dtype), d_out_i, preferred_element_type=jnp.float32)
+        d_probs = jnp.einsum("bqkgd,bskd->bkgqs", d_out_i, v_j, preferred_element_type=jnp.float32)
+        d_scores = (probs * (d_probs - delta_i[..., None]) * scale).astype(q.dtype)
+        dq_i = jnp.einsum("bkgqs,bskd->bqkgd", d_scores, k_j, preferred_element_type=jnp.float32)
+        dk_j = jnp.einsum("bkgqs,bqkgd->bskd", d_scores, q_i, preferred_element_type=jnp.float32)
+        return (add_at(dq, i, dq_i), add_at(dk, j, dk_j), add_at(dv, j, dv_j)), None
+
+    zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
+    (dq, dk, dv), _ = jax.lax.scan(pair_step, (zeros(blocks.q), zeros(blocks.k), zeros(blocks.v)),
+                                   _visible_pairs(n, block, window))
+    unblock = lambda grad, like: grad.reshape(batch, n * block, *like.shape[2:])[:, :length].astype(like.dtype)
+    return (unblock(dq, q), unblock(dk, k), unblock(dv, v),
+            np.zeros(segment_index.shape, jax.dtypes.float0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise(q, k, v, segment_index, window: int, block: int):
+    return _blockwise_forward(q, k, v, segment_index, window, block)[0]
+
+
+def _blockwise_with_residuals(q, k, v, segment_index, window: int, block: int):
+    out, lse = _blockwise_forward(q, k, v, segment_index, window, block)
+    out, lse = (checkpoint_name(value, name) for value, name in zip((out, lse), ATTENTION_RESIDUALS))
+    return out, (q, k, v, segment_index, out, lse)
+
+
+_blockwise.defvjp(_blockwise_with_residuals, _blockwise_backward)
 
 
 @struct.dataclass

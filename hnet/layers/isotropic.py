@@ -16,18 +16,22 @@ from flax import nnx
 
 from hnet import sharding
 from hnet.config import ModelConfig, parse_layout
-from hnet.layers.attention import CausalSelfAttention
+from hnet.layers.attention import ATTENTION_RESIDUALS, CausalSelfAttention
 from hnet.layers.mamba2 import Mamba2
 from hnet.layers.mlp import SwiGLU
 from hnet.layers.norm import RMSNorm
 from hnet.segments import Segments
 
 
-# train.remat name -> jax.checkpoint policy (None: no rematerialisation).
+# train.remat name -> jax.checkpoint policy (None: no rematerialisation). Both keep the blockwise
+# attention's output and log-sum-exp (small: L x D per layer), so that its backward pass does not
+# run its forward again.
+_KEEP_ATTENTION = jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS)
 REMAT_POLICIES = {
     "none": None,
-    "block": jax.checkpoint_policies.nothing_saveable,          # keep only each block's input
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs too
+    "block": _KEEP_ATTENTION,  # keep each block's input (and the attention residuals)
+    "dots": jax.checkpoint_policies.save_from_both_policies(  # keep matmul outputs too
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION),
 }
 _remat_policy: contextvars.ContextVar[str] = contextvars.ContextVar("remat_policy", default="none")
 
