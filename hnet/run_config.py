@@ -69,8 +69,8 @@ class TrainConfig:
     stage_lr_multipliers: tuple[float, ...] | None = None  # per stage, outermost first (depth + 1)
     ratio_loss_weight: float = 0.03  # alpha in CE + alpha * sum of ratio losses
     # Rematerialisation of the blocks in the backward pass: none, block (keep only each block's
-    # input), dots (keep matmul outputs too), or auto (block for long rows of wide models, see
-    # hnet.train_step.remat_policy).
+    # input and attention output), dots (keep matmul outputs too), or auto (by model size and
+    # sequence length, see hnet.train_step.remat_policy).
     remat: str = "auto"
     # Loop.
     log_every: int = 10

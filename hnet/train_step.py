@@ -110,10 +110,14 @@ def eval_step(params, input_ids, targets, mask, *, graphdef) -> dict:
     return sums
 
 
-# train.remat = "auto": rematerialise every block when the residual streams of one sequence hold
-# at least this many values (sequence length x the widths of all blocks, ignoring chunking): the
-# S models at 8192 bytes and larger, whose activations do not fit a GPU otherwise.
+# train.remat = "auto", by how many values the residual streams of one sequence hold (sequence
+# length x the widths of all blocks, ignoring chunking): below 2^24 (the tiny models) nothing is
+# rematerialised; below 2^26 (the S and M Transformers at 8192 bytes) "dots", which keeps every
+# matmul output and recomputes only elementwise work; from 2^26 (the H-Nets from S up) "block".
+# At 8192 bytes on XLA's CPU analysis "dots" keeps 1.1 (byte) and 1.8 (BPE) GiB per S sequence,
+# against 2.9 and 3.9 GiB for the 1- and 2-stage S H-Nets (docs/PERFORMANCE.md).
 REMAT_AUTO_MIN_VALUES = 1 << 24
+REMAT_DOTS_MAX_VALUES = 1 << 26
 
 
 def remat_policy(remat: str, config, seq_len: int) -> str:
@@ -122,7 +126,8 @@ def remat_policy(remat: str, config, seq_len: int) -> str:
         return remat
     widths = sum(count * config.d_model[stage] for stage in range(config.depth + 1)
                  for layout in config.stage_layout(stage) for _, count in parse_layout(layout))
-    return "block" if seq_len * widths >= REMAT_AUTO_MIN_VALUES else "none"
+    values = seq_len * widths
+    return "none" if values < REMAT_AUTO_MIN_VALUES else "dots" if values < REMAT_DOTS_MAX_VALUES else "block"
 
 
 # XLA's CPU compiler removes optimization barriers before its last common-subexpression pass, so

@@ -144,6 +144,17 @@ def test_rematerialisation_lowers_the_compiled_steps_temporaries_on_cpu():
     assert temp["block"] < 0.7 * temp["none"]
 
 
+def test_remat_auto_picks_by_model_size_and_length():
+    from hnet.train_step import remat_policy
+
+    picks = {name: remat_policy("auto", hnet.load_config(CONFIGS / f"{name}.json"), 8192)
+             for name in ("hnet_1stage_tiny", "transformer_byte_S", "transformer_byte_M", "hnet_1stage_S", "hnet_2stage_M")}
+    assert picks == {"hnet_1stage_tiny": "none", "transformer_byte_S": "dots", "transformer_byte_M": "dots",
+                     "hnet_1stage_S": "block", "hnet_2stage_M": "block"}
+    assert remat_policy("auto", hnet.load_config(CONFIGS / "transformer_bpe_S.json"), 2083) == "dots"
+    assert remat_policy("none", hnet.load_config(CONFIGS / "hnet_2stage_M.json"), 8192) == "none"
+
+
 def test_bench_train_of_a_token_run_reports_bytes_per_second(capsys):
     argv = ["train", "--config", str(CONFIGS / "run_bpe_tiny.json"), *with_sets(TOKEN_RUN), "--steps", "2",
             "--warmup", "0", "--peak-tflops", "1"]
