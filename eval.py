@@ -182,7 +182,7 @@ def _progress(total: int, enabled: bool):
 
 
 def run_evaluate(args, checkpoints) -> dict:
-    from hnet.boundaries import format_histogram
+    from hnet.boundaries import format_histogram, format_separator_shares
 
     documents = load_documents(args, checkpoints, args.max_bytes or None)
     if not documents.docs:
@@ -215,7 +215,7 @@ def run_evaluate(args, checkpoints) -> dict:
                 print(f"  bytes per token   {result.bytes / max(result.positions, 1):.3f}")
             for s, stats in enumerate(result.stages):
                 print(f"  stage {s}: {stats.bytes_per_chunk:.2f} bytes/chunk, dropped boundaries {stats.dropped_rate:.2%}, "
-                      f"{separator_shares(stats)}")
+                      f"{format_separator_shares(stats)}")
                 print(f"           chunk lengths (bytes): {format_histogram(stats.histogram)}")
             print(f"  {result.seconds:.1f} s incl. compilation ({result.bytes / max(result.seconds, 1e-9):,.0f} bytes/s)")
     if not args.no_compressors:
@@ -240,15 +240,8 @@ def run_evaluate(args, checkpoints) -> dict:
     return out
 
 
-def separator_shares(stats) -> str:
-    """'X% of boundaries after whitespace/punctuation, Y% at one' for a BoundaryStats."""
-    after, at = stats.share_after_separator, stats.share_on_separator
-    percent = lambda share: "-" if share != share else f"{share:.1%}"
-    return f"{percent(after)} of boundaries after whitespace/punctuation, {percent(at)} at one"
-
-
 def run_show_boundaries(args, checkpoints) -> dict:
-    from hnet.boundaries import ShownModel, format_histogram, render_html, render_terminal
+    from hnet.boundaries import ShownModel, format_histogram, format_separator_shares, render_html, render_terminal
     from hnet.evaluate import take_prefix
 
     if args.text is not None:
@@ -278,7 +271,7 @@ def run_show_boundaries(args, checkpoints) -> dict:
         if not positions:
             print("   (no chunking stages)\n")
         for label, pos, st in zip(labels, positions, stats):
-            print(f"-- {label}: {st.chunks} chunks, {st.bytes_per_chunk:.2f} bytes/chunk, {separator_shares(st)}")
+            print(f"-- {label}: {st.chunks} chunks, {st.bytes_per_chunk:.2f} bytes/chunk, {format_separator_shares(st)}")
             print(f"   chunk lengths (bytes): {format_histogram(st.histogram)}")
             print(render_terminal(text, pos, colour))
             print()

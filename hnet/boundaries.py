@@ -270,3 +270,9 @@ def render_html(text: bytes, models: list[ShownModel]) -> str:
 
 def _percent(value: float) -> str:
     return "-" if value != value else f"{value:.1%}"
+
+
+def format_separator_shares(stats: BoundaryStats) -> str:
+    """'X% of boundaries after whitespace/punctuation, Y% at one' (nan shares shown as '-')."""
+    return (f"{_percent(stats.share_after_separator)} of boundaries after whitespace/punctuation, "
+            f"{_percent(stats.share_on_separator)} at one")

@@ -61,21 +61,16 @@ def compress(name: str, data: bytes) -> bytes | None:
 
 def compressor_bpb(data: bytes) -> dict[str, float | None]:
     """{compressor name: bits per byte on `data`, or None where the compressor is unavailable}."""
-    if not data:
-        raise ValueError("compressor_bpb needs at least one byte")
-    results = {}
-    for name in COMPRESSORS:
-        compressed = compress(name, data)
-        results[name] = None if compressed is None else 8 * len(compressed) / len(data)
-    return results
+    return compressor_bpb_per_document([data])
 
 
 def compressor_bpb_per_document(docs) -> dict[str, float | None]:
-    """{compressor name: 8 x (sum of each document's compressed size) / (sum of document sizes)}."""
+    """{compressor name: 8 x (sum of each document's compressed size) / (sum of document sizes),
+    or None where the compressor is unavailable}."""
     docs = [bytes(d) for d in docs if len(d)]
     total = sum(len(d) for d in docs)
     if not total:
-        raise ValueError("compressor_bpb_per_document needs at least one byte")
+        raise ValueError("compressor_bpb needs at least one byte")
     results = {}
     for name in COMPRESSORS:
         compressed = [compress(name, d) for d in docs]

@@ -137,8 +137,7 @@ def test_rematerialisation_lowers_the_compiled_steps_temporaries_on_cpu():
     only with XLA's barrier expander off (hnet.train_step.step_compiler_options): otherwise XLA
     merges the recomputed forward back into the first one and the temporaries stay those of
     remat=none."""
-    run = [*TOKEN_RUN[:2], 'model.arch_layout=["T4"]', *TOKEN_RUN[3:]]
-    run[1] = "train.seq_len=256"
+    run = ["train.batch_size=2", "train.seq_len=256", 'model.arch_layout=["T4"]', *TOKEN_RUN[3:]]
     temp = {remat: bench.bench_memory(str(CONFIGS / "run_bpe_tiny.json"), [*run, f"train.remat={remat}"])["temp_bytes"]
             for remat in ("none", "block")}
     assert temp["block"] < 0.7 * temp["none"]
