@@ -194,6 +194,7 @@ def bench_memory(config_path: str | None, overrides: list[str], bytes_per_chunk=
         "static_stage_lengths": chunking.stage_lengths(config, train.seq_len),
         "executed_matmul_flops_per_step": compiled.matmuls.flops,
         "executed_backward_share": compiled.matmuls.backward_flops / max(compiled.matmuls.flops, 1.0),
+        "executed_float32_operand_share": compiled.matmuls.float32_operand_flops / max(compiled.matmuls.flops, 1.0),
         "executed_matmul_by_source": compiled.matmuls.to_dict()["by_source"],
         "executed_notes": sorted(compiled.matmuls.notes),
         "model_flops_per_step": model_flops,
@@ -397,7 +398,8 @@ def format_memory_table(result: dict) -> str:
                       f"aliased {mib(result['alias_bytes'])})"),
         ("temporaries", f"{mib(result['temp_bytes'])} ({mib(result['temp_bytes_per_sequence'])} per sequence)"),
         ("peak estimate", mib(result["peak_bytes"])),
-        ("executed matmul FLOPs", f"{human(executed)}FLOP per step (backward {result['executed_backward_share']:.0%})"),
+        ("executed matmul FLOPs", f"{human(executed)}FLOP per step (backward {result['executed_backward_share']:.0%}, "
+                                  f"a float32 operand {result['executed_float32_operand_share']:.0%})"),
         ("matmuls by source", format_sources(result["executed_matmul_by_source"], executed)),
         ("model FLOPs", f"{human(model)}FLOP per step (hnet.flops, training)"),
         ("executed / model", f"{result['executed_over_model_flops']:.3f}"),

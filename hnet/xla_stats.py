@@ -39,12 +39,15 @@ class MatmulCount:
     flops: total; dot_generals: equations executed (scan bodies count length times);
     by_source: FLOPs per place in hnet's code that wrote the matmul ("layers/mamba2.py:ssd_scan",
     forward and backward together; "other" outside hnet); backward_flops: the part inside
-    transposed (backward-pass) code; notes: approximations made (while loops, shard_map).
+    transposed (backward-pass) code; float32_operand_flops: the part with a float32 (or wider)
+    operand, which runs at a fraction of a bf16 matmul's rate on GPU and TPU; notes:
+    approximations made (while loops, shard_map).
     """
 
     flops: float = 0.0
     dot_generals: int = 0
     backward_flops: float = 0.0
+    float32_operand_flops: float = 0.0
     by_source: dict[str, float] = field(default_factory=dict)
     notes: set[str] = field(default_factory=set)
 
@@ -52,12 +55,14 @@ class MatmulCount:
         self.flops += times * other.flops
         self.dot_generals += int(times * other.dot_generals)
         self.backward_flops += times * other.backward_flops
+        self.float32_operand_flops += times * other.float32_operand_flops
         for source, flops in other.by_source.items():
             self.by_source[source] = self.by_source.get(source, 0.0) + times * flops
         self.notes |= other.notes
 
     def to_dict(self) -> dict:
         return {"flops": self.flops, "dot_generals": self.dot_generals, "backward_flops": self.backward_flops,
+                "float32_operand_flops": self.float32_operand_flops,
                 "by_source": dict(sorted(self.by_source.items(), key=lambda item: -item[1])),
                 "notes": sorted(self.notes)}
 
@@ -102,10 +107,12 @@ def _count(jaxpr, backward: bool) -> MatmulCount:
         name = eqn.primitive.name
         inside_backward = backward or "transpose" in str(eqn.source_info.name_stack)
         if name == "dot_general":
-            lhs, rhs = (var.aval.shape for var in eqn.invars[:2])
-            flops = dot_general_flops(lhs, rhs, eqn.params["dimension_numbers"])
+            lhs, rhs = (var.aval for var in eqn.invars[:2])
+            flops = dot_general_flops(lhs.shape, rhs.shape, eqn.params["dimension_numbers"])
+            wide = max(lhs.dtype.itemsize, rhs.dtype.itemsize) >= 4
             count.add(MatmulCount(flops=flops, dot_generals=1, by_source={_source(eqn): flops},
-                                  backward_flops=flops if inside_backward else 0.0))
+                                  backward_flops=flops if inside_backward else 0.0,
+                                  float32_operand_flops=flops if wide else 0.0))
         elif name == "scan":
             count.add(_count(_open(eqn.params["jaxpr"]), inside_backward), times=eqn.params["length"])
         elif name == "cond":

@@ -74,6 +74,18 @@ def test_matmul_flops_of_a_gradient_counts_backward_and_recomputation():
     assert set(remat.by_source) == {"other"}  # written outside hnet
 
 
+def test_matmul_flops_count_the_matmuls_with_a_float32_operand():
+    x = jnp.ones((4, 8), jnp.bfloat16)
+    one = 2 * 4 * 8 * 8
+
+    def f(x):
+        narrow = jnp.dot(x, jnp.ones((8, 8), jnp.bfloat16), preferred_element_type=jnp.float32)  # bf16 x bf16
+        return narrow @ jnp.ones((8, 8), jnp.float32)  # a float32 operand
+
+    count = matmul_flops(jax.make_jaxpr(f)(x))
+    assert count.flops == 2 * one and count.float32_operand_flops == one
+
+
 def test_memory_estimate_of_a_donating_function():
     x = jnp.ones((256, 256), jnp.float32)
     compiled = jax.jit(lambda x: jnp.tanh(x @ x) + 1.0, donate_argnums=0).lower(x).compile()
@@ -125,6 +137,7 @@ def test_bench_memory_of_a_transformer_agrees_with_hnet_flops(capsys):
     assert result["executed_over_model_flops"] == pytest.approx(
         result["executed_matmul_flops_per_step"] / result["model_flops_per_step"])
     assert result["executed_backward_share"] == pytest.approx(2 / 3)
+    assert result["executed_float32_operand_share"] == 1.0  # a float32 run
     assert result["seq_unit"] == "tokens" and result["stage_lengths"] == [64]
     assert result["temp_bytes"] > 0 and result["temp_bytes_per_sequence"] == result["temp_bytes"] / batch
     assert result["peak_bytes"] == (result["argument_bytes"] + result["output_bytes"] + result["temp_bytes"]

@@ -55,8 +55,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, segment_index=None):
 
     One lax.scan step per chunk of Q positions carries the state from chunk to chunk (see
     `_ssd_chunk`). Each step is rematerialised, so the backward pass keeps only the state entering
-    each chunk (B, H, P, S) and the inputs; x, B and C stay in their own dtype until a chunk
-    computes with them in float32.
+    each chunk (B, H, P, S) and the inputs. Matmuls are in x's dtype (bfloat16 in a bf16 model),
+    everything else in float32 (see `_ssd_chunk`).
     """
     f32 = jnp.float32
     dt, A = dt.astype(f32), A.astype(f32)
@@ -94,10 +94,18 @@ def _ssd_chunk(state, inputs, A):
     (B, Q) document numbers, segment_in (B,) the document of the entering state; A (H,).
     y_i = sum over j <= i of the same document of (C_i·B_j) exp(log_decay_i - log_decay_j) dt_j x_j
           + exp(log_decay_i) C_i · state   (only where position i continues the entering document).
+
+    Every matmul takes its operands in x's dtype and returns its product in it, so in a bf16
+    model the backward pass's matmuls are bf16 too (XLA accumulates bf16 matmuls in float32 on
+    GPU and TPU). The decays, the carried state and every sum outside a matmul stay float32; they
+    are rounded to bf16 only where they enter one, as in mamba_ssm's kernels.
     """
     x, dt, B, C, segment, segment_in = inputs
-    f32 = jnp.float32
-    x, B, C = x.astype(f32), B.astype(f32), C.astype(f32)
+    f32, operand = jnp.float32, x.dtype
+
+    def matmul(spec, a, b):
+        return jnp.einsum(spec, a.astype(operand), b.astype(operand)).astype(f32)
+
     chunk = x.shape[1]
     log_decay = jnp.cumsum(dt * A, axis=1)  # (B, Q, H): sum of dt*A up to and including i
     # Within the chunk: a (B, Q, Q, H) decay and weight tensor of this chunk only.
@@ -105,17 +113,17 @@ def _ssd_chunk(state, inputs, A):
     visible = causal & (segment[:, :, None] == segment[:, None, :])  # (B, Qi, Qj)
     segsum = log_decay[:, :, None, :] - log_decay[:, None, :, :]  # (B, Qi, Qj, H)
     decay = jnp.exp(jnp.where(visible[..., None], segsum, -jnp.inf))
-    weights = jnp.einsum("bis,bjs->bij", C, B)[..., None] * decay * dt[:, None, :, :]
-    y = jnp.einsum("bijh,bjhp->bihp", weights, x)
+    weights = matmul("bis,bjs->bij", C, B)[..., None] * decay * dt[:, None, :, :]
+    y = matmul("bijh,bjhp->bihp", weights, x)
     # The entering state reaches the positions of its own document only.
     carried_decay = jnp.where((segment == segment_in[:, None])[..., None], jnp.exp(log_decay), 0.0)  # (B, Q, H)
-    y = y + jnp.einsum("bis,bhps,bih->bihp", C, state, carried_decay)
+    y = y + matmul("bis,bhps->bihp", C, state) * carried_decay[..., None]
     # The state at the chunk's end: what its last document added, plus the entering state unless
     # a document starts inside the chunk (that cuts it off).
     chunk_last = segment[:, -1]
     in_last_doc = (segment == chunk_last[:, None])[..., None]  # (B, Q, 1)
     decay_to_end = jnp.where(in_last_doc, jnp.exp(log_decay[:, -1:, :] - log_decay), 0.0)  # (B, Q, H)
-    added = jnp.einsum("bjs,bjh,bjhp->bhps", B, decay_to_end * dt, x)
+    added = matmul("bjs,bjhp->bhps", B, x * (decay_to_end * dt)[..., None])
     chunk_decay = jnp.where((chunk_last == segment_in)[:, None], jnp.exp(log_decay[:, -1, :]), 0.0)  # (B, H)
     return chunk_decay[:, :, None, None] * state + added, y
 
