@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -98,13 +99,15 @@ class CompiledStep:
     """The jitted train step of a run, traced and compiled for its batch shape, not yet run.
 
     executable: (state, input_ids (A, b, L), targets (A, b, L)) -> (state, metrics), A = grad_accum,
-    b = batch_size / A; matmuls: dot_general FLOPs of its jaxpr (hnet.xla_stats); memory: XLA's
-    memory analysis.
+    b = batch_size / A; jaxpr: the step's; matmuls: dot_general FLOPs of its jaxpr
+    (hnet.xla_stats), every slot ladder at its largest branch; memory: XLA's memory analysis.
     """
 
     run: object
+    graphdef: object
     step_fns: object
     executable: object
+    jaxpr: object
     matmuls: object
     memory: object
     trace_s: float
@@ -134,7 +137,7 @@ def compile_train_step(run) -> CompiledStep:
     if key in _COMPILED_STEPS:
         return _COMPILED_STEPS[key]
     train = run.train
-    _, step_fns = make_step_functions(run)
+    graphdef, step_fns = make_step_functions(run)
     batch = jax.ShapeDtypeStruct((train.grad_accum, train.batch_size // train.grad_accum, train.seq_len), jnp.int32,
                                  sharding=step_fns.micro_batch_sharding)
     start = time.perf_counter()
@@ -144,9 +147,51 @@ def compile_train_step(run) -> CompiledStep:
     start = time.perf_counter()
     executable = traced.lower().compile()
     compile_s = time.perf_counter() - start
-    compiled = CompiledStep(run, step_fns, executable, matmuls, memory_estimate(executable), trace_s, compile_s)
+    compiled = CompiledStep(run, graphdef, step_fns, executable, traced.jaxpr, matmuls, memory_estimate(executable), trace_s, compile_s)
     _COMPILED_STEPS[key] = compiled
     return compiled
+
+
+def ladder_weights(lengths: dict[int, list[int]]):
+    """xla_stats branch weights from the slot-ladder lengths a batch's groups run on: lengths[s]
+    lists one length per group (all micro-batches) for chunking stage s. A cond of stage s's
+    ladder counts each branch by the share of groups that ran on its length."""
+    from hnet.slots import branch_scope
+
+    def weights(names):
+        for stage, taken in lengths.items():
+            scopes = {branch_scope(stage, n): n for n in set(taken)}
+            if any(name is not None and name.startswith(f"stage{stage}_slots") for name in names):
+                return [sum(1 for n in taken if branch_scope(stage, n) == name) / len(taken) for name in names]
+        return None
+
+    return weights
+
+
+def taken_lengths(compiled: CompiledStep, params, input_ids) -> dict[int, list[int]]:
+    """The slot-ladder length each group of rows runs on, per chunking stage, for micro-batches
+    input_ids (A, b, L) under `params` (one device's grouping: hnet.slots.group_lengths)."""
+    import jax
+    from flax import nnx
+
+    from hnet.slots import group_lengths, slot_ladder
+
+    config, seq_len = compiled.run.model_config, input_ids.shape[-1]
+    forward = jax.jit(lambda params, ids: [s.chunk_mask.sum(axis=1) for s in nnx.merge(compiled.graphdef, params)(ids).stages])
+    taken: dict[int, list[int]] = {s: [] for s in range(config.depth)}
+    for micro in input_ids:
+        for s, counts in enumerate(jax.device_get(forward(params, micro))):
+            taken[s] += group_lengths(counts, slot_ladder(config, s, seq_len), config.slot_groups)
+    return taken
+
+
+def uniform_lengths(config, seq_len: int, micro_batch: int, stage_lengths_real) -> dict[int, list[int]]:
+    """Slot-ladder lengths when every row of a micro-batch keeps the same chunks: stage s's rows
+    hold stage_lengths_real[s + 1] chunks each (hnet.throughput.computed_stage_lengths)."""
+    from hnet.slots import group_lengths, slot_ladder
+
+    return {s: group_lengths([math.ceil(stage_lengths_real[s + 1])] * micro_batch, slot_ladder(config, s, seq_len),
+                             config.slot_groups) for s in range(config.depth)}
 
 
 def describe_device() -> str:
@@ -168,11 +213,16 @@ def bench_memory(config_path: str | None, overrides: list[str], bytes_per_chunk=
     from hnet import chunking, throughput
     from hnet.run_config import load_run_config
 
+    from hnet.xla_stats import matmul_flops
+
     run = load_run_config(config_path, overrides)
     config, train = run.model_config, run.train
     model_flops, lengths = throughput.model_flops_per_step(config, train.batch_size, train.seq_len, bytes_per_chunk)
     compiled = compile_train_step(run)
     memory = compiled.memory
+    # What runs for a batch whose rows all keep the chunks the model FLOPs count.
+    taken = uniform_lengths(config, train.seq_len, compiled.micro_batch, lengths)
+    executed = matmul_flops(compiled.jaxpr, ladder_weights(taken)) if config.depth else compiled.matmuls
     params = compiled.step_fns.abstract_state["params"]
     return {
         "benchmark": "memory",
@@ -192,23 +242,34 @@ def bench_memory(config_path: str | None, overrides: list[str], bytes_per_chunk=
         "temp_bytes_per_sequence": memory.temp_bytes / compiled.micro_batch,
         "stage_lengths": lengths,
         "static_stage_lengths": chunking.stage_lengths(config, train.seq_len),
-        "executed_matmul_flops_per_step": compiled.matmuls.flops,
-        "executed_backward_share": compiled.matmuls.backward_flops / max(compiled.matmuls.flops, 1.0),
-        "executed_float32_operand_share": compiled.matmuls.float32_operand_flops / max(compiled.matmuls.flops, 1.0),
-        "executed_matmul_by_source": compiled.matmuls.to_dict()["by_source"],
-        "executed_notes": sorted(compiled.matmuls.notes),
+        "slot_lengths": {str(s): n for s, n in taken.items()},
+        "slot_utilisation": [min(1.0, lengths[s + 1] * compiled.micro_batch / sum(n * compiled.micro_batch / len(taken[s])
+                                                                                  for n in taken[s]))
+                             for s in range(config.depth)],
+        "executed_matmul_flops_per_step": executed.flops,
+        "executed_at_static_cap_flops_per_step": compiled.matmuls.flops,
+        "executed_backward_share": executed.backward_flops / max(executed.flops, 1.0),
+        "executed_float32_operand_share": executed.float32_operand_flops / max(executed.flops, 1.0),
+        "executed_matmul_by_source": executed.to_dict()["by_source"],
+        "executed_notes": sorted(executed.notes),
         "model_flops_per_step": model_flops,
-        "executed_over_model_flops": compiled.matmuls.flops / model_flops,
+        "executed_over_model_flops": executed.flops / model_flops,
+        "executed_at_static_cap_over_model_flops": compiled.matmuls.flops / model_flops,
     }
 
 
 def bench_train(config_path: str | None, overrides: list[str], steps: int, warmup: int,
-                peak_tflops: float | None = None, bytes_per_token: float | None = None) -> dict:
+                peak_tflops: float | None = None, bytes_per_token: float | None = None,
+                checkpoint: str | None = None, data: str | None = None) -> dict:
     """Time the training step of a run config; returns a dict of results (see `format_table`).
 
     bytes_per_token: a token run's bytes per token, for bytes/s (default: the measured ratio of
     the run's tokenizer when known, KNOWN_TOKENIZER_RATIOS). Raises FlopsError when given for a
     byte model.
+    checkpoint: a run or export folder of the same model whose parameters the timed steps start
+    from (a trained router chunks as training does; a fresh one marks about half the bytes);
+    data: a prepared byte corpus whose training rows the steps use ("default": the default
+    corpus; with a checkpoint and no data, the default corpus; otherwise random bytes).
     """
     import jax
     import numpy as np
@@ -226,12 +287,21 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
         bytes_per_token, bytes_per_token_source = known_bytes_per_token(run) or (None, None)
     compiled = compile_train_step(run)
     state = compiled.step_fns.init()
+    if checkpoint is not None:
+        state = {**state, "params": _trained_params(checkpoint, config, state["params"])}
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state["params"]))
 
     # The shapes train.py feeds: (grad_accum, batch / grad_accum, seq_len) int32 micro-batches.
     shape = (train.grad_accum, compiled.micro_batch, train.seq_len)
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, min(config.vocab_size, 256), size=shape[:-1] + (train.seq_len + 1,), dtype=np.int32)
+    if data is None and checkpoint is not None:
+        data = "default"
+    if data is not None:
+        if not config.is_byte_model:
+            raise FlopsError("--data gives byte rows; a token run's bench uses random token ids")
+        tokens = _corpus_rows(data, int(np.prod(shape[:-1])), train.seq_len, rng).reshape(shape[:-1] + (train.seq_len + 1,))
+    else:
+        tokens = rng.integers(0, min(config.vocab_size, 256), size=shape[:-1] + (train.seq_len + 1,), dtype=np.int32)
     place = compiled.step_fns.place_train_batch
     input_ids, targets = place(tokens[..., :-1]), place(tokens[..., 1:])
     last_metrics = {}
@@ -260,6 +330,11 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     bytes_per_chunk = [float(last_metrics[f"stage{s}_bytes_per_chunk"]) for s in range(config.depth)]
     step_flops, lengths = throughput.model_flops_per_step(config, train.batch_size, train.seq_len, bytes_per_chunk)
     executed = compiled.matmuls.flops
+    if config.depth:  # the ladder lengths this batch's groups ran on (the parameters after the last step)
+        from hnet.xla_stats import matmul_flops
+
+        executed = matmul_flops(compiled.jaxpr, ladder_weights(
+            taken_lengths(compiled, state["params"], np.asarray(tokens[..., :-1])))).flops
     peak_flops = throughput.peak_flops(device, peak_tflops)
     device_flops = step_s * peak_flops * jax.device_count() if peak_flops else None
     positions_per_sec = train.batch_size * train.seq_len / step_s
@@ -291,6 +366,9 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
         "bytes_per_token": bytes_per_token,
         "bytes_per_token_source": bytes_per_token_source,
         "bytes_per_chunk": bytes_per_chunk,
+        "slot_utilisation": [float(last_metrics[f"stage{s}_slot_utilisation"]) for s in range(config.depth)],
+        "checkpoint": checkpoint,
+        "rows": "random bytes" if data is None else f"training rows of the {data} corpus",
         "stage_lengths": lengths,
         "static_stage_lengths": chunking.stage_lengths(config, train.seq_len),
         "model_flops_per_step": step_flops,
@@ -302,6 +380,39 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
         "peak_memory_bytes": peak,
         **{f"xla_{name}": value for name, value in compiled.memory.to_dict().items()},
     }
+
+
+def _trained_params(checkpoint: str, config, params):
+    """The parameters of a run or export folder, placed like `params` (the train state's); the
+    folder's model must have the run config's parameters (settings such as the capacity rule or
+    the slot ladder may differ)."""
+    import jax
+
+    from hnet.errors import FlopsError
+    from hnet.export import load_model
+
+    from flax import nnx
+
+    loaded = load_model(checkpoint)
+    trained = nnx.split(loaded.model, nnx.Param)[1]
+    shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+    if loaded.config.arch_layout != config.arch_layout or shapes(trained) != shapes(params):
+        raise FlopsError(f"--checkpoint {checkpoint} holds another model than the run config's")
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
+    return jax.device_put(trained, shardings)
+
+
+def _corpus_rows(data: str, rows: int, seq_len: int, rng):
+    """`rows` random training windows of seq_len + 1 bytes of a prepared corpus ("default": the
+    default corpus) -> int32 (rows, seq_len + 1)."""
+    import numpy as np
+
+    from hnet import data as data_lib
+
+    corpus = data_lib.ensure_default_corpus(verbose=False) if data == "default" else data_lib.PreparedCorpus(data)
+    source = data_lib.PackedSequences(corpus, "train", seq_len)
+    index = rng.choice(len(source), size=rows, replace=len(source) < rows)
+    return np.stack([source[int(i)] for i in index]).astype(np.int32)
 
 
 def bench_components(config_path: str | None, overrides: list[str], steps: int) -> dict:
@@ -317,6 +428,108 @@ def bench_components(config_path: str | None, overrides: list[str], steps: int) 
             "model_config": model_config_name(config_path, overrides), "dtype": run.model_config.dtype,
             "micro_batch": train.batch_size // train.grad_accum, "seq_len": train.seq_len, "timed_calls": steps,
             "rows": time_components(run, steps)}
+
+
+def bench_chunks(checkpoint: str | None, config_path: str | None, overrides: list[str], data: str | None, split: str,
+                 seq_len: int, batch_size: int, batches: int, seed: int = 0) -> dict:
+    """Chunks each stage keeps per row and per micro-batch, on real rows of a corpus.
+
+    The model is a run or export folder (`checkpoint`, its trained router) or a run config's model
+    freshly initialised. Rows are `batches` x `batch_size` random windows of `seq_len` bytes of
+    `split` (packed documents, as training sees them). Per stage: the router's boundaries and the
+    chunks kept per row (mean, percentiles, max), the largest row of each micro-batch over its
+    mean, the stage's static chunk slots, and the slot utilisation of the step (hnet.slots: each
+    group of rows at its ladder length) against that of the static cap.
+    """
+    import jax
+    import numpy as np
+
+    from hnet import chunking
+    from hnet import data as data_lib
+    from hnet.run_config import load_run_config
+
+    if checkpoint is not None:
+        from hnet.export import load_model
+
+        loaded = load_model(checkpoint)
+        model, config = loaded.model, loaded.config
+    else:
+        from hnet.model import build_model
+
+        config = load_run_config(config_path, overrides).model_config
+        model = build_model(config)
+    if not config.is_hierarchical:
+        from hnet.errors import FlopsError
+
+        raise FlopsError("bench chunks needs an H-Net (a model with chunking stages)")
+    corpus = data_lib.ensure_default_corpus(verbose=False) if data in (None, "default") else data_lib.PreparedCorpus(data)
+    source = data_lib.PackedSequences(corpus, split, seq_len)
+    rng = np.random.default_rng(seed)
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids).stages)
+    boundaries = [[] for _ in range(config.depth)]  # per stage: (rows,) router boundaries
+    kept = [[] for _ in range(config.depth)]
+    for _ in range(batches):
+        index = rng.choice(len(source), size=batch_size, replace=False)
+        ids = np.stack([source[int(i)][:-1] for i in index]).astype(np.int32)
+        stages = jax.device_get(forward(state, ids))
+        for s, stage in enumerate(stages):
+            boundaries[s].append(stage.boundary_mask.sum(axis=1))
+            kept[s].append(stage.chunk_mask.sum(axis=1))
+    static = chunking.stage_lengths(config, seq_len)
+    from hnet.slots import group_lengths, model_ladders
+
+    ladders = model_ladders(config, seq_len)
+    result = {"benchmark": "chunks", "model": str(checkpoint or model_config_name(config_path, overrides)),
+              "corpus": str(corpus.path), "split": split, "seq_len": seq_len, "batch_size": batch_size,
+              "batches": batches, "stages": []}
+    for s in range(config.depth):
+        rows_kept = np.stack(kept[s]).astype(np.float64)   # (batches, batch_size)
+        rows_wanted = np.stack(boundaries[s]).astype(np.float64)
+        per_batch_max, per_batch_mean = rows_kept.max(axis=1), rows_kept.mean(axis=1)
+        # What the step computes (hnet.slots): each group of similar rows at its ladder length.
+        ladder_slots = sum(sum(group_lengths(row, ladders[s], config.slot_groups)) * batch_size
+                           / len(group_lengths(row, ladders[s], config.slot_groups)) for row in rows_kept)
+        flat = rows_kept.ravel()
+        result["stages"].append({
+            "stage": s, "static_slots": static[s + 1], "input_length": static[s],
+            "boundaries_per_row_mean": float(rows_wanted.mean()),
+            "kept_per_row": {name: float(np.percentile(flat, q)) for name, q in
+                             (("min", 0), ("p10", 10), ("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+            "kept_per_row_mean": float(flat.mean()), "kept_per_row_std": float(flat.std()),
+            "dropped_share": float(1.0 - rows_kept.sum() / max(rows_wanted.sum(), 1.0)),
+            "batch_max_over_mean": {name: float(np.percentile(per_batch_max / per_batch_mean, q)) for name, q in
+                                    (("p50", 50), ("p90", 90), ("max", 100))},
+            "batch_max_over_static": {name: float(np.percentile(per_batch_max / static[s + 1], q)) for name, q in
+                                      (("p50", 50), ("p90", 90), ("max", 100))},
+            "static_slot_utilisation": float(flat.mean() / static[s + 1]),
+            "ladder": list(ladders[s]), "slot_groups": config.slot_groups,
+            "ladder_slot_utilisation": float(rows_kept.sum() / ladder_slots),
+            "kept_rows": rows_kept.astype(int).tolist(),
+        })
+    return result
+
+
+def format_chunks_table(result: dict) -> str:
+    rows = [("model", result["model"]), ("rows", f"{result['batches']} x {result['batch_size']} of {result['seq_len']} "
+                                                  f"bytes from {result['corpus']} ({result['split']})")]
+    for stage in result["stages"]:
+        s, kept = stage["stage"], stage["kept_per_row"]
+        rows += [
+            (f"stage {s} input / static slots", f"{stage['input_length']} / {stage['static_slots']}"),
+            (f"stage {s} kept per row", f"mean {stage['kept_per_row_mean']:.1f} (std {stage['kept_per_row_std']:.1f}); "
+                                        + ", ".join(f"{k} {v:.0f}" for k, v in kept.items())),
+            (f"stage {s} router boundaries per row", f"mean {stage['boundaries_per_row_mean']:.1f}; "
+                                                     f"dropped {stage['dropped_share']:.2%}"),
+            (f"stage {s} micro-batch max / mean", ", ".join(f"{k} {v:.3f}" for k, v in stage["batch_max_over_mean"].items())),
+            (f"stage {s} micro-batch max / static", ", ".join(f"{k} {v:.3f}" for k, v in stage["batch_max_over_static"].items())),
+            (f"stage {s} slot utilisation", f"{stage['ladder_slot_utilisation']:.3f} on the ladder {stage['ladder']} "
+                                            f"({stage['slot_groups']} groups), {stage['static_slot_utilisation']:.3f} "
+                                            f"on the static cap"),
+        ]
+    return format_aligned(rows)
 
 
 def bench_decode(config_paths: list[str], batch_sizes: list[int], new_bytes: int, prompt_bytes: int) -> dict:
@@ -402,8 +615,14 @@ def format_memory_table(result: dict) -> str:
                                   f"a float32 operand {result['executed_float32_operand_share']:.0%})"),
         ("matmuls by source", format_sources(result["executed_matmul_by_source"], executed)),
         ("model FLOPs", f"{human(model)}FLOP per step (hnet.flops, training)"),
-        ("executed / model", f"{result['executed_over_model_flops']:.3f}"),
+        ("executed / model", f"{result['executed_over_model_flops']:.3f}"
+                             + (f" (at the static cap {result['executed_at_static_cap_over_model_flops']:.3f})"
+                                if result["slot_lengths"] else "")),
     ]
+    if result["slot_lengths"]:
+        rows.insert(5, ("chunk slots", "; ".join(
+            f"stage {s}: groups on {', '.join(map(str, lengths))}, utilisation {u:.3f}"
+            for (s, lengths), u in zip(result["slot_lengths"].items(), result["slot_utilisation"]))))
     rows += [("note", note) for note in result["executed_notes"]]
     return format_aligned(rows)
 
@@ -434,7 +653,9 @@ def format_table(result: dict) -> str:
         (f"step time (median of {result['timed_steps']})",
          f"{result['step_s_median'] * 1e3:.1f} ms (min {result['step_s_min'] * 1e3:.1f}, max {result['step_s_max'] * 1e3:.1f})"),
         ("throughput", speed),
+        ("rows", result["rows"] + (f", parameters from {result['checkpoint']}" if result["checkpoint"] else "")),
         ("bytes per chunk (this step)", ", ".join(f"{b:.2f}" for b in result["bytes_per_chunk"]) or "-"),
+        ("slot utilisation (this step)", ", ".join(f"{u:.3f}" for u in result["slot_utilisation"]) or "-"),
         ("stage lengths", "computed " + ", ".join(f"{n:.0f}" for n in result["stage_lengths"])
          + "; static " + ", ".join(str(n) for n in result["static_stage_lengths"])),
         ("model FLOPs per step", f"{human(result['model_flops_per_step'])}FLOP (hnet.flops, training)"),
@@ -467,6 +688,9 @@ def parse_args(argv):
     train.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known bf16 peak, e.g. 989 for H100)")
     train.add_argument("--bytes-per-token", type=float,
                        help="a token run's bytes per token, for bytes/s (default: its tokenizer's measured ratio, when known)")
+    train.add_argument("--checkpoint", help="start from this run or export folder's parameters (a trained router)")
+    train.add_argument("--data", help="training rows of this prepared byte corpus, or 'default' (default: random "
+                                      "bytes; the default corpus with --checkpoint)")
     memory = commands.add_parser("memory", help="compile the training step without running it: memory and FLOPs")
     run_arguments(memory)
     memory.add_argument("--bytes-per-chunk", type=float, nargs="+",
@@ -474,6 +698,14 @@ def parse_args(argv):
     components = commands.add_parser("components", help="time the SSD scan, attention and chunking alone")
     run_arguments(components)
     components.add_argument("--steps", type=int, default=10, help="timed calls per piece (default: 10)")
+    chunks = commands.add_parser("chunks", help="chunks kept per row and per micro-batch on real rows")
+    run_arguments(chunks)
+    chunks.add_argument("--checkpoint", help="run or export folder whose router to use (default: --config's model, untrained)")
+    chunks.add_argument("--data", help="prepared byte corpus folder (default: the default corpus)")
+    chunks.add_argument("--split", default="train", help="(default: train)")
+    chunks.add_argument("--seq-len", type=int, default=512, help="row length in bytes (default: 512)")
+    chunks.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch (default: 8)")
+    chunks.add_argument("--batches", type=int, default=50, help="micro-batches to sample (default: 50)")
     decode = commands.add_parser("decode", help="time generation: bytes/s and time to first byte")
     decode.add_argument("--configs", nargs="+", default=["configs/hnet_1stage_tiny.json", "configs/hnet_1stage_S.json"],
                         help="model configs (default: the tiny and S 1-stage H-Nets)")
@@ -496,7 +728,8 @@ def parse_args(argv):
 def run_command(args) -> tuple[dict, str]:
     """-> (result dict, its table) of the parsed command."""
     if args.command == "train":
-        result = bench_train(args.config, args.overrides, args.steps, args.warmup, args.peak_tflops, args.bytes_per_token)
+        result = bench_train(args.config, args.overrides, args.steps, args.warmup, args.peak_tflops, args.bytes_per_token,
+                             args.checkpoint, args.data)
         return result, format_table(result)
     if args.command == "memory":
         result = bench_memory(args.config, args.overrides, args.bytes_per_chunk)
@@ -506,6 +739,10 @@ def run_command(args) -> tuple[dict, str]:
 
         result = bench_components(args.config, args.overrides, args.steps)
         return result, format_components_table(result)
+    if args.command == "chunks":
+        result = bench_chunks(args.checkpoint, args.config, args.overrides, args.data, args.split, args.seq_len,
+                              args.batch_size, args.batches)
+        return result, format_chunks_table(result)
     result = bench_decode(args.configs, args.batch_sizes, args.new_bytes, args.prompt_bytes)
     return result, format_decode_table(result)
 

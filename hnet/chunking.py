@@ -61,7 +61,9 @@ class Routing(nnx.Module):
 
 
 def _unit(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    """x / max(|x|, 1e-12) (the reference's F.normalize), with a finite gradient at x = 0 (padding
+    chunk slots hold zeros)."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
 # ---- Heuristic boundary rules (routing modes "space" and "stride:K") ----

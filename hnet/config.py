@@ -91,8 +91,15 @@ class ModelConfig:
     # capacity_slack / N chunks per position, per document and per row; "exact" (or a slack >= N)
     # never drops a boundary. Static chunk slots are rounded up to a multiple of `capacity_multiple`.
     capacity_slack: float | str = 2.0
-    capacity_burst: int = 16
+    capacity_burst: int = 128
     capacity_multiple: int = 128
+    # Chunk slots that follow the data (hnet.slots): the stacks on a stage's chunks run on the
+    # smallest of these fractions of the stage's target chunk count (seq_len / N_0 / ... / N_s),
+    # rounded up to capacity_multiple, that holds the chunks kept, else on the static cap. Rows are
+    # ordered by chunks kept and cut into `slot_groups` groups per micro-batch, each with its own
+    # length. An empty ladder runs on the static cap alone.
+    slot_ladder: tuple[float, ...] = (1.0, 1.25, 1.5, 1.75, 2.0)
+    slot_groups: int = 4
     # Id that starts every document (byte models: BOS_ID = 254; hnet.tokenizer puts <|bos|> at 0).
     bos_id: int | None = None
     # Compute dtype of matmuls; parameters and the residual stream stay float32.
@@ -227,7 +234,7 @@ def config_from_dict(data: dict) -> ModelConfig:
     attn_raw = dict(check_fields(AttnConfig, data.pop("attn_cfg", {}) or {}, "attn_cfg"))
     attn = AttnConfig(**{k: _as_tuple(v, f"attn_cfg.{k}") for k, v in attn_raw.items()})
     data["arch_layout"] = _layout_to_tuples(data["arch_layout"]) if isinstance(data["arch_layout"], (list, tuple)) else data["arch_layout"]
-    for key in ("d_model", "d_intermediate", "target_ratio", "routing"):
+    for key in ("d_model", "d_intermediate", "target_ratio", "routing", "slot_ladder"):
         if key in data:
             data[key] = _as_tuple(data[key], key)
     if "d_intermediate" not in data:
@@ -332,6 +339,10 @@ def validate(config: ModelConfig) -> ModelConfig:
         raise ConfigError(f"capacity_slack: expected a number >= 1 or {EXACT!r}, got {slack!r}")
     positive_ints("capacity_burst", [config.capacity_burst], allow_zero=True)
     positive_ints("capacity_multiple", [config.capacity_multiple])
+    ladder = () if config.slot_ladder is None else config.slot_ladder
+    if any(not isinstance(f, (int, float)) or isinstance(f, bool) or not f > 0 for f in ladder):
+        raise ConfigError(f"slot_ladder: expected positive fractions of the target chunk count, got {list(ladder)}")
+    positive_ints("slot_groups", [config.slot_groups])
     bos_id = config.bos_id
     if bos_id is None:
         bos_id = BOS_ID if config.vocab_size == BYTE_VOCAB_SIZE else TOKEN_BOS_ID
@@ -347,6 +358,7 @@ def validate(config: ModelConfig) -> ModelConfig:
         target_ratio=tuple(float(r) for r in target),
         routing=tuple(routing),
         capacity_slack=slack if slack == EXACT else float(slack),
+        slot_ladder=tuple(sorted(float(f) for f in ladder)),
         bos_id=bos_id,
     )
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import struct
 
-from hnet import chunking, sharding
+from hnet import chunking, sharding, slots
 from hnet.config import ModelConfig
 from hnet.layers.common import linear, param
 from hnet.layers.isotropic import Isotropic, residual_count
@@ -44,7 +44,8 @@ class StageOutput:
     (B, M_s): input position of each chunk, L_s for empty slots. Scalars over the batch:
     ratio_loss, selected_fraction (F of the ratio loss), boundary_count, chunk_count,
     bytes_per_chunk (input bytes per chunk of this stage), dropped (boundaries that did not
-    become chunks: boundary_count - chunk_count).
+    become chunks: boundary_count - chunk_count), chunk_slots (the slots the inner stacks computed
+    these chunks on, hnet.slots; chunk_count / chunk_slots is the slot utilisation).
     """
 
     boundary_mask: jax.Array
@@ -57,6 +58,7 @@ class StageOutput:
     chunk_count: jax.Array
     bytes_per_chunk: jax.Array
     dropped: jax.Array
+    chunk_slots: jax.Array
 
 
 @struct.dataclass
@@ -156,22 +158,26 @@ class HNetStage(nnx.Module):
         mask = mask | segments.start
         return mask.astype(jnp.float32), mask
 
-    def prefill(self, x, valid, segments: Segments, byte_ids=None, num_bytes=None, lengths=None, max_lengths=None):
+    def prefill(self, x, valid, segments: Segments, byte_ids=None, num_bytes=None, lengths=None, max_lengths=None,
+                rows: slots.SlotRows | None = None, ladders=None):
         """The forward pass over x (B, L, D) float32, each document of a row on its own.
 
         valid (B, L) bool (False on right padding); segments: the rows' documents; byte_ids (B, L)
         int (outermost stage only, for "space" routing); num_bytes: scalar, real bytes in the batch.
         With `lengths` (B,) real lengths (valid = positions < lengths) and static per-stage
         `max_lengths`, also returns the cache after each row's last real position.
+        rows: this stage's input rows on the slot ladder (an inner stage in training and
+        evaluation, hnet.slots), so that its stacks run on the chunks kept; ladders: every chunking
+        stage's slot ladder (None: the inner stages run on their static cap).
 
         Returns (y (B, L, D), stage reports, StageCache / main block caches / None).
         """
         max_length = None if max_lengths is None else max_lengths[self.stage]
         if self.is_main:
-            y, caches = self.main.prefill(x, segments, lengths, max_length)
+            y, caches = self._run_stack(self.main, x, segments, rows, lengths, max_length)
             return y, (), caches
         d_model = x.shape[-1]
-        hidden, encoder_cache = self.encoder.prefill(x, segments, lengths, max_length)
+        hidden, encoder_cache = self._run_stack(self.encoder, x, segments, rows, lengths, max_length)
         boundary_prob, boundary_mask = self.boundaries(hidden, segments, byte_ids)
         boundary_mask = boundary_mask & valid
         boundary_prob = jnp.where(valid, boundary_prob, 0.0)
@@ -180,18 +186,23 @@ class HNetStage(nnx.Module):
         layout = chunking.chunk_layout(boundary_mask, segments, self.capacity_rule, capacity)
         chunks = sharding.constrain(self.widen(chunking.gather_chunks(hidden, layout)), sharding.RESIDUAL_AXES)
         inner_segments = Segments.from_starts(chunking.gather_chunks(segments.start, layout) & layout.chunk_valid)
-        inner_lengths = None if lengths is None else layout.chunk_valid.sum(axis=1, dtype=jnp.int32)
+        chunk_counts = layout.chunk_valid.sum(axis=1, dtype=jnp.int32)
+        inner_lengths = None if lengths is None else chunk_counts
+        inner_rows = None if ladders is None else slots.SlotRows(chunk_counts, ladders[self.stage], self.config.slot_groups, self.stage)
         inner_out, inner_stages, inner_cache = self.inner.prefill(
-            chunks, layout.chunk_valid, inner_segments, num_bytes=num_bytes, lengths=inner_lengths, max_lengths=max_lengths)
+            chunks, layout.chunk_valid, inner_segments, num_bytes=num_bytes, lengths=inner_lengths,
+            max_lengths=max_lengths, rows=inner_rows, ladders=ladders)
 
         chunk_prob = chunking.gather_chunks(boundary_prob, layout)
         smoothed = chunking.dechunk(inner_out[..., :d_model], chunk_prob, inner_segments.start, layout)
         smoothed = sharding.constrain(smoothed, sharding.RESIDUAL_AXES)
         confidence = chunking.confidence(boundary_prob, layout.chunk_mask)
         y = smoothed * chunking.straight_through(confidence)[..., None] + self.residual_proj(hidden)
-        out, decoder_cache = self.decoder.prefill(y, segments, lengths, max_length)
+        out, decoder_cache = self._run_stack(self.decoder, y, segments, rows, lengths, max_length)
 
-        report = self.report(boundary_mask, boundary_prob, valid, layout, num_bytes)
+        chunk_slots = (jnp.asarray(x.shape[0] * capacity, jnp.float32) if inner_rows is None
+                       else slots.slots_computed(inner_rows))
+        report = self.report(boundary_mask, boundary_prob, valid, layout, num_bytes, chunk_slots)
         cache = None
         if lengths is not None:
             last = jnp.maximum(lengths - 1, 0)
@@ -203,6 +214,14 @@ class HNetStage(nnx.Module):
                 doc_length=at_positions(segments.position, last) + 1, doc_chunks=at_positions(layout.doc_chunks, last),
             )
         return out, (report,) + inner_stages, cache
+
+    @staticmethod
+    def _run_stack(stack, x, segments: Segments, rows, lengths, max_length):
+        """stack.prefill over this stage's input: on the slot ladder when `rows` is given (no
+        caches then), else on all L positions -> (y (B, L, D), block caches or None)."""
+        if rows is None:
+            return stack.prefill(x, segments, lengths, max_length)
+        return slots.run_stack(stack, x, segments, rows), None
 
     def widen(self, chunks):
         """(..., D_s) chunk features -> (..., D_{s+1}): append the learned padding when wider."""
@@ -268,7 +287,7 @@ class HNetStage(nnx.Module):
         )
         return out, _keep_rows(active, new_cache, cache), (to_inner,) + inner_chunks
 
-    def report(self, boundary_mask, boundary_prob, valid, layout: chunking.ChunkLayout, num_bytes) -> StageOutput:
+    def report(self, boundary_mask, boundary_prob, valid, layout: chunking.ChunkLayout, num_bytes, chunk_slots) -> StageOutput:
         loss, selected, _ = chunking.ratio_loss(boundary_mask, boundary_prob, valid, self.config.ratio(self.stage))
         if self.routing_mode != "learned":
             loss = jnp.zeros((), jnp.float32)  # heuristic boundaries have nothing to learn
@@ -284,6 +303,7 @@ class HNetStage(nnx.Module):
             chunk_count=chunk_count,
             bytes_per_chunk=num_bytes / jnp.maximum(chunk_count, 1.0),
             dropped=layout.dropped.sum(dtype=jnp.float32),
+            chunk_slots=chunk_slots,
         )
 
 
@@ -320,9 +340,12 @@ class LanguageModel(nnx.Module):
         valid = jnp.ones((batch, length), bool) if lengths is None else positions < lengths[:, None]
         segments = Segments.from_starts((input_ids == self.config.bos_id) & valid)  # padding starts nothing
         max_lengths = None if lengths is None else tuple(chunking.stage_lengths(self.config, max_length))
+        # Filling generation caches needs the static lengths; otherwise the inner stages follow the chunks kept.
+        ladders = slots.model_ladders(self.config, length) if lengths is None else None
         num_bytes = jnp.sum(valid, dtype=jnp.float32)
         hidden, stages, stage_cache = self.backbone.prefill(
-            x, valid, segments, byte_ids=input_ids, num_bytes=num_bytes, lengths=lengths, max_lengths=max_lengths)
+            x, valid, segments, byte_ids=input_ids, num_bytes=num_bytes, lengths=lengths, max_lengths=max_lengths,
+            ladders=ladders)
         output = ModelOutput(logits=sharding.constrain(self.logits(hidden), sharding.LOGITS_AXES), stages=stages)
         if lengths is None:
             return output, None

@@ -213,6 +213,11 @@ def use_mesh(mesh: Mesh | None):
         _ACTIVE_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh set by `use_mesh` while tracing (None outside it)."""
+    return _ACTIVE_MESH.get()
+
+
 def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
     """Pin an activation's layout by logical names, e.g. ("activation_batch", "activation_length",
     "activation_embed"). A no-op outside `use_mesh` or on a one-device mesh, so the layers run

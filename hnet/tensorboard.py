@@ -6,10 +6,11 @@ and numpy) whenever it is importable, by process 0 only, into RUN_DIR/tensorboar
 row becomes scalars at its step:
 
     train/loss, train/ce, train/bpb, train/ratio_loss, train/grad_norm, train/lr
-    train/stage{s}_bytes_per_chunk, train/stage{s}_dropped_rate      per chunking stage
+    train/stage{s}_bytes_per_chunk, train/stage{s}_dropped_rate,
+    train/stage{s}_slot_utilisation                                  per chunking stage
     speed/step_time_s, speed/bytes_per_sec, speed/tokens_per_sec (token runs),
     speed/model_flops_per_step, speed/mfu, speed/peak_memory_bytes   where the row has them
-    eval/bpb, eval/stage{s}_bytes_per_chunk, eval/stage{s}_dropped_rate
+    eval/bpb, eval/stage{s}_bytes_per_chunk, eval/stage{s}_dropped_rate, eval/stage{s}_slot_utilisation
 
 A resumed run marks its first new step as the purge step: TensorBoard then hides what the
 interrupted run logged after the restored checkpoint, which the resumed run logs again.
@@ -23,7 +24,7 @@ from pathlib import Path
 TRAIN_SCALARS = ("loss", "ce", "bpb", "ratio_loss", "grad_norm", "lr")
 SPEED_SCALARS = ("step_time_s", "bytes_per_sec", "tokens_per_sec", "model_flops_per_step", "mfu", "peak_memory_bytes")
 EVAL_SCALARS = ("bpb",)
-STAGE_SUFFIXES = ("_bytes_per_chunk", "_dropped_rate")  # stage{s}<suffix>, in step and evaluation rows
+STAGE_SUFFIXES = ("_bytes_per_chunk", "_dropped_rate", "_slot_utilisation")  # stage{s}<suffix>, in step and evaluation rows
 
 
 def available() -> bool:

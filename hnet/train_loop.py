@@ -259,6 +259,7 @@ def summarize_eval(totals: dict, depth: int) -> dict:
     for s in range(depth):
         result[f"stage{s}_bytes_per_chunk"] = totals["bytes"] / max(totals[f"stage{s}_chunks"], 1.0)
         result[f"stage{s}_dropped_rate"] = totals[f"stage{s}_dropped"] / max(totals[f"stage{s}_boundaries"], 1.0)
+        result[f"stage{s}_slot_utilisation"] = totals[f"stage{s}_chunks"] / max(totals[f"stage{s}_slots"], 1.0)
     return result
 
 

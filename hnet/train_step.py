@@ -46,6 +46,7 @@ def loss_and_metrics(model, input_ids, targets, mask, ratio_loss_weight: float):
     for s, stage in enumerate(out.stages):
         metrics[f"stage{s}_bytes_per_chunk"] = stage.bytes_per_chunk
         metrics[f"stage{s}_dropped_rate"] = stage.dropped / jnp.maximum(stage.boundary_count, 1.0)
+        metrics[f"stage{s}_slot_utilisation"] = stage.chunk_count / jnp.maximum(stage.chunk_slots, 1.0)
     return ce + ratio_loss_weight * ratio, metrics
 
 
@@ -99,7 +100,8 @@ def train_step(state: dict, input_ids, targets, *, graphdef, tx: optax.GradientT
 
 def eval_step(params, input_ids, targets, mask, *, graphdef) -> dict:
     """Sums over a (B, L) batch, so that evaluation adds batches up exactly: NLL, scored targets,
-    and per stage the router's boundaries, the chunks and the dropped boundaries."""
+    and per stage the router's boundaries, the chunks, the dropped boundaries and the chunk slots
+    computed."""
     out = nnx.merge(graphdef, params)(input_ids)
     nll = cross_entropy(out.logits, targets)
     sums = {"nll": jnp.sum(nll * mask), "bytes": jnp.sum(mask)}
@@ -107,6 +109,7 @@ def eval_step(params, input_ids, targets, mask, *, graphdef) -> dict:
         sums[f"stage{s}_boundaries"] = stage.boundary_count
         sums[f"stage{s}_chunks"] = stage.chunk_count
         sums[f"stage{s}_dropped"] = stage.dropped
+        sums[f"stage{s}_slots"] = stage.chunk_slots
     return sums
 
 

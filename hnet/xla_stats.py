@@ -6,7 +6,10 @@ x lhs-free x rhs-free elements (one multiply and one add per term), summed over 
 run, recursing into sub-jaxprs:
 
 - scan: the body x its length;
-- cond: the most expensive branch (an upper bound: which branch runs is data-dependent);
+- cond: the most expensive branch (an upper bound: which branch runs is data-dependent), or, with
+  `branch_weights`, a weighted sum of its branches: hnet.slots names each branch of its slot
+  ladder (`slots.branch_scope`), so a caller that knows which lengths a batch runs on counts
+  what runs for that batch;
 - while: the body once, with a note (the trip count is data-dependent);
 - jit / pjit, custom_jvp_call, custom_vjp_call, checkpoint (remat) and any other primitive
   holding jaxprs: each sub-jaxpr once. A rematerialised forward appears again inside the
@@ -23,6 +26,7 @@ is arguments + outputs + temporaries - aliased (donated inputs reused as outputs
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,9 +81,31 @@ def dot_general_flops(lhs_shape, rhs_shape, dimension_numbers) -> float:
     return 2.0 * batch * contract * lhs_free * rhs_free
 
 
-def matmul_flops(closed_jaxpr) -> MatmulCount:
-    """dot_general FLOPs of a ClosedJaxpr (e.g. jax.make_jaxpr(f)(*args) or jax.jit(f).trace(*args).jaxpr)."""
-    return _count(_open(closed_jaxpr), backward=False)
+def matmul_flops(closed_jaxpr, branch_weights=None) -> MatmulCount:
+    """dot_general FLOPs of a ClosedJaxpr (e.g. jax.make_jaxpr(f)(*args) or jax.jit(f).trace(*args).jaxpr).
+
+    branch_weights: None (a cond counts its most expensive branch), or a function from a cond's
+    branch names (`branch_name` of each branch: the first hnet.slots branch scope inside it, or
+    None) to one weight per branch (the share of the cond's executions that take it), or None to
+    count that cond's most expensive branch.
+    """
+    return _count(_open(closed_jaxpr), backward=False, branch_weights=branch_weights)
+
+
+SCOPE_PATTERN = re.compile(r"stage(\d+)_slots(\d+)")
+
+
+def branch_name(jaxpr) -> str | None:
+    """The first "stage{s}_slots{n}" scope (hnet.slots.branch_scope) named inside a jaxpr, or None."""
+    for eqn in _open(jaxpr).eqns:
+        match = SCOPE_PATTERN.search(str(eqn.source_info.name_stack))
+        if match:
+            return match.group(0)
+        for sub in _sub_jaxprs(eqn.params):
+            name = branch_name(sub)
+            if name:
+                return name
+    return None
 
 
 def _open(jaxpr):
@@ -100,7 +126,7 @@ def _sub_jaxprs(params) -> list:
     return found
 
 
-def _count(jaxpr, backward: bool) -> MatmulCount:
+def _count(jaxpr, backward: bool, branch_weights=None) -> MatmulCount:
     """backward: the jaxpr runs inside transposed (backward-pass) code."""
     count = MatmulCount()
     for eqn in jaxpr.eqns:
@@ -114,19 +140,24 @@ def _count(jaxpr, backward: bool) -> MatmulCount:
                                   backward_flops=flops if inside_backward else 0.0,
                                   float32_operand_flops=flops if wide else 0.0))
         elif name == "scan":
-            count.add(_count(_open(eqn.params["jaxpr"]), inside_backward), times=eqn.params["length"])
+            count.add(_count(_open(eqn.params["jaxpr"]), inside_backward, branch_weights), times=eqn.params["length"])
         elif name == "cond":
-            branches = [_count(_open(branch), inside_backward) for branch in eqn.params["branches"]]
-            count.add(max(branches, key=lambda branch: branch.flops))
+            branches = [_count(_open(branch), inside_backward, branch_weights) for branch in eqn.params["branches"]]
+            weights = None if branch_weights is None else branch_weights([branch_name(b) for b in eqn.params["branches"]])
+            if weights is None:
+                count.add(max(branches, key=lambda branch: branch.flops))
+            else:
+                for branch, weight in zip(branches, weights):
+                    count.add(branch, times=weight)
         elif name == "while":
-            body = _count(_open(eqn.params["body_jaxpr"]), inside_backward)
+            body = _count(_open(eqn.params["body_jaxpr"]), inside_backward, branch_weights)
             if body.flops:
                 count.notes.add("a while loop's body is counted once (its trip count is data-dependent)")
             count.add(body)
-            count.add(_count(_open(eqn.params["cond_jaxpr"]), inside_backward))
+            count.add(_count(_open(eqn.params["cond_jaxpr"]), inside_backward, branch_weights))
         else:
             for sub in _sub_jaxprs(eqn.params):
-                sub_count = _count(sub, inside_backward)
+                sub_count = _count(sub, inside_backward, branch_weights)
                 if sub_count.flops and name not in CALL_PRIMITIVES:
                     count.notes.add(f"{name}: its sub-jaxprs are counted once each"
                                     + (" at per-device shapes" if name == "shard_map" else ""))
@@ -139,8 +170,15 @@ def _source(eqn) -> str:
     traceback = getattr(eqn.source_info, "traceback", None)
     for frame in getattr(traceback, "frames", None) or ():
         if frame.file_name.startswith(HNET_DIR) and not frame.file_name.endswith("xla_stats.py"):
+            if frame.file_name.endswith("slots.py"):  # the custom VJP keeps no deeper frame
+                return SLOT_STACKS
             return f"{Path(frame.file_name).relative_to(HNET_DIR)}:{frame.function_name}"
     return "other"
+
+
+# What the matmuls of the inner stacks on the slot ladder are attributed to: they are traced
+# through hnet.slots' custom VJP, which keeps the call site's frames, not the layers'.
+SLOT_STACKS = "slots.py:inner stacks on the slot ladder"
 
 
 # --------------------------------------------------------------------------------------------

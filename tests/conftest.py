@@ -35,10 +35,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
+# What tests run the H-Nets with unless they say otherwise (tiny_config): a tight cap, so that
+# untrained routers drop boundaries and every path of the capacity rule is exercised (the tiny
+# configs themselves never drop: capacity_slack "exact"), and a one-rung slot ladder, so that every
+# forward runs on the ladder (hnet.slots) while compiling two branches instead of five or six.
+TEST_CAPACITY = {"capacity_slack": 2.0, "capacity_burst": 16, "slot_ladder": (1.25,)}
+
+
 def tiny_config(name: str, **changes) -> hnet.ModelConfig:
-    """A config from configs/ in float32 (exact comparisons), with optional field changes."""
+    """A config from configs/ in float32 (exact comparisons) with TEST_CAPACITY, and optional
+    field changes."""
     config = hnet.load_config(CONFIGS / f"{name}.json")
-    return config_lib.replace(config, dtype="float32", **changes)
+    return config_lib.replace(config, dtype="float32", **{**TEST_CAPACITY, **changes})
 
 
 def shrink(config: hnet.ModelConfig) -> hnet.ModelConfig:

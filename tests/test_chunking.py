@@ -125,7 +125,7 @@ def test_capacity_rule_is_prefix_consistent():
 
 
 def test_exact_setting_never_drops():
-    config = hnet.load_config(CONFIGS / "hnet_2stage_tiny.json")
+    config = config_lib.replace(hnet.load_config(CONFIGS / "hnet_2stage_tiny.json"), capacity_slack=2.0)
     for slack in ("exact", 3.0, 6.0):
         exact = config_lib.replace(config, capacity_slack=slack)
         assert capacity_is_exact(exact) and stage_lengths(exact, 300) == [300, 300, 300]

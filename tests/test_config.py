@@ -103,10 +103,10 @@ def test_capacity_rule():
     config = hnet.load_config(CONFIGS / "hnet_1stage_L.json")
     rule = CapacityRule.for_stage(config, 0)
     assert rule.rate_units == math.ceil(2.0 / 6 * RATE_UNIT) and rule.burst == config.capacity_burst
-    # Allowance of a one-document row: burst + ceil(8192 * rate) = 16 + 2732, rounded up to 128.
-    assert rule.allowance(8191) == 16 + 2732
-    assert rule.row_capacity(8192) == 2816
-    assert stage_lengths(config, 8192) == [8192, 2816]
+    # Allowance of a one-document row: burst + ceil(8192 * rate) = 128 + 2732, rounded up to 128.
+    assert rule.allowance(8191) == 128 + 2732
+    assert rule.row_capacity(8192) == 2944
+    assert stage_lengths(config, 8192) == [8192, 2944]
     assert rule.row_capacity(100) == 100  # never more than the input length
     # The allowance grows by the rate and is the same integer for ints and int32 arrays.
     positions = np.arange(0, 200_000, 997)

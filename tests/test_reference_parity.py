@@ -55,10 +55,11 @@ def converted(request, tmp_path_factory):
 def test_forward_matches_the_reference_logits_and_boundaries(converted):
     _, folder, loaded = converted
     input_ids = jnp.asarray(np.load(folder / "input_ids.npy"), jnp.int32)
-    out = loaded.model(input_ids)
+    graphdef, state = nnx.split(loaded.model)
+    out = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))(state, input_ids)
     reference_logits = np.load(folder / "logits.npy")
     assert out.logits.shape == reference_logits.shape
-    assert np.max(np.abs(np.asarray(out.logits) - reference_logits)) <= LOGIT_ATOL
+    assert np.max(np.abs(np.asarray(out.logits) - reference_logits)) <= LOGIT_ATOL  # False for NaN
     assert len(out.stages) == loaded.config.depth
     for s, stage in enumerate(out.stages):
         reference_prob = np.load(folder / f"boundary_prob_stage{s}.npy")
@@ -101,7 +102,7 @@ def test_training_loss_and_every_gradient_match_the_reference(converted):
         assert mine.shape == reference.shape, entry.key
         scale = max(float(np.max(np.abs(reference))), 1e-12)
         worst[entry.key] = float(np.max(np.abs(mine - reference))) / scale
-    bad = {key: value for key, value in worst.items() if value > GRAD_RELATIVE_TO_MAX}
+    bad = {key: value for key, value in worst.items() if not value <= GRAD_RELATIVE_TO_MAX}  # NaN is bad too
     assert not bad, f"{name}: gradients off by more than {GRAD_RELATIVE_TO_MAX} of their largest value: {bad}"
     norm = float(np.sqrt(sum(float(np.sum(np.square(np.asarray(g)))) for g in ours.values())))
     assert norm == pytest.approx(meta["grad_norm"], rel=1e-4)

@@ -26,6 +26,7 @@ SMALL_MODEL = {
     "ssm_cfg": {"d_state": 8, "chunk_size": 32, "head_dim": 16, "expand": 2, "d_conv": 4},
     "attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [8, 16], "window_size": [31, -1]},
     "target_ratio": [4], "capacity_multiple": 16, "dtype": "float32",
+    "slot_ladder": [1.25],  # one rung below the cap: the ladder's switch, two branches to compile
 }
 
 
