@@ -112,4 +112,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from hnet.host_memory import use_huge_pages
+
+    use_huge_pages()  # first thing: large allocations on huge pages, far fewer page faults per step
     sys.exit(main())

@@ -14,12 +14,6 @@
 
 import importlib
 
-import flax
-
-# Parameters carry logical axis names; hnet.sharding places them on a mesh explicitly, so Flax
-# must not try to shard variables eagerly when they are created.
-flax.config.update("flax_always_shard_variable", False)
-
 # Public names, imported lazily so that `python -m hnet.param_report` etc. run their module cleanly.
 _EXPORTS = {
     "ConfigError": "hnet.config", "ModelConfig": "hnet.config", "load_config": "hnet.config",

@@ -762,4 +762,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
+    from hnet.host_memory import use_huge_pages
+
+    use_huge_pages()  # as train.py: the timed steps fault their memory in 2 MiB at a time
     sys.exit(0 if main() is not None else 2)

@@ -4,8 +4,13 @@ Every parameter carries logical axis names (MaxText style: "embed", "mlp", "head
 hnet.sharding maps them to mesh axes.
 """
 
+import flax
 import jax.numpy as jnp
 from flax import nnx
+
+# Parameters carry logical axis names; hnet.sharding places them on a mesh explicitly, so Flax
+# must not try to shard variables eagerly when they are created (every parameter is made here).
+flax.config.update("flax_always_shard_variable", False)
 
 INIT_STD = 0.02
 
