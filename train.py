@@ -11,6 +11,13 @@
 Bad input (config, data, run folder, no usable checkpoint to resume) prints one line starting
 with "error:" and exits 2. --resume skips a damaged or incomplete newest checkpoint (one warning
 line each; see hnet/checkpoint.py) and continues from the newest good one.
+
+The restart command `python train.py --workdir RUN_DIR --resume` works at every moment of a run:
+before its first checkpoint it starts the run again from step 0, during a save it ignores the
+partial one, after the last step it says the run is complete and exits 0. One job per run folder:
+while a training job holds RUN_DIR/train.lock, another one on the folder exits 2 naming it
+(hnet/run_lock.py). A write the disk refuses (no space, permission, quota) ends the run with one
+"error:" line naming the file or checkpoint, and exit status 4; what was saved before is intact.
 SIGTERM/SIGINT: the current step finishes, a checkpoint is saved, and the process exits 0.
 In a multi-process run, a lost process makes the others print one "error:" line and exit 3
 (hnet/distributed.py); restart all of them with --resume.
@@ -66,7 +73,7 @@ def main(argv=None) -> int:
             return 2
     import jax
 
-    from hnet.errors import DataError, RunError
+    from hnet.errors import WRITE_FAILED_EXIT, DataError, RunError, RunWriteError
     from hnet.run_dir import RunDir
 
     try:
@@ -96,6 +103,9 @@ def main(argv=None) -> int:
         workdir = Path(args.workdir) if args.workdir else Path("runs") / f"{Path(args.config or 'run_tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         summary = train(run, workdir, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
                         peak_tflops=args.peak_tflops, profile=profile)
+    except RunWriteError as err:  # the disk refused a write: a checkpoint, metrics
+        print(f"error: {err}", file=sys.stderr)
+        return WRITE_FAILED_EXIT
     except (ConfigError, DataError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -39,8 +39,10 @@ never deleted and never count as one of the `keep`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -52,7 +54,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from hnet.errors import CheckpointError
+from hnet.errors import CheckpointError, RunWriteError, describe_write_failure
 from hnet.run_dir import RunDir
 
 FORMAT_VERSION = 1
@@ -216,6 +218,55 @@ def restore_newest(run_dir: str | Path, restore: Callable[[int], Any], *, step: 
     raise CheckpointError(f"no usable checkpoint in {RunDir(run_dir).checkpoints}: {found}")
 
 
+class _FailedSaveRecords(logging.Filter):
+    """Drops log records about a failed write under `directory` (orbax's and asyncio's tracebacks
+    of one failed save, dozens of them): RunWriteError reports that failure in one line."""
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.marker = str(directory)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return self.marker not in text
+
+
+def _report_failed_saves_once(directory: Path) -> None:
+    """Keep a failed save's echoes out of the output (RunWriteError reports it): orbax logs the
+    failure from each of its threads (absl), asyncio logs the failed write tasks when they are
+    collected, and tensorstore's late callbacks reach the event loop orbax closed after the save,
+    each raising "Event loop is closed" through sys.unraisablehook."""
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_FailedSaveRecords(directory))
+    previous = sys.unraisablehook
+    if getattr(previous, "hnet_quiet_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.hnet_quiet_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def _free_space(folder: Path) -> str | None:
+    """Free space on the filesystem holding `folder` ("1.2 GiB"), None when it cannot be read."""
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        return None
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return None
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
@@ -252,11 +303,16 @@ class Checkpointer:
         self.async_save = async_save
         self.primary = jax.process_index() == 0 if primary is None else primary
         # Retention is ours (after the manifest), so that damaged checkpoints never count or go.
-        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=async_save)
+        # cleanup_tmp_directories: a save interrupted by a kill left a temporary folder; it goes.
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._checked: dict[int, str] = {}   # step -> "good"/"damaged", from a manifest written or verified here
         self._lock = threading.Lock()
         self._manifest_thread: threading.Thread | None = None
+        self._saving: int | None = None      # the step of the save in flight (its failure may surface later)
+        _report_failed_saves_once(self.directory)
+        self._failure: BaseException | None = None  # a failed save seen by the manifest thread, for the main thread
 
     def latest_step(self) -> int | None:
         """The newest step saved (also one still being written) or found on disk."""
@@ -266,17 +322,26 @@ class Checkpointer:
         return self.directory / str(step)
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-        """Start saving (returns before the write finishes when async); `wait()` to block."""
+        """Start saving (returns before the write finishes when async); `wait()` to block.
+
+        Raises RunWriteError (one line: the step, the folder, the cause, the free space) when this
+        save, or the previous one still in flight, cannot be written; the checkpoints committed
+        before are intact, and a partial save is never listed (orbax commits by renaming).
+        """
         self._join_manifest_thread()
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave({**meta, "format_version": FORMAT_VERSION}),
-            ),
-            force=True,
-        )
+        with self._failures_reported():
+            self.manager.wait_until_finished()  # the previous save's failure, if any, belongs to its step
+            self._raise_failure()
+            self._saving = step
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    meta=ocp.args.JsonSave({**meta, "format_version": FORMAT_VERSION}),
+                ),
+                force=True,
+            )
         if not self.primary:
             return
         if self.async_save:
@@ -290,7 +355,8 @@ class Checkpointer:
         """Once orbax has committed `step`: write its manifest, then apply retention."""
         try:
             self.manager.wait_until_finished()
-        except Exception:  # the save failed: no manifest; orbax raises it on the main thread too
+        except Exception as err:  # the save failed: no manifest; the main thread reports it (_raise_failure)
+            self._failure = err
             return
         folder = self.path(step)
         if not folder.is_dir():  # not committed (the save failed): never a manifest for a partial folder
@@ -371,13 +437,43 @@ class Checkpointer:
             self._manifest_thread = None
 
     def wait(self) -> None:
-        """Block until the last save is committed and its manifest written."""
-        self.manager.wait_until_finished()
-        self._join_manifest_thread()
+        """Block until the last save is committed and its manifest written (RunWriteError if it failed)."""
+        with self._failures_reported():
+            self.manager.wait_until_finished()
+            self._join_manifest_thread()
+            self._raise_failure()
 
     def close(self) -> None:
-        self.wait()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # already reported by wait(); closing must not raise a second error
+                pass
+
+    def _raise_failure(self) -> None:
+        """Raise the failure of a save that the manifest thread saw first (orbax reports it once)."""
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    @contextlib.contextmanager
+    def _failures_reported(self):
+        """Turn a failed write of the save in flight into one RunWriteError line."""
+        try:
+            yield
+        except Exception as err:
+            step = self._saving
+            self._saving = None
+            committed = [s for s in RunDir(self.run_dir).checkpoint_steps() if s != step]
+            free = _free_space(self.directory)
+            raise RunWriteError(
+                f"saving checkpoint step {step} into {self.directory} failed: {describe_write_failure(err)}"
+                + (f" ({free} free there)" if free else "")
+                + (f"; the checkpoints saved before are intact (newest: step {committed[-1]})" if committed
+                   else "; no checkpoint was saved before it")
+                + "; make room and resume with the same command") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The training run folder: every path in it, named once.
 
     RUN_DIR/config.json                  the resolved run config (written once, at the start)
+    RUN_DIR/train.lock                   held by the training job while it runs (hnet.run_lock)
     RUN_DIR/metrics.jsonl                one JSON row per step, plus evaluation rows
     RUN_DIR/tensorboard/                 TensorBoard event files of those rows (hnet.tensorboard)
     RUN_DIR/profile/                     jax.profiler traces (train.py --profile, hnet.profiling)
@@ -31,6 +32,11 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.path / "config.json"
+
+    @property
+    def lock(self) -> Path:
+        """One training job per run folder: its holder, while it runs (hnet.run_lock)."""
+        return self.path / "train.lock"
 
     @property
     def metrics(self) -> Path:

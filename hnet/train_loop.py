@@ -13,6 +13,7 @@ docs/ARCHITECTURE.md section 3 shows the data flow around the loop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -29,11 +30,12 @@ from hnet import multihost, sharding, throughput
 from hnet import tensorboard as tensorboard_lib
 from hnet import tokenizer as tokenizer_lib
 from hnet.checkpoint import Checkpointer
-from hnet.errors import RunError
+from hnet.errors import RunError, RunWriteError, describe_write_failure
 from hnet.model import bits_per_byte
 from hnet.profiling import ProfileSteps, StepProfiler
 from hnet.run_config import RunConfig, run_config_from_dict
 from hnet.run_dir import RunDir
+from hnet.run_lock import RunLock
 from hnet.train_step import StepFunctions, make_step_functions, run_mesh
 
 
@@ -51,11 +53,50 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     mesh = run_mesh(run) if run is not None else None  # a layout error stops before the run folder is made
     if profile is not None and not resume:  # checked before the run folder is made
         profile.check(1, _end_step(run.train.steps, 0, max_steps))
-    run = prepare_run_dir(run_dir, run, resume)
-    train_cfg = run.train
+    if resume and not run_dir.config.is_file():
+        if run is None:
+            raise RunError(f"--resume: {run_dir.path} holds no run (no {run_dir.config.name})")
+        resume = False  # killed before it wrote its config, or never started: the run given starts
+        if verbose and jax.process_index() == 0:
+            print(f"--resume: {run_dir.path} holds no run yet; starting it")
+    lock = lock_run_folder(run_dir)  # one job per run folder, for the whole run
+    try:
+        return _train(run, run_dir, mesh, resume=resume, progress=progress, max_steps=max_steps, verbose=verbose,
+                      peak_tflops=peak_tflops, profile=profile)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_run_folder(run_dir: RunDir) -> RunLock | None:
+    """Process 0 takes RUN_DIR's lock (hnet.run_lock); every process stops with one error line
+    when it could not. -> the lock on process 0, None on the others."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = RunLock.acquire(run_dir.lock)
+        except RunError as err:
+            error = err
+    if not multihost.all_agree(error is None):
+        if lock is not None:
+            lock.release()
+        raise error or RunError(f"{run_dir.path} is in use by another training job (process 0 could not lock it)")
+    return lock
+
+
+def _train(run: RunConfig | None, run_dir: RunDir, mesh, *, resume: bool, progress: bool, max_steps: int | None,
+           verbose: bool, peak_tflops: float | None, profile: ProfileSteps | None) -> dict:
+    """train() once the run folder is locked; mesh: the run config's (None: the saved run's)."""
     is_main = jax.process_index() == 0  # only process 0 prints and writes metrics
     verbose = verbose and is_main
     log = print if verbose else (lambda *a, **k: None)
+    run = prepare_run_dir(run_dir, run, resume)
+    if resume and not run_dir.checkpoint_steps():  # stopped before its first save: the same run, from the start
+        log(f"--resume: {run_dir.path} has no checkpoint yet; starting the run from step 0")
+        resume = False
+        if is_main:
+            _truncate_metrics(run_dir.metrics, 0)
+    train_cfg = run.train
     corpus = open_corpus(run, verbose)
     tokenizer = tokenizer_lib.setup_run_tokenizer(run.data.tokenizer, run_dir.path, corpus, run.data.train_split, log)
     if tokenizer is not None:
@@ -84,6 +125,11 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
         state, data_state, meta = resume_state(checkpointer, run, steps, is_main)
         iterator.set_state(data_lib.iterator_state_from_json(data_state["iterator"]))
         start_step, bytes_seen = int(meta["step"]), int(meta["bytes_seen"])
+        if start_step >= train_cfg.steps:
+            checkpointer.close()
+            log(f"{run_dir.path}: the run is complete (step {start_step} of {train_cfg.steps}); nothing to do")
+            return {"status": "already complete", "step": start_step, "bytes_seen": bytes_seen, "eval": {},
+                    "checkpoint": str(checkpointer.path(start_step)), "workdir": str(run_dir.path)}
         if is_main:
             _truncate_metrics(run_dir.metrics, start_step)
         log(f"resumed {run_dir.path} at step {start_step} ({bytes_seen:,d} bytes seen)")
@@ -187,7 +233,8 @@ def prepare_run_dir(run_dir: RunDir, run: RunConfig | None, resume: bool) -> Run
     """Check the run folder against the request; returns the run config to use.
 
     New run: the folder must not hold another run. Resume: the folder must hold a run, and a
-    given run config must use the same model config.
+    given run config must use the same model config (and, before the run's first checkpoint, the
+    same data and training settings: it then starts again from step 0).
     """
     if resume:
         if not run_dir.config.is_file():
@@ -196,13 +243,22 @@ def prepare_run_dir(run_dir: RunDir, run: RunConfig | None, resume: bool) -> Run
         if run is not None and run.model != saved.model:
             changed = sorted(k for k in set(run.model) | set(saved.model) if run.model.get(k) != saved.model.get(k))
             raise RunError(f"--resume: {run_dir.path} was trained with a different model config (differs in: {', '.join(changed)})")
+        if run is not None and not run_dir.checkpoint_steps():  # it starts again: as the folder's config says
+            given, kept = run.to_dict(), saved.to_dict()
+            changed = sorted(f"{section}.{key}" for section in ("data", "train") for key in
+                             set(given[section]) | set(kept[section]) if given[section].get(key) != kept[section].get(key))
+            if changed:
+                raise RunError(f"--resume: {run_dir.path} has no checkpoint yet, and its run config differs from the "
+                               f"one given (in: {', '.join(changed)}); resume without --config to use the folder's")
         return run if run is not None else saved
     if run_dir.holds_run():
         raise RunError(f"{run_dir.path} already holds a run; pass --resume to continue it or choose another --workdir")
     multihost.barrier("hnet: run folder checked")  # every process checks before process 0 writes
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        run_dir.config.write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+    if jax.process_index() == 0:  # whole or not at all: a kill here leaves no half-written config
+        temporary = run_dir.config.with_name(f".{run_dir.config.name}.tmp")
+        temporary.write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+        os.replace(temporary, run_dir.config)
     return run
 
 
@@ -274,22 +330,43 @@ class MetricsLog:
     Only process 0 writes (`enabled`); first_step: the first step this call logs."""
 
     def __init__(self, run_dir: RunDir, enabled: bool, first_step: int):
-        self._file = open(run_dir.metrics if enabled else os.devnull, "a")
+        self._path = run_dir.metrics
         board_dir = run_dir.tensorboard if enabled and tensorboard_lib.available() else None
-        self._board = tensorboard_lib.TensorBoardLog(board_dir, first_step)
+        with _write_failures_reported(self._path):
+            self._file = open(self._path if enabled else os.devnull, "a")
+        with _write_failures_reported(board_dir):
+            self._board = tensorboard_lib.TensorBoardLog(board_dir, first_step)
+        self._board_dir = board_dir
 
     def write(self, rows: list[dict]) -> None:
-        for row in rows:
-            self._file.write(json.dumps(row) + "\n")
-            self._board.write(row)
-        self._file.flush()
+        """Append rows; RunWriteError (one line) when the disk refuses them."""
+        with _write_failures_reported(self._path):
+            self._file.write("".join(json.dumps(row) + "\n" for row in rows))
+            self._file.flush()
+        with _write_failures_reported(self._board_dir):
+            for row in rows:
+                self._board.write(row)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self._file.close()
-        self._board.close()
+        try:
+            self._file.close()
+        except OSError:  # a failed flush was reported by write()
+            pass
+        with _write_failures_reported(self._board_dir):
+            self._board.close()
+
+
+@contextlib.contextmanager
+def _write_failures_reported(path):
+    """An OSError writing `path` (metrics, TensorBoard events) -> one RunWriteError line."""
+    try:
+        yield
+    except OSError as err:
+        raise RunWriteError(f"writing {path} failed: {describe_write_failure(err)}; the rows written before are "
+                            f"kept; make room and resume with the same command") from None
 
 
 def _flush_metrics(pending, step_bytes, schedule, tokens_per_step, start_bytes) -> list[dict]:
@@ -312,11 +389,17 @@ def _flush_metrics(pending, step_bytes, schedule, tokens_per_step, start_bytes) 
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric rows past the restored step (they are recomputed identically)."""
+    """On resume, drop metric rows past the restored step (they are recomputed identically), and
+    a row a kill cut short."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # the last line of a killed run may be cut short
+            return False
+
+    path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if line.strip() and kept(line)))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
