@@ -19,6 +19,7 @@ interrupted run logged after the restored checkpoint, which the resumed run logs
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 TRAIN_SCALARS = ("loss", "ce", "bpb", "ratio_loss", "grad_norm", "lr")
@@ -48,26 +49,44 @@ class TensorBoardLog:
     """Metrics rows -> scalars in an event file under `log_dir`; does nothing when `log_dir` is
     None (another process than 0, or tensorboardX not installed).
 
-    first_step: the first step this call logs; on resume it is the purge step (events of the
-    earlier run from that step on are hidden by TensorBoard). It also ends the event file's name,
-    which otherwise holds only the time in whole seconds and the host, so that a resume within
-    the same second does not overwrite the earlier file.
+    Events are written synchronously with tensorboardX's EventsWriter, flushed after each batch of
+    rows, so that a write the disk refuses raises OSError here, in the training thread (tensorboardX's
+    SummaryWriter writes from a thread of its own, which dies on such an error and leaves the run
+    blocked on its queue).
+
+    first_step: the first step this call logs; on resume it is the purge step (a session-start
+    event there: TensorBoard hides the events of the earlier run from that step on). It also ends
+    the event file's name, which otherwise holds only the time in whole seconds and the host, so
+    that a resume within the same second does not overwrite the earlier file.
     """
 
     def __init__(self, log_dir: Path | None, first_step: int = 1):
-        self._writer = None
+        self._events = None
         if log_dir is not None:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-            self._writer = SummaryWriter(str(log_dir), purge_step=first_step if first_step > 1 else None,
-                                         flush_secs=30, filename_suffix=f".step{first_step}")
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self._events = EventsWriter(str(Path(log_dir) / "events"), f".step{first_step}")
+            if first_step > 1:
+                self._events.write_event(Event(wall_time=time.time(), step=first_step,
+                                               session_log=SessionLog(status=SessionLog.START)))
+            self._events.flush()
 
-    def write(self, row: dict) -> None:
-        if self._writer is not None:
+    def write(self, rows: list[dict]) -> None:
+        """Scalars of metrics rows, then a flush."""
+        if self._events is None:
+            return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        for row in rows:
             for tag, value in scalars(row).items():
-                self._writer.add_scalar(tag, value, row["step"])
+                self._events.write_event(Event(wall_time=time.time(), step=row["step"], summary=scalar(tag, value)))
+        self._events.flush()
 
     def close(self) -> None:
         """Flush and close the event file."""
-        if self._writer is not None:
-            self._writer.close()
+        if self._events is not None:
+            self._events.close()
+            self._events = None

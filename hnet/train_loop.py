@@ -344,8 +344,7 @@ class MetricsLog:
             self._file.write("".join(json.dumps(row) + "\n" for row in rows))
             self._file.flush()
         with _write_failures_reported(self._board_dir):
-            for row in rows:
-                self._board.write(row)
+            self._board.write(rows)
 
     def __enter__(self):
         return self

@@ -5,6 +5,7 @@ and nothing committed is lost (hnet.run_lock, hnet.checkpoint, hnet.train_loop).
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -164,6 +165,27 @@ def test_metrics_the_disk_refuses_are_one_error_line(tmp_path):
     with pytest.raises(RunWriteError, match=r"writing .*metrics.jsonl failed: No space left on device"):
         with MetricsLog(run_dir, enabled=True, first_step=1) as log:
             log.write([{"step": 1, "loss": 1.0}])
+
+
+def test_tensorboard_events_the_disk_refuses_are_one_error_line(tmp_path):
+    """The event file grows past a 4 KiB file-size limit (metrics.jsonl goes to /dev/null)."""
+    pytest.importorskip("tensorboardX")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.symlink(os.devnull, run_dir / "metrics.jsonl")
+    code = ("import resource, signal, sys; from pathlib import Path; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+            "from hnet.errors import RunWriteError; from hnet.run_dir import RunDir; from hnet.train_loop import MetricsLog\n"
+            "try:\n"
+            "    with MetricsLog(RunDir(sys.argv[1]), enabled=True, first_step=1) as log:\n"
+            "        for step in range(1, 200):\n"
+            "            log.write([{'step': step, 'loss': 1.0, 'bpb': 2.0, 'lr': 0.1}])\n"
+            "except RunWriteError as err:\n"
+            "    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert re.fullmatch(r"writing .*tensorboard failed: File too large; the rows written before are kept; "
+                        r"make room and resume with the same command\n", out.stdout), out.stdout
 
 
 def test_random_kills_from_the_first_second_end_in_the_uninterrupted_losses(straight, tmp_path):
