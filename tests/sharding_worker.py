@@ -16,7 +16,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import shrink, tiny_config  # noqa: E402
+from conftest import LADDER, shrink, tiny_config  # noqa: E402
 from hnet import sharding  # noqa: E402
 from hnet.checkpoint import Checkpointer  # noqa: E402
 from hnet.run_config import run_config_from_dict  # noqa: E402
@@ -49,7 +49,7 @@ def shard_shapes(array) -> list:
 
 
 def main(checkpoint_root: str) -> None:
-    config = shrink(tiny_config("hnet_1stage_tiny"))
+    config = shrink(tiny_config("hnet_1stage_tiny", **LADDER))
     run = run_config_from_dict({
         "model": json.loads(json.dumps(config.to_dict())),
         "train": {"steps": 100, "batch_size": BATCH, "seq_len": SEQ_LEN, "lr": 3e-3, "warmup_frac": 0.0},

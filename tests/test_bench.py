@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import hnet
@@ -146,6 +147,32 @@ def test_bench_memory_of_a_transformer_agrees_with_hnet_flops(capsys):
     assert result["argument_bytes"] > 3 * 4 * result["params"]  # float32 params and two Adam moments
 
 
+# A 1-stage H-Net small enough to run a forward in seconds (bench chunks).
+SMALL_HNET = ['model={"config": "hnet_1stage_tiny.json", "arch_layout": ["m1", ["T1"], "m1"], "d_model": [32, 48], '
+              '"d_intermediate": [0, 96], "attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [8, 8], '
+              '"window_size": [-1, -1]}, "dtype": "float32"}']
+
+
+def test_bench_chunks_counts_the_chunks_kept_and_the_slots_the_ladder_computes(capsys):
+    """bench chunks on real rows: its per-row counts give its statistics, and its ladder
+    utilisation is what the rows compute on the ladder (counted here independently of hnet.slots)."""
+    argv = ["chunks", *with_sets(SMALL_HNET), "--seq-len", "256", "--batch-size", "4", "--batches", "3"]
+    result = bench.main([*argv, "--json"])
+    assert json.loads(capsys.readouterr().out) == result
+    (stage,) = result["stages"]
+    kept = np.asarray(stage["kept_rows"])
+    assert kept.shape == (3, 4) and stage["kept_per_row_mean"] == pytest.approx(kept.mean())
+    assert stage["kept_per_row"]["max"] == kept.max() <= stage["static_slots"]
+    ladder = stage["ladder"]
+    assert ladder == sorted(ladder) and ladder[-1] == stage["static_slots"]
+    assert stage["slot_groups"] == 4  # 4 rows in 4 groups: each row runs on the smallest rung holding it
+    computed = sum(min(rung for rung in ladder if rung >= count) for count in kept.ravel())
+    assert stage["ladder_slot_utilisation"] == pytest.approx(kept.sum() / computed)
+    assert stage["static_slot_utilisation"] == pytest.approx(kept.mean() / stage["static_slots"])
+    bench.main(argv)
+    assert "slot utilisation" in capsys.readouterr().out
+
+
 def test_rematerialisation_lowers_the_compiled_steps_temporaries_on_cpu():
     """train.remat=block keeps only each block's input for the backward pass. On CPU this holds
     only with XLA's barrier expander off (hnet.train_step.step_compiler_options): otherwise XLA
@@ -237,6 +264,11 @@ def test_gpu_check_smoke_holds_every_row(smoke_check):
     assert {row["run"] for row in report["components"]} == set(runs)
     assert {row["piece"] for row in report["components"]} == {"ssd_scan", "attention", "chunking"}
     assert all(row["bytes_per_sec"] > 0 for row in report["train"])  # the BPE run at its known bytes/token
+    # The H-Net's chunk slots: computed beside kept, in both the compiled and the timed step.
+    (hnet_memory,) = [row for row in report["memory"] if row["run"] == "hnet1"]
+    (hnet_train,) = [row for row in report["train"] if row["run"] == "hnet1"]
+    assert list(hnet_memory["slot_lengths"]) == ["0"] and len(hnet_memory["slot_utilisation"]) == 1
+    assert all(0 < u <= 1 for u in hnet_memory["slot_utilisation"] + hnet_train["slot_utilisation"])
     for section in ("## Train step", "## Memory", "## Decode", "## Components"):
         assert section in table
     for run in runs:

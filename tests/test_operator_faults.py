@@ -19,6 +19,7 @@ from conftest import ROOT
 from hnet import run_lock
 from hnet.checkpoint import check_step
 from hnet.errors import WRITE_FAILED_EXIT, RunError, RunWriteError
+from hnet.export import load_model
 from hnet.run_config import run_config_from_dict
 from hnet.train_loop import MetricsLog, train
 from hnet.run_dir import RunDir
@@ -94,6 +95,11 @@ def test_restart_of_a_complete_run_says_so_and_exits_zero(straight, tmp_path, ca
     run_dir = tmp_path / "run"
     shutil.copytree(straight, run_dir)
     before = (run_dir / "metrics.jsonl").read_text()
+    # Readers (eval.py, generate.py, export: all through load_model) never need the lock.
+    lock = write_lock(run_dir)  # a live training job's
+    assert load_model(run_dir).step == 8
+    assert json.loads(lock.read_text())["token"] == "t"
+    lock.unlink()
     code, err = run_cli(["--workdir", str(run_dir), *RESTART], capsys)
     assert code == 0, err
     assert (run_dir / "metrics.jsonl").read_text() == before

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from conftest import ROOT, shrink, tiny_config
+from conftest import LADDER, ROOT, shrink, tiny_config
 from hnet import distributed, sharding
 from hnet.checkpoint import check_step
 from hnet.config import load_config
@@ -207,7 +207,7 @@ def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
 
 
 def test_two_processes_train_and_checkpoint_then_one_process_resumes(tmp_path):
-    config = shrink(tiny_config("hnet_1stage_tiny"))
+    config = shrink(tiny_config("hnet_1stage_tiny", **LADDER))
     run = {"model": json.loads(json.dumps(config.to_dict())), "data": {"corpus": "default"},
            "train": {"steps": 6, "batch_size": 8, "seq_len": 64, "lr": 3e-3, "warmup_frac": 0.0, "log_every": 2,
                      "eval_every": 4, "eval_batches": 2, "checkpoint_every": 100}}

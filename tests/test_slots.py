@@ -12,7 +12,7 @@ from hnet import chunking, slots
 from hnet import config as config_lib
 from hnet.layers.isotropic import Isotropic
 from hnet.segments import Segments
-from tests.conftest import shrink, tiny_config
+from tests.conftest import LADDER, shrink, tiny_config
 
 
 def test_the_ladder_is_ascending_fractions_of_the_target_ending_at_the_static_cap():
@@ -152,7 +152,7 @@ def test_slots_computed_counts_each_group_at_its_length(stack_and_rows):
 def test_a_document_scores_the_same_whatever_rows_share_its_batch(config_1stage):
     """The same document beside sparse rows (a short ladder length) and beside rows that keep
     many chunks (the static cap): the same logits (float32 rounding) and the same chunks."""
-    config = config_lib.replace(config_1stage, capacity_multiple=16)
+    config = config_lib.replace(config_1stage, capacity_multiple=16, **LADDER)
     model = hnet.build_model(config, seed=0)
     forward = jax.jit(lambda state, ids: nnx.merge(*state)(ids))
     state = nnx.split(model)
