@@ -27,8 +27,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import struct
 
-from hnet import chunking, sharding, slots
+from hnet import chunking, slots
 from hnet.config import ModelConfig
+from hnet.logical_axes import LOGITS_AXES, RESIDUAL_AXES, constrain
 from hnet.layers.common import linear, param
 from hnet.layers.isotropic import Isotropic, residual_count
 from hnet.segments import Segments, at_positions
@@ -184,7 +185,7 @@ class HNetStage(nnx.Module):
 
         capacity = self.capacity_rule.row_capacity(x.shape[1])
         layout = chunking.chunk_layout(boundary_mask, segments, self.capacity_rule, capacity)
-        chunks = sharding.constrain(self.widen(chunking.gather_chunks(hidden, layout)), sharding.RESIDUAL_AXES)
+        chunks = constrain(self.widen(chunking.gather_chunks(hidden, layout)), RESIDUAL_AXES)
         inner_segments = Segments.from_starts(chunking.gather_chunks(segments.start, layout) & layout.chunk_valid)
         chunk_counts = layout.chunk_valid.sum(axis=1, dtype=jnp.int32)
         inner_lengths = None if lengths is None else chunk_counts
@@ -195,7 +196,7 @@ class HNetStage(nnx.Module):
 
         chunk_prob = chunking.gather_chunks(boundary_prob, layout)
         smoothed = chunking.dechunk(inner_out[..., :d_model], chunk_prob, inner_segments.start, layout)
-        smoothed = sharding.constrain(smoothed, sharding.RESIDUAL_AXES)
+        smoothed = constrain(smoothed, RESIDUAL_AXES)
         confidence = chunking.confidence(boundary_prob, layout.chunk_mask)
         y = smoothed * chunking.straight_through(confidence)[..., None] + self.residual_proj(hidden)
         out, decoder_cache = self._run_stack(self.decoder, y, segments, rows, lengths, max_length)
@@ -335,7 +336,7 @@ class LanguageModel(nnx.Module):
         generation will reach), also returns the caches after each row's last prompt position.
         """
         batch, length = input_ids.shape
-        x = sharding.constrain(self.embedding(input_ids).astype(jnp.float32), sharding.RESIDUAL_AXES)
+        x = constrain(self.embedding(input_ids).astype(jnp.float32), RESIDUAL_AXES)
         positions = jnp.arange(length)[None, :]
         valid = jnp.ones((batch, length), bool) if lengths is None else positions < lengths[:, None]
         segments = Segments.from_starts((input_ids == self.config.bos_id) & valid)  # padding starts nothing
@@ -346,7 +347,7 @@ class LanguageModel(nnx.Module):
         hidden, stages, stage_cache = self.backbone.prefill(
             x, valid, segments, byte_ids=input_ids, num_bytes=num_bytes, lengths=lengths, max_lengths=max_lengths,
             ladders=ladders)
-        output = ModelOutput(logits=sharding.constrain(self.logits(hidden), sharding.LOGITS_AXES), stages=stages)
+        output = ModelOutput(logits=constrain(self.logits(hidden), LOGITS_AXES), stages=stages)
         if lengths is None:
             return output, None
         return output, ModelCache(stage=stage_cache, length=lengths.astype(jnp.int32), max_lengths=max_lengths)

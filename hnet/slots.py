@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import struct
 
-from hnet import chunking, sharding
+from hnet import chunking, logical_axes
 from hnet.config import ModelConfig, round_up
 from hnet.segments import Segments
 
@@ -95,10 +95,10 @@ def ladder_index(counts: jax.Array, ladder: tuple[int, ...]) -> jax.Array:
 
 def _batch_shards(rows: int) -> int:
     """How many pieces the active mesh splits a batch of `rows` rows into (1 without a mesh)."""
-    mesh = sharding.active_mesh()
+    mesh = logical_axes.active_mesh()
     if mesh is None:
         return 1
-    spec = sharding.logical_to_spec(("activation_batch",), (rows,), mesh)
+    spec = logical_axes.logical_to_spec(("activation_batch",), (rows,), mesh)
     axes = spec[0] if spec else None
     if axes is None:
         return 1
@@ -308,11 +308,11 @@ def run_stack(stack: nnx.Module, x: jax.Array, segments: Segments, rows: SlotRow
     else:
         def one_group(_, group):
             index_g, x_g, segments_g = group
-            x_g = sharding.constrain(x_g, sharding.RESIDUAL_AXES)
+            x_g = logical_axes.constrain(x_g, logical_axes.RESIDUAL_AXES)
             return None, switch_keeping_taken_residuals(index_g, branches, (state, x_g, segments_g), names)
 
         _, out = jax.lax.scan(one_group, None, (index, xs, segment_groups))
-    return sharding.constrain(groups.merge(out), sharding.RESIDUAL_AXES)
+    return logical_axes.constrain(groups.merge(out), logical_axes.RESIDUAL_AXES)
 
 
 def slots_computed(rows: SlotRows) -> jax.Array:

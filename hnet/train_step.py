@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from hnet import sharding
+from hnet import logical_axes, sharding
 from hnet.config import parse_layout
 from hnet.layers.isotropic import rematerialise
 from hnet.model import build_model, cross_entropy
@@ -230,14 +230,14 @@ def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -
     abstract_state = jax.eval_shape(functools.partial(fresh_state, tx=tx), abstract_params)
     state_shardings = sharding.tree_shardings(abstract_state, mesh)
     replicated = sharding.replicated(mesh)
-    micro_batch_sharding = sharding.named_sharding(mesh, sharding.MICRO_BATCH_AXES, (1, train.batch_size // train.grad_accum, 1))
-    batch_sharding = sharding.named_sharding(mesh, sharding.BATCH_AXES, (train.batch_size, 1))
+    micro_batch_sharding = logical_axes.named_sharding(mesh, logical_axes.MICRO_BATCH_AXES, (1, train.batch_size // train.grad_accum, 1))
+    batch_sharding = logical_axes.named_sharding(mesh, logical_axes.BATCH_AXES, (train.batch_size, 1))
 
     def on_mesh(fn):
         """Trace `fn` with the mesh active, so the model's activation constraints apply."""
         @functools.wraps(fn)
         def traced(*args):
-            with sharding.use_mesh(mesh):
+            with logical_axes.use_mesh(mesh):
                 return fn(*args)
         return traced
 

@@ -21,8 +21,8 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 from flax import struct
 
-from hnet import sharding
 from hnet.layers.common import INIT_STD, linear
+from hnet.logical_axes import HEADS_AXES, constrain
 from hnet.segments import Segments, at_positions
 
 
@@ -394,9 +394,9 @@ class CausalSelfAttention(nnx.Module):
         batch, length, d_model = x.shape
         q, k, v = self.project_qkv(x, segments.position)
         # Heads split over tensor: each device attends with its own heads.
-        q, k, v = (sharding.constrain(t, sharding.HEADS_AXES) for t in (q, k, v))
+        q, k, v = (constrain(t, HEADS_AXES) for t in (q, k, v))
         out = causal_attention(q, k, v, segments.index, self.window)
-        out = sharding.constrain(out, sharding.HEADS_AXES)
+        out = constrain(out, HEADS_AXES)
         y = self.out_proj(out.reshape(batch, length, d_model))
         if lengths is None:
             return y, None

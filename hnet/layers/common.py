@@ -1,7 +1,7 @@
 """Shared parameter constructors, so every layer initialises and names its weights one way.
 
 Every parameter carries logical axis names (MaxText style: "embed", "mlp", "heads", "vocab", ...);
-hnet.sharding maps them to mesh axes.
+hnet.logical_axes maps them to mesh axes.
 """
 
 import flax

@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hnet import sharding
 from hnet.config import ModelConfig, parse_layout
 from hnet.layers.attention import ATTENTION_RESIDUALS, CausalSelfAttention
 from hnet.layers.mamba2 import Mamba2
 from hnet.layers.mlp import SwiGLU
 from hnet.layers.norm import RMSNorm
+from hnet.logical_axes import RESIDUAL_AXES, constrain
 from hnet.segments import Segments
 
 
@@ -126,7 +126,7 @@ class Isotropic(nnx.Module):
                 x, cache = block.prefill(x, segments, lengths, max_length)
             else:
                 x, cache = run_block(block, x, segments), None
-            x = sharding.constrain(x, sharding.RESIDUAL_AXES)  # the residual stream: batch-split
+            x = constrain(x, RESIDUAL_AXES)  # the residual stream: batch-split
             caches.append(cache)
         return self.norm(x), tuple(caches)
 
