@@ -5,22 +5,22 @@
     python train.py --workdir runs/x --resume         # continue from the newest checkpoint
     python train.py --plot runs/x                     # PNG curves of a run
     python train.py --workdir runs/x --profile 10:12  # jax.profiler trace of steps 10-12 in runs/x/profile
-    python train.py --set mesh.fsdp=8                 # lay the run out over devices (hnet.sharding)
+    python train.py --set mesh.fsdp=8                 # lay the run out over devices (hnet.parallel.sharding)
     python train.py --coordinator HOST:PORT --num-processes 2 --process-id 0 ...   # one of several hosts
 
 Bad input (config, data, run folder, no usable checkpoint to resume) prints one line starting
 with "error:" and exits 2. --resume skips a damaged or incomplete newest checkpoint (one warning
-line each; see hnet/checkpoint.py) and continues from the newest good one.
+line each; see hnet/io/checkpoint.py) and continues from the newest good one.
 
 The restart command `python train.py --workdir RUN_DIR --resume` works at every moment of a run:
 before its first checkpoint it starts the run again from step 0, during a save it ignores the
 partial one, after the last step it says the run is complete and exits 0. One job per run folder:
 while a training job holds RUN_DIR/train.lock, another one on the folder exits 2 naming it
-(hnet/run_lock.py). A write the disk refuses (no space, permission, quota) ends the run with one
+(hnet/training/run_lock.py). A write the disk refuses (no space, permission, quota) ends the run with one
 "error:" line naming the file or checkpoint, and exit status 4; what was saved before is intact.
 SIGTERM/SIGINT: the current step finishes, a checkpoint is saved, and the process exits 0.
 In a multi-process run, a lost process makes the others print one "error:" line and exit 3
-(hnet/distributed.py); restart all of them with --resume.
+(hnet/parallel/distributed.py); restart all of them with --resume.
 """
 
 import argparse
@@ -45,7 +45,7 @@ def parse_args(argv):
     parser.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
                         help="peak TFLOP/s per device for MFU (default: the known bf16 peak of GPUs and TPUs; "
                              "without one, e.g. on CPU, MFU is not reported)")
-    cluster = parser.add_argument_group("multi-process runs (see hnet/distributed.py)")
+    cluster = parser.add_argument_group("multi-process runs (see hnet/parallel/distributed.py)")
     cluster.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator "
                          "(default: $JAX_COORDINATOR_ADDRESS)")
     cluster.add_argument("--num-processes", type=int, help="number of processes (default: $JAX_NUM_PROCESSES)")
@@ -59,11 +59,11 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hnet import distributed
     from hnet.errors import ConfigError
+    from hnet.parallel import distributed
 
     if not args.plot:
-        # Before anything touches a device (importing hnet.train_loop does): join the other
+        # Before anything touches a device (importing hnet.training.train_loop does): join the other
         # processes of a multi-process run.
         try:
             distributed.maybe_initialize(args.coordinator, args.num_processes, args.process_id,
@@ -74,18 +74,18 @@ def main(argv=None) -> int:
     import jax
 
     from hnet.errors import WRITE_FAILED_EXIT, DataError, RunError, RunWriteError
-    from hnet.run_dir import RunDir
+    from hnet.io.run_dir import RunDir
 
     try:
         if args.plot:
-            from hnet.plot import plot_run
+            from hnet.evaluation.plot import plot_run
 
             for path in plot_run(args.plot):
                 print(f"wrote {path}")
             return 0
-        from hnet.profiling import ProfileSteps
-        from hnet.run_config import load_run_config
-        from hnet.train_loop import train
+        from hnet.training.profiling import ProfileSteps
+        from hnet.training.run_config import load_run_config
+        from hnet.training.train_loop import train
 
         if args.peak_tflops is not None and not args.peak_tflops > 0:
             raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")

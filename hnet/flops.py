@@ -11,7 +11,7 @@ Conventions
   The embedding is a table lookup and costs 0 FLOPs; a tied LM head still costs its matmul.
 - These are *model* FLOPs (the useful work): attention counts only the keys a query can see
   (causal mask, sliding window), although the kernels compute whole blocks (the plain path the
-  full L x L score matrix) and recompute scores in the backward pass (hnet.bench memory counts
+  full L x L score matrix) and recompute scores in the backward pass (hnet.perf.bench memory counts
   what a step executes); inner
   stages count their real length, not the padded static capacity. MFU = model FLOPs per step /
   (step time x peak FLOP/s), as in the PaLM paper.

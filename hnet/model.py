@@ -29,9 +29,9 @@ from flax import struct
 
 from hnet import chunking, slots
 from hnet.config import ModelConfig
-from hnet.logical_axes import LOGITS_AXES, RESIDUAL_AXES, constrain
 from hnet.layers.common import linear, param
 from hnet.layers.isotropic import Isotropic, residual_count
+from hnet.logical_axes import LOGITS_AXES, RESIDUAL_AXES, constrain
 from hnet.segments import Segments, at_positions
 
 

@@ -80,7 +80,7 @@ class SlotRows:
 
 def branch_scope(stage: int, length: int) -> str:
     """The name scope of the ladder branch running stage `stage`'s chunks on `length` slots, which
-    hnet.xla_stats reads to count the matmuls of the branch a batch takes."""
+    hnet.perf.xla_stats reads to count the matmuls of the branch a batch takes."""
     return f"stage{stage}_slots{length}"
 
 

@@ -12,7 +12,7 @@ from hnet.layers.attention import attend, attention_mask, blockwise_attention, c
 from hnet.layers.mamba2 import Mamba2, causal_depthwise_conv, ssd_scan, ssd_step
 from hnet.layers.mlp import SwiGLU
 from hnet.segments import Segments
-from hnet.xla_stats import matmul_flops
+from hnet.perf.xla_stats import matmul_flops
 from flax import nnx
 
 from conftest import CONFIGS
@@ -211,7 +211,7 @@ def test_blockwise_attention_executes_only_the_blocks_its_window_reaches():
     windowed one: 2 matmuls (scores, values) of 2 x block^2 x H x Dh FLOPs per block visited. The
     backward pass (custom VJP) adds 5 matmuls per pair of blocks holding a visible key, and does
     not run the forward again."""
-    from hnet.xla_stats import matmul_flops
+    from hnet.perf.xla_stats import matmul_flops
 
     blocks, block, heads, head_dim = 6, 8, 4, 8
     q = jnp.zeros((1, blocks * block, heads, head_dim))

@@ -332,7 +332,7 @@ def test_rematerialised_blocks_give_the_same_gradients(config_1stage, monkeypatc
     """train.remat changes what the backward pass keeps, not what it computes; the blockwise
     attention path (rows longer than its query block) is part of the model here."""
     from hnet.layers import attention
-    from hnet.train_step import micro_grads, step_compiler_options
+    from hnet.training.train_step import micro_grads, step_compiler_options
 
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)  # so the main network's attention runs blockwise
     model = hnet.build_model(config_1stage, seed=0)

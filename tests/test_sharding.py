@@ -18,13 +18,14 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from conftest import ROOT, shrink, tiny_config
-from hnet import distributed, logical_axes, sharding
-from hnet.checkpoint import check_step
+from hnet.parallel import distributed, sharding
+from hnet import logical_axes
+from hnet.io.checkpoint import check_step
 from hnet.config import load_config
-from hnet.data import ensure_default_corpus
+from hnet.io.data import ensure_default_corpus
 from hnet.errors import ConfigError
 from hnet.model import build_model
-from hnet.run_config import run_config_from_dict
+from hnet.training.run_config import run_config_from_dict
 
 # Test-only: the subprocesses compile with LLVM at -O0 (XLA's own HLO optimisations still run),
 # about 4x faster to compile on CPU; every mesh of a comparison runs under the same flags.

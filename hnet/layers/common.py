@@ -8,7 +8,7 @@ import flax
 import jax.numpy as jnp
 from flax import nnx
 
-# Parameters carry logical axis names; hnet.sharding places them on a mesh explicitly, so Flax
+# Parameters carry logical axis names; hnet.parallel.sharding places them on a mesh explicitly, so Flax
 # must not try to shard variables eagerly when they are created (every parameter is made here).
 flax.config.update("flax_always_shard_variable", False)
 

@@ -1,6 +1,6 @@
 """PNG curves of a training run, from its RUN_DIR/metrics.jsonl.
 
-    python -m hnet.plot RUN_DIR        # or: python train.py --plot RUN_DIR
+    python -m hnet.evaluation.plot RUN_DIR        # or: python train.py --plot RUN_DIR
 
 Writes two files into RUN_DIR:
 
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from hnet.errors import RunError
-from hnet.run_dir import RunDir
+from hnet.io.run_dir import RunDir
 
 _STAGE_KEY = re.compile(r"^stage(\d+)_bytes_per_chunk$")
 
@@ -158,7 +158,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 def plot_compare(summaries, path: str | Path) -> Path:
     """One PNG comparing runs: evaluation bpb against training bytes (left) and against training
-    FLOPs (right). summaries: hnet.report.RunSummary list (curve = (bytes, FLOPs or None, bpb))."""
+    FLOPs (right). summaries: hnet.evaluation.report.RunSummary list (curve = (bytes, FLOPs or None, bpb))."""
     plt = _import_pyplot()
     fig, (ax_bytes, ax_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
     for summary in summaries:
@@ -186,7 +186,7 @@ def plot_compare(summaries, path: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hnet.plot", description="Write PNG curves of a run's metrics.jsonl.")
+    parser = argparse.ArgumentParser(prog="python -m hnet.evaluation.plot", description="Write PNG curves of a run's metrics.jsonl.")
     parser.add_argument("run_dir", help="a run folder holding metrics.jsonl")
     args = parser.parse_args(argv)
     try:

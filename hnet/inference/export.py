@@ -1,7 +1,7 @@
 """Inference artefacts: export a training run's parameters, and load a model from a run or an export.
 
-    python -m hnet.export --checkpoint RUN_DIR --out DIR [--step N] [--dtype bf16]
-    python -m hnet.export --checkpoint RUN_DIR --out DIR --format reference   # goombalab/hnet's names
+    python -m hnet.inference.export --checkpoint RUN_DIR --out DIR [--step N] [--dtype bf16]
+    python -m hnet.inference.export --checkpoint RUN_DIR --out DIR --format reference   # goombalab/hnet's names
 
 An export folder holds only what inference needs:
 
@@ -12,7 +12,7 @@ An export folder holds only what inference needs:
 
 `load_model` reads either kind of folder, so generate.py and eval.py accept both. Loading an
 export needs only the model code: no run config, optimizer or data pipeline. `python -m
-hnet.convert` writes the same folder from a published reference checkpoint; `--format reference`
+hnet.inference.convert` writes the same folder from a published reference checkpoint; `--format reference`
 writes model.safetensors and config.json the other way (export_reference).
 """
 
@@ -32,13 +32,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from hnet.checkpoint import restore_newest
 from hnet.config import ModelConfig, config_from_dict
 from hnet.errors import CheckpointError, ConfigError, DataError, HNetError, LoadError, report
+from hnet.inference.reference import parameter_table, reference_config, to_reference
+from hnet.io.checkpoint import restore_newest
+from hnet.io.run_dir import RunDir
+from hnet.io.tokenizer import BPETokenizer
 from hnet.model import LanguageModel, build_model
-from hnet.reference import parameter_table, reference_config, to_reference
-from hnet.run_dir import RunDir
-from hnet.tokenizer import BPETokenizer
 
 EXPORT_FORMAT = "hnet-export"
 EXPORT_VERSION = 1
@@ -131,7 +131,7 @@ def _read_json(path: Path, what: str) -> dict:
 def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     """A model from a training run folder (its newest usable checkpoint, or `step`) or an export folder.
 
-    A run's checkpoints are verified against their manifests (hnet.checkpoint): a damaged or
+    A run's checkpoints are verified against their manifests (hnet.io.checkpoint): a damaged or
     incomplete newer checkpoint is skipped with one warning line on stderr, and the newest usable
     one is loaded; a given `step` that is not usable is a LoadError.
     """

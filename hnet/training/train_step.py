@@ -26,12 +26,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from hnet import logical_axes, sharding
+from hnet import logical_axes
 from hnet.config import parse_layout
 from hnet.layers.isotropic import rematerialise
 from hnet.model import build_model, cross_entropy
-from hnet.optim import make_optimizer
-from hnet.run_config import RunConfig
+from hnet.parallel import sharding
+from hnet.training.optim import make_optimizer
+from hnet.training.run_config import RunConfig
 
 
 def loss_and_metrics(model, input_ids, targets, mask, ratio_loss_weight: float):
@@ -163,7 +164,7 @@ def fresh_state(params, tx: optax.GradientTransformation) -> dict:
 
 @dataclass
 class StepFunctions:
-    """The jitted steps of one run, laid out over `mesh` (see hnet.sharding).
+    """The jitted steps of one run, laid out over `mesh` (see hnet.parallel.sharding).
 
     Arrays in and out are global: the train state is sharded by `state_shardings` (parameters and
     optimizer state by their logical axes), batches are split over data x fsdp.

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HNET_DIR = str(Path(__file__).resolve().parent)
+HNET_DIR = str(Path(__file__).resolve().parents[1])
 # Primitives that call their sub-jaxprs once each, as plain function calls.
 CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
                              "custom_vjp_call_jaxpr", "checkpoint", "remat", "remat2", "custom_lin"})

@@ -18,7 +18,7 @@ zlib's DEFLATE differs from GNU gzip's by about 0.1%; without a gzip binary, Pyt
 module (zlib level 9) stands in. Without zstd (binary or Python 3.14's compression.zstd) its
 value is None ("unavailable").
 
-    python -m hnet.compress FILE     # prints one line per compressor
+    python -m hnet.evaluation.compress FILE     # prints one line per compressor
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def format_bpb(results: dict[str, float | None]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hnet.compress", description="Bits per byte of standard compressors on a file.")
+    parser = argparse.ArgumentParser(prog="python -m hnet.evaluation.compress", description="Bits per byte of standard compressors on a file.")
     parser.add_argument("file", help="file whose bytes are compressed")
     args = parser.parse_args(argv)
     try:

@@ -1,12 +1,12 @@
-"""The training loop around hnet.train_step: data, periodic evaluation, JSON Lines metrics with
-step time, throughput and MFU (hnet.throughput) and their TensorBoard scalars (hnet.tensorboard),
+"""The training loop around hnet.training.train_step: data, periodic evaluation, JSON Lines metrics with
+step time, throughput and MFU (hnet.training.throughput) and their TensorBoard scalars (hnet.training.tensorboard),
 orbax checkpoints, resume and preemption handling, and jax.profiler traces of chosen steps
-(hnet.profiling), in a run folder (hnet.run_dir).
+(hnet.training.profiling), in a run folder (hnet.io.run_dir).
 
-The steps run over a device mesh (hnet.sharding, the run config's `mesh` section), on one device
+The steps run over a device mesh (hnet.parallel.sharding, the run config's `mesh` section), on one device
 or many processes alike. Every process reads its own rows of each batch; process 0 alone prints
 and writes metrics. A token run (data.tokenizer, a flat Transformer) predicts BPE tokens; its bits
-per byte are the summed token NLL / (ln 2 x the bytes those tokens cover), see hnet.data.
+per byte are the summed token NLL / (ln 2 x the bytes those tokens cover), see hnet.io.data.
 
 docs/ARCHITECTURE.md section 3 shows the data flow around the loop.
 """
@@ -24,19 +24,20 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hnet import checkpoint as checkpoint_lib
-from hnet import data as data_lib
-from hnet import multihost, sharding, throughput
-from hnet import tensorboard as tensorboard_lib
-from hnet import tokenizer as tokenizer_lib
-from hnet.checkpoint import Checkpointer
 from hnet.errors import RunError, RunWriteError, describe_write_failure
+from hnet.io import checkpoint as checkpoint_lib
+from hnet.io import data as data_lib
+from hnet.io import tokenizer as tokenizer_lib
+from hnet.io.checkpoint import Checkpointer
+from hnet.io.run_dir import RunDir
 from hnet.model import bits_per_byte
-from hnet.profiling import ProfileSteps, StepProfiler
-from hnet.run_config import RunConfig, run_config_from_dict
-from hnet.run_dir import RunDir
-from hnet.run_lock import RunLock
-from hnet.train_step import StepFunctions, make_step_functions, run_mesh
+from hnet.parallel import multihost, sharding
+from hnet.training import throughput
+from hnet.training import tensorboard as tensorboard_lib
+from hnet.training.profiling import ProfileSteps, StepProfiler
+from hnet.training.run_config import RunConfig, run_config_from_dict
+from hnet.training.run_lock import RunLock
+from hnet.training.train_step import StepFunctions, make_step_functions, run_mesh
 
 
 def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, progress: bool = True,
@@ -46,8 +47,8 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
 
     max_steps: stop after this many steps in this call (checkpointing there), as if preempted.
     peak_tflops: peak TFLOP/s per device for MFU (default: the known peak of the device, if any;
-    see hnet.throughput).
-    profile: trace these steps with jax.profiler into RUN_DIR/profile (hnet.profiling).
+    see hnet.training.throughput).
+    profile: trace these steps with jax.profiler into RUN_DIR/profile (hnet.training.profiling).
     """
     run_dir = RunDir(workdir)
     mesh = run_mesh(run) if run is not None else None  # a layout error stops before the run folder is made
@@ -69,7 +70,7 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
 
 
 def lock_run_folder(run_dir: RunDir) -> RunLock | None:
-    """Process 0 takes RUN_DIR's lock (hnet.run_lock); every process stops with one error line
+    """Process 0 takes RUN_DIR's lock (hnet.training.run_lock); every process stops with one error line
     when it could not. -> the lock on process 0, None on the others."""
     lock, error = None, None
     if jax.process_index() == 0:
@@ -326,7 +327,7 @@ def summarize_eval(totals: dict, depth: int) -> dict:
 
 class MetricsLog:
     """Where metrics rows go: RUN_DIR/metrics.jsonl (the record, one JSON object a line) and,
-    when tensorboardX is installed, TensorBoard scalars in RUN_DIR/tensorboard (hnet.tensorboard).
+    when tensorboardX is installed, TensorBoard scalars in RUN_DIR/tensorboard (hnet.training.tensorboard).
     Only process 0 writes (`enabled`); first_step: the first step this call logs."""
 
     def __init__(self, run_dir: RunDir, enabled: bool, first_step: int):

@@ -1,4 +1,4 @@
-"""Pieces of the model timed alone at a run's shapes (`python -m hnet.bench components`).
+"""Pieces of the model timed alone at a run's shapes (`python -m hnet.perf.bench components`).
 
 For each stage s of the model, at the length the stage computes (its static length,
 hnet.chunking.stage_lengths(config, seq_len)[s]) and the run's micro-batch b:

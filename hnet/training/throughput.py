@@ -1,5 +1,5 @@
 """How fast training runs, shared by the training loop (metrics.jsonl, progress bar) and
-`python -m hnet.bench train`: model FLOPs of a step, MFU, and the devices' peak memory.
+`python -m hnet.perf.bench train`: model FLOPs of a step, MFU, and the devices' peak memory.
 
 - Model FLOPs of a training step: hnet.flops.training_flops_per_step at the lengths the stages
   compute: an inner stage at seq_len / the bytes per chunk that step measured (its
