@@ -106,7 +106,7 @@ class Checkpoint:
     """A loaded model with its run config (None for an export) and tokenizer (None for bytes)."""
 
     def __init__(self, path: str, step=None):
-        from hnet.inference.export import load_model
+        from hnet.inference.load import load_model
         from hnet.io.run_dir import RunDir
 
         self.loaded = load_model(path, step)

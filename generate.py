@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from hnet.errors import GenerationError, LoadError
     from hnet.inference.decode import Generator, SamplingConfig, Utf8Stream
-    from hnet.inference.export import load_model
+    from hnet.inference.load import load_model
 
     try:
         prompts = read_prompts(args)

@@ -19,7 +19,7 @@ tests/test_structure.py checks it):
     hnet/parallel/            device mesh and placement, multi-process start-up and agreement
     hnet/io/                  corpora, tokenizer, checkpoints, run folders
     hnet/training/            run config, train and eval steps, optimizer, the training loop
-    hnet/inference/           load_model and export, generation, the reference's checkpoints
+    hnet/inference/           load_model, generation, export, the reference's checkpoints
     hnet/evaluation/          bits per byte, chunk boundaries, reports, plots
     hnet/perf/                benchmarks
 """
@@ -31,7 +31,7 @@ _EXPORTS = {
     "ConfigError": "hnet.config", "ModelConfig": "hnet.config", "load_config": "hnet.config",
     "BOS_ID": "hnet.vocab", "EOS_ID": "hnet.vocab", "HNetLM": "hnet.model", "TransformerLM": "hnet.model",
     "ModelOutput": "hnet.model", "StageOutput": "hnet.model", "build_model": "hnet.model",
-    "cross_entropy": "hnet.model", "LoadedModel": "hnet.inference.export", "load_model": "hnet.inference.export",
+    "cross_entropy": "hnet.model", "LoadedModel": "hnet.inference.load", "load_model": "hnet.inference.load",
     "Generator": "hnet.inference.decode", "SamplingConfig": "hnet.inference.decode", "generate": "hnet.inference.decode",
 }
 __all__ = sorted(_EXPORTS)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hnet.inference import reference  # noqa: E402
 from hnet.inference.convert import load_reference_config  # noqa: E402
-from hnet.inference.export import abstract_params  # noqa: E402
+from hnet.inference.load import abstract_params  # noqa: E402
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 

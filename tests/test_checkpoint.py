@@ -16,7 +16,7 @@ import train as train_cli
 from hnet.io import checkpoint
 from hnet.io.checkpoint import Checkpointer, check_step
 from hnet.io.run_dir import RunDir
-from hnet.inference.export import load_model
+from hnet.inference.load import load_model
 from hnet.inference.export import main as export_cli
 from hnet.training.run_config import run_config_from_dict
 from hnet.training.train_loop import train

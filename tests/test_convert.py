@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 import hnet
 from hnet.inference import convert, reference
-from hnet.inference.export import load_model
+from hnet.inference.load import load_model
 from tests.conftest import ROOT
 
 # Tiny configs in the reference's JSON format (its Mamba2 heads have 64 dims).
@@ -214,7 +214,7 @@ def test_published_sizes_have_the_reference_key_set_and_shapes(name, total):
     expected = reference_shapes(cfg)
     assert sum(int(np.prod(s)) for s in expected.values()) == total
     config = convert.load_reference_config(ROOT / "configs" / f"{name}.json")
-    _, abstract = hnet.inference.export.abstract_params(config)
+    _, abstract = hnet.inference.load.abstract_params(config)
     shapes = {".".join(map(str, p)): v.shape for p, v in nnx.traversals.flatten_mapping(abstract.to_pure_dict()).items()}
     written = {t.key: reference.reference_shape(shapes[t.path], t.layout) for t in reference.parameter_table(config)}
     assert written == expected

@@ -22,7 +22,8 @@ from hnet import chunking
 from hnet.inference import decode
 from hnet.config import AttnConfig, replace
 from hnet.inference.decode import Generator, SamplingConfig, Utf8Stream
-from hnet.inference.export import export, load_model
+from hnet.inference.export import export
+from hnet.inference.load import load_model
 from conftest import ROOT, jit_forward, shrink, tiny_config, write_run_folder
 
 LENGTH = 120  # > the shrunk sliding windows (7), so ring buffers wrap; > 4 capacity multiples (8)

@@ -26,7 +26,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from hnet.inference import convert
-from hnet.inference.export import flat_param_paths, load_model
+from hnet.inference.export import flat_param_paths
+from hnet.inference.load import load_model
 from hnet.inference.reference import parameter_table, to_reference
 from hnet.training.train_step import loss_and_metrics
 

@@ -1,5 +1,5 @@
-"""Using a trained model: load it from a run or export folder and export its parameters (export),
-generate from it (decode), and convert the reference implementation's checkpoints (reference,
+"""Using a trained model: load it from a run or export folder (load), generate from it (decode),
+export its parameters (export), and convert the reference implementation's checkpoints (reference,
 convert).
 
 May import: the model core (hnet/*.py, hnet.layers), hnet.parallel and hnet.io; never hnet.training

@@ -9,7 +9,7 @@ The checkpoint is a state_dict of the reference HNetForCausalLM (goombalab/hnet)
 file (read with the `safetensors` package, numpy only) or a .pt/.bin file written by torch.save
 (read with torch, the optional extra `pip install 'hnet-jax[torch]'`). The config is the
 reference's JSON config (configs/hnet_*.json load unchanged). The result is an export folder as
-hnet.inference.export writes it, so generate.py, eval.py and hnet.inference.export.load_model use it as they are; its
+hnet.inference.export writes it, so generate.py, eval.py and hnet.inference.load.load_model use it as they are; its
 export.json records the source file's name and sha256. Unless the config sets capacity_slack, the
 converted model uses the exact capacity setting (no boundary is ever dropped), as the reference.
 
@@ -35,7 +35,8 @@ from flax import nnx
 from hnet import config as config_lib
 from hnet.config import ModelConfig
 from hnet.errors import ConvertError, HNetError, report
-from hnet.inference.export import abstract_params, export_dtype, flat_param_paths, refuse_existing, write_export
+from hnet.inference.export import export_dtype, flat_param_paths, refuse_existing, write_export
+from hnet.inference.load import abstract_params
 from hnet.inference.reference import check_file_keys, check_model_covered, from_reference, parameter_table
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")

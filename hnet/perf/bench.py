@@ -391,7 +391,7 @@ def _trained_params(checkpoint: str, config, params):
     import jax
 
     from hnet.errors import FlopsError
-    from hnet.inference.export import load_model
+    from hnet.inference.load import load_model
 
     from flax import nnx
 
@@ -451,7 +451,7 @@ def bench_chunks(checkpoint: str | None, config_path: str | None, overrides: lis
     from hnet.training.run_config import load_run_config
 
     if checkpoint is not None:
-        from hnet.inference.export import load_model
+        from hnet.inference.load import load_model
 
         loaded = load_model(checkpoint)
         model, config = loaded.model, loaded.config
