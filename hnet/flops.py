@@ -126,7 +126,7 @@ def mlp_flops(config: ModelConfig, stage: int, length: float) -> dict[str, float
 
 
 def ssd_scan_flops(length: float, chunk_size: int, heads: int, head_dim: int, d_state: int) -> float:
-    """The SSD scan of hnet.layers.mamba2.ssd_scan on one sequence (see the module docstring)."""
+    """The SSD scan of hnet.layers.kernels.ssd.ssd_scan on one sequence (see the module docstring)."""
     chunk = min(chunk_size, length)
     n_chunks = length / chunk
     return (

@@ -8,8 +8,10 @@ import pytest
 
 from hnet import config as config_lib
 from hnet.config import SSMConfig, load_config
-from hnet.layers.attention import attend, attention_mask, blockwise_attention, causal_attention, rotary_embedding, CausalSelfAttention
-from hnet.layers.mamba2 import Mamba2, causal_depthwise_conv, ssd_scan, ssd_step
+from hnet.layers.attention import rotary_embedding, CausalSelfAttention
+from hnet.layers.kernels.attention import attend, attention_mask, blockwise_attention, causal_attention
+from hnet.layers.kernels.ssd import ssd_scan, ssd_step
+from hnet.layers.mamba2 import Mamba2, causal_depthwise_conv
 from hnet.layers.mlp import SwiGLU
 from hnet.segments import Segments
 from hnet.perf.xla_stats import matmul_flops
@@ -229,7 +231,7 @@ def test_blockwise_attention_executes_only_the_blocks_its_window_reaches():
 def test_pallas_attention_equals_the_plain_path_in_interpret_mode():
     """The GPU path (Pallas flash attention with segment ids), run by Pallas' interpreter on CPU:
     values and gradients against the plain masked softmax; L = 45 is padded to the kernel's block."""
-    from hnet.layers.attention import pallas_causal_attention
+    from hnet.layers.kernels.attention import pallas_causal_attention
 
     keys = jax.random.split(jax.random.key(3), 4)
     q = jax.random.normal(keys[0], (1, 45, 4, 16))

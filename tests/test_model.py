@@ -331,7 +331,7 @@ def test_three_stage_hierarchy_runs_and_is_causal(config_2stage):
 def test_rematerialised_blocks_give_the_same_gradients(config_1stage, monkeypatch):
     """train.remat changes what the backward pass keeps, not what it computes; the blockwise
     attention path (rows longer than its query block) is part of the model here."""
-    from hnet.layers import attention
+    from hnet.layers.kernels import attention
     from hnet.training.train_step import micro_grads, step_compiler_options
 
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)  # so the main network's attention runs blockwise

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hnet.config import ModelConfig, parse_layout
-from hnet.layers.attention import ATTENTION_RESIDUALS, CausalSelfAttention
+from hnet.layers.attention import CausalSelfAttention
+from hnet.layers.kernels.attention import ATTENTION_RESIDUALS
 from hnet.layers.mamba2 import Mamba2
 from hnet.layers.mlp import SwiGLU
 from hnet.layers.norm import RMSNorm

@@ -587,7 +587,7 @@ def mib(n_bytes: float) -> str:
 
 
 def format_sources(by_source: dict, total: float, top: int = 6) -> str:
-    """The largest matmul sources as "layers/attention.py:attend 41%, ..."."""
+    """The largest matmul sources as "layers/kernels/attention.py:attend 41%, ..."."""
     items = sorted(by_source.items(), key=lambda item: -item[1])[:top]
     return ", ".join(f"{name} {flops / total:.0%}" for name, flops in items) if total else "-"
 

@@ -3,7 +3,7 @@
 For each stage s of the model, at the length the stage computes (its static length,
 hnet.chunking.stage_lengths(config, seq_len)[s]) and the run's micro-batch b:
 
-- ssd_scan: hnet.layers.mamba2.ssd_scan on x (b, L_s, H, P) in the config's dtype, dt (b, L_s, H)
+- ssd_scan: hnet.layers.kernels.ssd.ssd_scan on x (b, L_s, H, P) in the config's dtype, dt (b, L_s, H)
   float32, A (H,), B and C (b, L_s, S), one document per row;
 - attention: one CausalSelfAttention layer (qkv projection, RoPE, masked attention, output
   projection) on (b, L_s, D_s), one document per row;
@@ -54,7 +54,7 @@ def _forward_and_backward(piece, args):
 def _ssd_piece(config, stage: int, batch: int, length: int, rng):
     import jax.numpy as jnp
 
-    from hnet.layers.mamba2 import ssd_scan
+    from hnet.layers.kernels.ssd import ssd_scan
 
     ssm, dtype = config.ssm_cfg, jnp.dtype(config.dtype)
     d_inner = ssm.expand * config.d_model[stage]
