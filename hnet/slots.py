@@ -272,7 +272,7 @@ def _truncate(values: jax.Array, length: int) -> jax.Array:
 
 
 def run_stack(stack: nnx.Module, x: jax.Array, segments: Segments, rows: SlotRows) -> jax.Array:
-    """stack.prefill(x, segments)'s output (B, M, D) float32, computed for each group of rows on
+    """stack.forward(x, segments)'s output (B, M, D) float32, computed for each group of rows on
     the smallest ladder length that holds its rows' `rows.counts` positions (zeros beyond it).
 
     x (B, M, D) with M = rows.ladder[-1]; segments over the M positions; positions at or past a
@@ -288,7 +288,7 @@ def run_stack(stack: nnx.Module, x: jax.Array, segments: Segments, rows: SlotRow
     def branch(size):
         def run(operands):
             state, x, segments = operands
-            y, _ = nnx.merge(graphdef, state).prefill(_truncate(x, size), jax.tree_util.tree_map(
+            y, _ = nnx.merge(graphdef, state).forward(_truncate(x, size), jax.tree_util.tree_map(
                 lambda v: _truncate(v, size), segments))
             return jnp.pad(y, ((0, 0), (0, length - size), (0, 0)))
         return run

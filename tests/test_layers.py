@@ -146,7 +146,7 @@ def test_mamba2_is_causal():
     layer = Mamba2(32, SSMConfig(d_state=8, chunk_size=8, head_dim=16), dtype=jnp.float32, out_scale=1.0, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (1, 20, 32))
     x2 = x.at[:, 12:].set(jax.random.normal(jax.random.key(1), (1, 8, 32)))
-    forward = nnx.jit(lambda layer, t: layer.prefill(t, Segments.from_starts(jnp.zeros((1, 20), bool)))[0])
+    forward = nnx.jit(lambda layer, t: layer.forward(t, Segments.from_starts(jnp.zeros((1, 20), bool)))[0])
     y, y2 = forward(layer, x), forward(layer, x2)
     np.testing.assert_allclose(y[:, :12], y2[:, :12], rtol=1e-5, atol=1e-5)
     assert not np.allclose(y[:, 12:], y2[:, 12:])
@@ -271,7 +271,7 @@ def test_attention_layer_gqa_window_is_causal():
     layer = CausalSelfAttention(32, 4, 2, 8, 3, dtype=jnp.float32, out_scale=1.0, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 12, 32))
     x2 = x.at[:, 7:].add(1.0)
-    forward = nnx.jit(lambda layer, t: layer.prefill(t, Segments.from_starts(jnp.zeros((2, 12), bool)))[0])
+    forward = nnx.jit(lambda layer, t: layer.forward(t, Segments.from_starts(jnp.zeros((2, 12), bool)))[0])
     y, y2 = forward(layer, x), forward(layer, x2)
     np.testing.assert_allclose(y[:, :7], y2[:, :7], rtol=1e-5, atol=1e-5)
 

@@ -36,7 +36,7 @@ def set_routing(model, mode: str, input_ids):
     if mode == "fresh":
         return
     one_document = Segments.from_starts(jnp.zeros(input_ids.shape, bool))
-    hidden = model.backbone.encoder.prefill(model.embedding(input_ids), one_document)[0]
+    hidden = model.backbone.encoder.forward(model.embedding(input_ids), one_document)[0]
     u = hidden.mean((0, 1))
     u = u / jnp.linalg.norm(u)
     projection = jnp.outer(u, u)

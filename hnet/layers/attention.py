@@ -57,12 +57,13 @@ class CausalSelfAttention(nnx.Module):
         """Cache slots C for sequences of up to `max_length` positions."""
         return max_length if self.window < 0 else min(max_length, self.window + 1)
 
-    def prefill(self, x: jax.Array, segments: Segments, lengths: jax.Array | None = None, max_length: int | None = None):
+    def forward(self, x: jax.Array, segments: Segments, lengths: jax.Array | None = None, max_length: int | None = None):
         """Causal attention within each document of x (B, L, D) -> (y (B, L, D), KVCache or None).
 
         RoPE uses positions within the document, so a document attends exactly as it would alone.
         With `lengths` (B,) (each row's real length; the rest is right padding) and `max_length`,
-        also returns the cache after each row's last real position, ready for `step`.
+        also returns the cache after each row's last real position, ready for `step` (generation's
+        prefill).
         """
         batch, length, d_model = x.shape
         q, k, v = self.project_qkv(x, segments.position)

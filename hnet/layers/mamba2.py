@@ -76,11 +76,12 @@ class Mamba2(nnx.Module):
         y = self.norm(y * jax.nn.silu(z.astype(jnp.float32)))
         return self.out_proj(y.astype(self.dtype))
 
-    def prefill(self, hidden: jax.Array, segments: Segments, lengths: jax.Array | None = None):
+    def forward(self, hidden: jax.Array, segments: Segments, lengths: jax.Array | None = None):
         """hidden (B, L, D) -> (y (B, L, D), MambaCache or None), each document on its own.
 
         With `lengths` (B,) (each row's real length; the rest is right padding) also returns the
-        cache after each row's last real position (a fixed-size state, whatever the length).
+        cache after each row's last real position (a fixed-size state, whatever the length), ready
+        for `step` (generation's prefill).
         """
         z, conv_input, dt_raw = self.split_projection(self.in_proj(hidden))
         xBC = jax.nn.silu(causal_depthwise_conv(conv_input, self.conv_weight[...], self.conv_bias[...], segments.position))

@@ -85,7 +85,7 @@ def _attention_piece(config, stage: int, batch: int, length: int, rng):
     x = jnp.asarray(rng.standard_normal((batch, length, d_model)), jnp.dtype(config.dtype))
 
     def piece(x):
-        return layer.prefill(x, segments)[0]
+        return layer.forward(x, segments)[0]
 
     return piece, (x,), f"x ({batch}, {length}, {d_model}), {attn.num_heads[stage]} heads, window {attn.window_size[stage]}"
 
