@@ -124,7 +124,8 @@ def export_reference(checkpoint: str | Path, out: str | Path, *, step: int | Non
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Export a training checkpoint's parameters for inference.")
+    parser = argparse.ArgumentParser(prog="python -m hnet.inference.export",
+                                     description="Export a training checkpoint's parameters for inference.")
     parser.add_argument("--checkpoint", required=True, help="training run folder (or an export folder)")
     parser.add_argument("--out", required=True, help="export folder to create (must not exist)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
