@@ -75,6 +75,7 @@ def main(argv=None) -> int:
 
     from hnet.errors import WRITE_FAILED_EXIT, DataError, RunError, RunWriteError
     from hnet.io.run_dir import RunDir
+    from hnet.stage_metrics import stage_values
 
     try:
         if args.plot:
@@ -120,8 +121,8 @@ def main(argv=None) -> int:
     result = summary["eval"]
     print(f"{summary['status']} at step {summary['step']} ({summary['bytes_seen']:,d} bytes seen)")
     if result:
-        stages = "".join(f", stage {s} bytes/chunk {result[f'stage{s}_bytes_per_chunk']:.2f}"
-                         for s in range(8) if f"stage{s}_bytes_per_chunk" in result)
+        stages = "".join(f", stage {s} bytes/chunk {value:.2f}"
+                         for s, value in enumerate(stage_values(result, "bytes_per_chunk")))
         print(f"validation bpb {result['bpb']:.4f}{stages}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics: {Path(summary['workdir']) / 'metrics.jsonl'}  (plot: python train.py --plot {summary['workdir']})")

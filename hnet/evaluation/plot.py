@@ -23,6 +23,7 @@ from pathlib import Path
 
 from hnet.errors import RunError
 from hnet.io.run_dir import RunDir
+from hnet.stage_metrics import stage_metric
 
 _STAGE_KEY = re.compile(r"^stage(\d+)_bytes_per_chunk$")
 
@@ -142,8 +143,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     stages = sorted(set(_stages(train_rows)) | set(_stages(eval_rows, prefix="eval_")))
     for s in stages:
         color = colors[s % len(colors)]
-        _train_line(ax, train_rows, f"stage{s}_bytes_per_chunk", color, f"stage {s} train")
-        xs, ys = _column(eval_rows, f"eval_stage{s}_bytes_per_chunk")
+        _train_line(ax, train_rows, stage_metric(s, "bytes_per_chunk"), color, f"stage {s} train")
+        xs, ys = _column(eval_rows, "eval_" + stage_metric(s, "bytes_per_chunk"))
         if xs:
             ax.plot(xs, ys, "o", color=color, markersize=6, markeredgecolor="black", label=f"stage {s} eval")
     if not stages:

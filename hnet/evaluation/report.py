@@ -24,6 +24,7 @@ from hnet.config import config_from_dict
 from hnet.errors import ConfigError, RunError
 from hnet.io.run_dir import RunDir
 from hnet.param_report import parameter_counts
+from hnet.stage_metrics import stage_metric
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ class RunSummary:
 
 def _stage_chunks(row: dict, depth: int, prefix: str = "") -> list | None:
     """Measured cumulative bytes per chunk of each stage in a metrics row, or None if absent."""
-    values = [row.get(f"{prefix}stage{s}_bytes_per_chunk") for s in range(depth)]
+    values = [row.get(prefix + stage_metric(s, "bytes_per_chunk")) for s in range(depth)]
     return None if any(v is None for v in values) else values
 
 

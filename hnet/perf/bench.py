@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hnet.flops import human  # no JAX: `--help` stays fast
+from hnet.stage_metrics import stage_metric
 
 
 def model_config_name(config_path: str | Path | None, overrides: list[str] = ()) -> str:
@@ -329,7 +330,7 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     device = jax.devices()[0]
     peak = throughput.peak_memory_bytes([device])
     # Model FLOPs at the chunks this step kept (averaged over micro-batches), at most the capacity.
-    bytes_per_chunk = [float(last_metrics[f"stage{s}_bytes_per_chunk"]) for s in range(config.depth)]
+    bytes_per_chunk = [float(last_metrics[stage_metric(s, "bytes_per_chunk")]) for s in range(config.depth)]
     step_flops, lengths = throughput.model_flops_per_step(config, train.batch_size, train.seq_len, bytes_per_chunk)
     executed = compiled.matmuls.flops
     if config.depth:  # the ladder lengths this batch's groups ran on (the parameters after the last step)
@@ -368,7 +369,7 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
         "bytes_per_token": bytes_per_token,
         "bytes_per_token_source": bytes_per_token_source,
         "bytes_per_chunk": bytes_per_chunk,
-        "slot_utilisation": [float(last_metrics[f"stage{s}_slot_utilisation"]) for s in range(config.depth)],
+        "slot_utilisation": [float(last_metrics[stage_metric(s, "slot_utilisation")]) for s in range(config.depth)],
         "checkpoint": checkpoint,
         "rows": "random bytes" if data is None else f"training rows of the {data} corpus",
         "stage_lengths": lengths,

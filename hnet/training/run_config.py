@@ -24,6 +24,7 @@ run `train.seq_len` counts tokens; bytes_seen, bytes/s and bits per byte still c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -101,8 +102,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
-    @property
+    @functools.cached_property
     def model_config(self) -> ModelConfig:
+        """`model` parsed into a ModelConfig, once (the dictionary stays what is saved and compared)."""
         return config_from_dict(self.model)
 
     def to_dict(self) -> dict[str, Any]:

@@ -32,12 +32,13 @@ from hnet.io.checkpoint import Checkpointer
 from hnet.io.run_dir import RunDir
 from hnet.model import bits_per_byte
 from hnet.parallel import multihost, sharding
+from hnet.stage_metrics import stage_metric, stage_values
 from hnet.training import throughput
 from hnet.training import tensorboard as tensorboard_lib
 from hnet.training.profiling import ProfileSteps, StepProfiler
 from hnet.training.run_config import RunConfig, run_config_from_dict
 from hnet.training.run_lock import RunLock
-from hnet.training.train_step import StepFunctions, make_step_functions, run_mesh
+from hnet.training.train_step import StepFunctions, make_step_functions
 
 
 def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, progress: bool = True,
@@ -51,7 +52,8 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
     profile: trace these steps with jax.profiler into RUN_DIR/profile (hnet.training.profiling).
     """
     run_dir = RunDir(workdir)
-    mesh = run_mesh(run) if run is not None else None  # a layout error stops before the run folder is made
+    # The run's steps; a mesh that does not fit the devices or the batch stops before the run folder is made.
+    given_steps = make_step_functions(run)[1] if run is not None else None
     if profile is not None and not resume:  # checked before the run folder is made
         profile.check(1, _end_step(run.train.steps, 0, max_steps))
     if resume and not run_dir.config.is_file():
@@ -62,7 +64,7 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
             print(f"--resume: {run_dir.path} holds no run yet; starting it")
     lock = lock_run_folder(run_dir)  # one job per run folder, for the whole run
     try:
-        return _train(run, run_dir, mesh, resume=resume, progress=progress, max_steps=max_steps, verbose=verbose,
+        return _train(run, run_dir, given_steps, resume=resume, progress=progress, max_steps=max_steps, verbose=verbose,
                       peak_tflops=peak_tflops, profile=profile)
     finally:
         if lock is not None:
@@ -85,9 +87,9 @@ def lock_run_folder(run_dir: RunDir) -> RunLock | None:
     return lock
 
 
-def _train(run: RunConfig | None, run_dir: RunDir, mesh, *, resume: bool, progress: bool, max_steps: int | None,
-           verbose: bool, peak_tflops: float | None, profile: ProfileSteps | None) -> dict:
-    """train() once the run folder is locked; mesh: the run config's (None: the saved run's)."""
+def _train(run: RunConfig | None, run_dir: RunDir, steps: StepFunctions | None, *, resume: bool, progress: bool,
+           max_steps: int | None, verbose: bool, peak_tflops: float | None, profile: ProfileSteps | None) -> dict:
+    """train() once the run folder is locked; steps: the given run config's (None: made for the saved run's)."""
     is_main = jax.process_index() == 0  # only process 0 prints and writes metrics
     verbose = verbose and is_main
     log = print if verbose else (lambda *a, **k: None)
@@ -113,7 +115,8 @@ def _train(run: RunConfig | None, run_dir: RunDir, mesh, *, resume: bool, progre
     )
     data_lib.PackedSequences(corpus, run.data.eval_split, train_cfg.seq_len)  # fail early if missing
 
-    graphdef, steps = make_step_functions(run, mesh)
+    if steps is None:
+        steps = make_step_functions(run)[1]
     log(f"mesh: {sharding.describe(steps.mesh)}")
     if tensorboard_lib.available():
         log(f"tensorboard: event files in {run_dir.tensorboard}")
@@ -198,7 +201,7 @@ def _train(run: RunConfig | None, run_dir: RunDir, mesh, *, resume: bool, progre
                                     **{f"eval_{k}": v for k, v in last_eval.items()}}])
                 if is_main:
                     bar.write(f"step {step}: {run.data.eval_split} bpb {last_eval['bpb']:.4f}" + "".join(
-                        f", stage {s} bytes/chunk {last_eval[f'stage{s}_bytes_per_chunk']:.2f}" for s in range(run.model_config.depth)))
+                        f", stage {s} bytes/chunk {value:.2f}" for s, value in enumerate(stage_values(last_eval, "bytes_per_chunk"))))
             if stopping:
                 status = f"stopped by {stop.signal or 'a signal to another process'}"
                 break
@@ -314,9 +317,10 @@ def summarize_eval(totals: dict, depth: int) -> dict:
     result = {"bpb": bits_per_byte(totals["nll"], totals["bytes"]), "nats_per_byte": totals["nll"] / totals["bytes"],
               "bytes": int(totals["bytes"]), "tokens": int(totals["tokens"])}
     for s in range(depth):
-        result[f"stage{s}_bytes_per_chunk"] = totals["bytes"] / max(totals[f"stage{s}_chunks"], 1.0)
-        result[f"stage{s}_dropped_rate"] = totals[f"stage{s}_dropped"] / max(totals[f"stage{s}_boundaries"], 1.0)
-        result[f"stage{s}_slot_utilisation"] = totals[f"stage{s}_chunks"] / max(totals[f"stage{s}_slots"], 1.0)
+        chunks = totals[stage_metric(s, "chunks")]
+        result[stage_metric(s, "bytes_per_chunk")] = totals["bytes"] / max(chunks, 1.0)
+        result[stage_metric(s, "dropped_rate")] = totals[stage_metric(s, "dropped")] / max(totals[stage_metric(s, "boundaries")], 1.0)
+        result[stage_metric(s, "slot_utilisation")] = chunks / max(totals[stage_metric(s, "slots")], 1.0)
     return result
 
 
@@ -417,13 +421,12 @@ def _warn_dropped(rows: list[dict], warmup_steps: int, config, write) -> bool:
     for row in rows:
         if row["step"] <= warmup_steps:
             continue
-        for s in range(config.depth):
-            rate = row.get(f"stage{s}_dropped_rate", 0.0)
+        for s, rate in enumerate(stage_values(row, "dropped_rate")):
             if rate > DROPPED_WARNING:
                 if write is not None:
                     write(f"warning: step {row['step']}: stage {s} dropped {rate:.1%} of its boundaries under the chunk "
                           f"capacity rule (capacity_slack {config.capacity_slack}, burst {config.capacity_burst}); "
-                          f"a larger model.capacity_slack drops fewer (logged as stage{s}_dropped_rate)")
+                          f"a larger model.capacity_slack drops fewer (logged as {stage_metric(s, 'dropped_rate')})")
                 return True
     return False
 
