@@ -327,7 +327,7 @@ def run_compare(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hnet.errors import ConfigError, DataError, EvalError, LoadError, RunError
+    from hnet.errors import ConfigError, DataError, EvalError, LoadError, RunError, report
 
     try:
         check_args(args)
@@ -342,8 +342,7 @@ def main(argv=None) -> int:
             else:
                 result = run_evaluate(args, checkpoints)
     except (UsageError, ConfigError, DataError, EvalError, LoadError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     if args.json:
         print(json.dumps(result))
     return 0

@@ -73,7 +73,7 @@ def show_with_boundaries(prompts, result, is_token_model: bool) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hnet.errors import GenerationError, LoadError
+    from hnet.errors import GenerationError, LoadError, report
     from hnet.inference.decode import Generator, SamplingConfig, Utf8Stream
     from hnet.inference.load import load_model
 
@@ -106,8 +106,7 @@ def main(argv=None) -> int:
             print(f"=== prompt {row + 1} ===")
             print(prompt.decode("utf-8", errors="replace") + outputs[row] + stream.flush())
     except (LoadError, GenerationError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     return 0
 
 

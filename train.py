@@ -59,7 +59,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hnet.errors import ConfigError
+    from hnet.errors import ConfigError, report
     from hnet.parallel import distributed
 
     if not args.plot:
@@ -69,8 +69,7 @@ def main(argv=None) -> int:
             distributed.maybe_initialize(args.coordinator, args.num_processes, args.process_id,
                                          auto=args.distributed, timeout_s=args.distributed_timeout)
         except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return report(err)
     import jax
 
     from hnet.errors import WRITE_FAILED_EXIT, DataError, RunError, RunWriteError
@@ -105,11 +104,9 @@ def main(argv=None) -> int:
         summary = train(run, workdir, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
                         peak_tflops=args.peak_tflops, profile=profile)
     except RunWriteError as err:  # the disk refused a write: a checkpoint, metrics
-        print(f"error: {err}", file=sys.stderr)
-        return WRITE_FAILED_EXIT
+        return report(err, WRITE_FAILED_EXIT)
     except (ConfigError, DataError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     except jax.errors.JaxRuntimeError as err:
         if jax.process_count() == 1:
             raise

@@ -30,6 +30,8 @@ import shutil
 import subprocess
 import sys
 
+from hnet.errors import report
+
 COMPRESSORS = ("gzip -9", "bzip2 -9", "xz -9e", "zstd --ultra -22")
 
 
@@ -96,11 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.file, "rb") as f:
             data = f.read()
     except OSError as err:
-        print(f"error: {args.file}: {err.strerror}", file=sys.stderr)
-        return 2
+        return report(f"{args.file}: {err.strerror}")
     if not data:
-        print(f"error: {args.file} is empty", file=sys.stderr)
-        return 2
+        return report(f"{args.file} is empty")
     print(f"{args.file}: {len(data):,d} bytes")
     print(format_bpb(compressor_bpb(data)))
     return 0

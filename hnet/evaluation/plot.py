@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from hnet.errors import RunError
+from hnet.errors import RunError, report
 from hnet.io.run_dir import RunDir
 from hnet.stage_metrics import stage_metric
 
@@ -194,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot_run(args.run_dir):
             print(f"wrote {path}")
     except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     return 0
 
 

@@ -54,7 +54,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from hnet.errors import CheckpointError, RunWriteError, describe_write_failure
+from hnet.errors import CheckpointError, RunWriteError, describe_write_failure, report
 from hnet.io.run_dir import RunDir
 
 FORMAT_VERSION = 1
@@ -487,12 +487,10 @@ def verify_main(run_dir: str) -> int:
     """Print one line per checkpoint (newest first) and return the exit code (see main's help)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        print(f"error: {run_dir} does not exist or is not a folder", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(f"{run_dir} does not exist or is not a folder", EXIT_BAD_INPUT)
     statuses = survey(run_dir)
     if not statuses:
-        print(f"error: {run_dir} has no checkpoints (no checkpoints/<step> folder)", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(f"{run_dir} has no checkpoints (no checkpoints/<step> folder)", EXIT_BAD_INPUT)
     for status in statuses:
         print(f"{status.step:>10d}  {status.state:<10s}  {status.reason}")
     skipped = RunDir(run_dir).skipped_checkpoints

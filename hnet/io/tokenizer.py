@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from data.shards import TOKENS_FORMAT, PrepareError, cache_dir, make_sibling_dir, move_into_place
-from hnet.errors import DataError
+from hnet.errors import DataError, report
 from hnet.io.data import PreparedCorpus
 from hnet.io.run_dir import RunDir
 from hnet.parallel import multihost
@@ -333,7 +333,6 @@ def bytes_per_token(tokenizer: BPETokenizer, corpus: PreparedCorpus, split: str)
 def main(argv: list[str] | None = None) -> int:
     """python -m hnet.io.tokenizer --corpus DIR --vocab-size V --out FILE [--measure SPLIT ...]"""
     import argparse
-    import sys
     import time
 
     parser = argparse.ArgumentParser(
@@ -366,19 +365,18 @@ def main(argv: list[str] | None = None) -> int:
             if not args.json:
                 print(f"trained {tokenizer.vocab_size} ids on split '{args.split}' of {corpus.path} "
                       f"in {time.perf_counter() - start:.0f} s -> {out}")
-        report = {"tokenizer": args.load or args.out, "vocab_size": tokenizer.vocab_size, "splits": {}}
+        measured = {"tokenizer": args.load or args.out, "vocab_size": tokenizer.vocab_size, "splits": {}}
         for split in args.measure:
             num_bytes, num_tokens = bytes_per_token(tokenizer, corpus, split)
             ratio = num_bytes / max(num_tokens, 1)
-            report["splits"][split] = {"bytes": num_bytes, "tokens": num_tokens, "bytes_per_token": ratio}
+            measured["splits"][split] = {"bytes": num_bytes, "tokens": num_tokens, "bytes_per_token": ratio}
             if not args.json:
                 print(f"{split}: {num_bytes:,d} bytes / {num_tokens:,d} tokens = {ratio:.3f} bytes per token "
                       f"(each document alone, no BOS)")
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(measured, indent=2))
     return 0
 
 

@@ -753,12 +753,12 @@ def run_command(args) -> tuple[dict, str]:
 def main(argv: list[str] | None = None) -> dict | None:
     """Run the chosen benchmark, print it, and return its result dict (None on bad input)."""
     args = parse_args(argv)
-    from hnet.errors import HNetError
+    from hnet.errors import HNetError, report
 
     try:
         result, table = run_command(args)
     except HNetError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(err)
         return None
     print(json.dumps(result) if args.json else table)
     return result
