@@ -21,36 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-
-def attention_mask(positions: jax.Array, segment_index: jax.Array, window: int) -> jax.Array:
-    """Boolean (B, L, L): key j is visible to query i when j <= i, (window < 0 or i - j <= window)
-    and both are in the same document. positions (L,) int; segment_index (B, L) int32."""
-    delta = positions[:, None] - positions[None, :]
-    visible = delta >= 0
-    if window >= 0:
-        visible &= delta <= window
-    same_document = segment_index[:, :, None] == segment_index[:, None, :]
-    return visible[None] & same_document
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked softmax attention with a float32 softmax.
-
-    q: (B, Lq, H, Dh); k, v: (B, Lk, Hkv, Dh) with H a multiple of Hkv; mask: (B, Lq, Lk) bool
-    (every query sees at least itself). Returns (B, Lq, H, Dh) in q's dtype.
-    """
-    batch, q_len, heads, head_dim = q.shape
-    mask = mask[:, None, None]  # broadcast over (kv heads, group)
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim ** -0.5)
-    scores = jnp.where(mask, scores, -1e30)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
-    return out.reshape(batch, q_len, heads, head_dim)
-
-
 QUERY_BLOCK = 256  # queries per block of the blockwise path (see causal_attention)
 # Which path causal_attention takes: "auto" (below), "plain", "blockwise" or "pallas". Settable
 # with the HNET_ATTENTION environment variable, e.g. to fall back to "blockwise" on a GPU.
@@ -84,6 +54,35 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: ja
     if impl == "plain" or length <= block_size:
         return attend(q, k, v, attention_mask(jnp.arange(length), segment_index, window))
     return blockwise_attention(q, k, v, segment_index, window, block_size)
+
+
+def attention_mask(positions: jax.Array, segment_index: jax.Array, window: int) -> jax.Array:
+    """Boolean (B, L, L): key j is visible to query i when j <= i, (window < 0 or i - j <= window)
+    and both are in the same document. positions (L,) int; segment_index (B, L) int32."""
+    delta = positions[:, None] - positions[None, :]
+    visible = delta >= 0
+    if window >= 0:
+        visible &= delta <= window
+    same_document = segment_index[:, :, None] == segment_index[:, None, :]
+    return visible[None] & same_document
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked softmax attention with a float32 softmax.
+
+    q: (B, Lq, H, Dh); k, v: (B, Lk, Hkv, Dh) with H a multiple of Hkv; mask: (B, Lq, Lk) bool
+    (every query sees at least itself). Returns (B, Lq, H, Dh) in q's dtype.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    mask = mask[:, None, None]  # broadcast over (kv heads, group)
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim ** -0.5)
+    scores = jnp.where(mask, scores, -1e30)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
+    return out.reshape(batch, q_len, heads, head_dim)
 
 
 def pallas_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: jax.Array,
