@@ -9,8 +9,8 @@ The outermost decoder's final RMSNorm is the model's final norm.
 Every level (layer, block, stack, stage, model) has a `forward`: the parallel pass over whole
 sequences, which training, evaluation and `LanguageModel.__call__` run. Generation: `prefill` runs
 that forward over (right-padded) prompts and also returns the caches after each row's last prompt
-position; `step` then advances one byte per row. An inner stage
-advances only for the rows that start a chunk at that byte (see HNetStage.step).
+position; `step` then advances one byte per row. An inner stage advances only for the rows that
+start a chunk at that byte (see HNetStage.step).
 
 Exactness: each document of a packed row is computed as if alone (hnet.segments), and whether a
 position starts a chunk depends only on earlier positions of its document (hnet.chunking.
