@@ -8,10 +8,10 @@
     python eval.py --compare RUN_A RUN_B --out reports/ab
 
 A checkpoint is a training run folder (its newest usable checkpoint, or --step; a damaged or
-incomplete one is skipped with a warning, see hnet/checkpoint.py) or an export folder.
+incomplete one is skipped with a warning, see hnet/io/checkpoint.py) or an export folder.
 Data: the run's own evaluation corpus and split by default; --data takes a prepared corpus folder
 or a plain text file (one document, or split with --doc-separator). Every document is scored
-from a BOS; long documents with sliding windows (see hnet/evaluate.py). Bad input prints one
+from a BOS; long documents with sliding windows (see hnet/evaluation/evaluate.py). Bad input prints one
 line starting with "error:" and exits 2.
 """
 
@@ -47,7 +47,7 @@ def parse_args(argv):
     modes.add_argument("--text-file", help="--show-boundaries: read the text from this file")
     modes.add_argument("--html", metavar="FILE", help="--show-boundaries: also write a self-contained HTML page here")
     modes.add_argument("--no-color", action="store_true", help="--show-boundaries: '|' markers instead of colours")
-    modes.add_argument("--robustness", action="store_true", help="bpb on perturbed text (hnet/perturb.py) for each checkpoint")
+    modes.add_argument("--robustness", action="store_true", help="bpb on perturbed text (hnet/evaluation/perturb.py) for each checkpoint")
     modes.add_argument("--kinds", help="--robustness: comma-separated perturbation kinds (default: all)")
     modes.add_argument("--rates", default="0.01,0.05,0.1", help="--robustness: comma-separated rates (default %(default)s)")
     modes.add_argument("--seed", type=int, default=0, help="--robustness: perturbation seed (document i uses seed + i)")
@@ -106,8 +106,8 @@ class Checkpoint:
     """A loaded model with its run config (None for an export) and tokenizer (None for bytes)."""
 
     def __init__(self, path: str, step=None):
-        from hnet.export import load_model
-        from hnet.run_dir import RunDir
+        from hnet.inference.load import load_model
+        from hnet.io.run_dir import RunDir
 
         self.loaded = load_model(path, step)
         self.path = Path(path)
@@ -126,7 +126,7 @@ class Checkpoint:
         return int(seq_len) if seq_len else 1024
 
     def scorer(self, args):
-        from hnet.evaluate import Scorer
+        from hnet.evaluation.evaluate import Scorer
 
         return Scorer(self.loaded.model, window=self.window(args), stride=args.stride, batch_size=args.batch_size,
                       tokenizer=self.tokenizer, capacity_slack=args.capacity_slack)
@@ -146,8 +146,8 @@ class Checkpoint:
 
 def load_documents(args, checkpoints, max_bytes):
     """The documents to score: --data, else the first run's eval corpus and split."""
-    from hnet.data import PreparedCorpus, ensure_default_corpus
-    from hnet.evaluate import corpus_documents, text_file_documents
+    from hnet.evaluation.evaluate import corpus_documents, text_file_documents
+    from hnet.io.data import PreparedCorpus, ensure_default_corpus
 
     if args.data:
         path = Path(args.data)
@@ -182,7 +182,7 @@ def _progress(total: int, enabled: bool):
 
 
 def run_evaluate(args, checkpoints) -> dict:
-    from hnet.boundaries import format_histogram, format_separator_shares
+    from hnet.evaluation.boundaries import format_histogram, format_separator_shares
 
     documents = load_documents(args, checkpoints, args.max_bytes or None)
     if not documents.docs:
@@ -219,7 +219,7 @@ def run_evaluate(args, checkpoints) -> dict:
                 print(f"           chunk lengths (bytes): {format_histogram(stats.histogram)}")
             print(f"  {result.seconds:.1f} s incl. compilation ({result.bytes / max(result.seconds, 1e-9):,.0f} bytes/s)")
     if not args.no_compressors:
-        from hnet.compress import compressor_bpb, compressor_bpb_per_document
+        from hnet.evaluation.compress import compressor_bpb, compressor_bpb_per_document
 
         # The models score each document from its own BOS, so the comparable compressor line
         # compresses each document alone; the concatenation (documents back to back) is beside it.
@@ -241,8 +241,8 @@ def run_evaluate(args, checkpoints) -> dict:
 
 
 def run_show_boundaries(args, checkpoints) -> dict:
-    from hnet.boundaries import ShownModel, format_histogram, format_separator_shares, render_html, render_terminal
-    from hnet.evaluate import take_prefix
+    from hnet.evaluation.boundaries import ShownModel, format_histogram, format_separator_shares, render_html, render_terminal
+    from hnet.evaluation.evaluate import take_prefix
 
     if args.text is not None:
         text = args.text.encode("utf-8")
@@ -288,8 +288,8 @@ def run_show_boundaries(args, checkpoints) -> dict:
 
 
 def run_robustness(args, checkpoints) -> dict:
-    from hnet.perturb import PERTURBATIONS
-    from hnet.report import robustness, robustness_table
+    from hnet.evaluation.perturb import PERTURBATIONS
+    from hnet.evaluation.report import robustness, robustness_table
 
     try:
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
@@ -315,7 +315,7 @@ def run_robustness(args, checkpoints) -> dict:
 
 
 def run_compare(args) -> dict:
-    from hnet.report import write_compare
+    from hnet.evaluation.report import write_compare
 
     table, paths = write_compare(args.compare, args.out or ".")
     if not args.json:
@@ -327,7 +327,7 @@ def run_compare(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hnet.errors import ConfigError, DataError, EvalError, LoadError, RunError
+    from hnet.errors import ConfigError, DataError, EvalError, LoadError, RunError, report
 
     try:
         check_args(args)
@@ -342,8 +342,7 @@ def main(argv=None) -> int:
             else:
                 result = run_evaluate(args, checkpoints)
     except (UsageError, ConfigError, DataError, EvalError, LoadError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     if args.json:
         print(json.dumps(result))
     return 0

@@ -5,22 +5,22 @@
     python train.py --workdir runs/x --resume         # continue from the newest checkpoint
     python train.py --plot runs/x                     # PNG curves of a run
     python train.py --workdir runs/x --profile 10:12  # jax.profiler trace of steps 10-12 in runs/x/profile
-    python train.py --set mesh.fsdp=8                 # lay the run out over devices (hnet.sharding)
+    python train.py --set mesh.fsdp=8                 # lay the run out over devices (hnet.parallel.sharding)
     python train.py --coordinator HOST:PORT --num-processes 2 --process-id 0 ...   # one of several hosts
 
 Bad input (config, data, run folder, no usable checkpoint to resume) prints one line starting
 with "error:" and exits 2. --resume skips a damaged or incomplete newest checkpoint (one warning
-line each; see hnet/checkpoint.py) and continues from the newest good one.
+line each; see hnet/io/checkpoint.py) and continues from the newest good one.
 
 The restart command `python train.py --workdir RUN_DIR --resume` works at every moment of a run:
 before its first checkpoint it starts the run again from step 0, during a save it ignores the
 partial one, after the last step it says the run is complete and exits 0. One job per run folder:
 while a training job holds RUN_DIR/train.lock, another one on the folder exits 2 naming it
-(hnet/run_lock.py). A write the disk refuses (no space, permission, quota) ends the run with one
+(hnet/training/run_lock.py). A write the disk refuses (no space, permission, quota) ends the run with one
 "error:" line naming the file or checkpoint, and exit status 4; what was saved before is intact.
 SIGTERM/SIGINT: the current step finishes, a checkpoint is saved, and the process exits 0.
 In a multi-process run, a lost process makes the others print one "error:" line and exit 3
-(hnet/distributed.py); restart all of them with --resume.
+(hnet/parallel/distributed.py); restart all of them with --resume.
 """
 
 import argparse
@@ -45,7 +45,7 @@ def parse_args(argv):
     parser.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
                         help="peak TFLOP/s per device for MFU (default: the known bf16 peak of GPUs and TPUs; "
                              "without one, e.g. on CPU, MFU is not reported)")
-    cluster = parser.add_argument_group("multi-process runs (see hnet/distributed.py)")
+    cluster = parser.add_argument_group("multi-process runs (see hnet/parallel/distributed.py)")
     cluster.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator "
                          "(default: $JAX_COORDINATOR_ADDRESS)")
     cluster.add_argument("--num-processes", type=int, help="number of processes (default: $JAX_NUM_PROCESSES)")
@@ -59,33 +59,33 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from hnet import distributed
-    from hnet.errors import ConfigError
+    from hnet.errors import ConfigError, report
+    from hnet.parallel import distributed
 
     if not args.plot:
-        # Before anything touches a device (importing hnet.train_loop does): join the other
+        # Before anything touches a device (importing hnet.training.train_loop does): join the other
         # processes of a multi-process run.
         try:
             distributed.maybe_initialize(args.coordinator, args.num_processes, args.process_id,
                                          auto=args.distributed, timeout_s=args.distributed_timeout)
         except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return report(err)
     import jax
 
     from hnet.errors import WRITE_FAILED_EXIT, DataError, RunError, RunWriteError
-    from hnet.run_dir import RunDir
+    from hnet.io.run_dir import RunDir
+    from hnet.stage_metrics import stage_values
 
     try:
         if args.plot:
-            from hnet.plot import plot_run
+            from hnet.evaluation.plot import plot_run
 
             for path in plot_run(args.plot):
                 print(f"wrote {path}")
             return 0
-        from hnet.profiling import ProfileSteps
-        from hnet.run_config import load_run_config
-        from hnet.train_loop import train
+        from hnet.training.profiling import ProfileSteps
+        from hnet.training.run_config import load_run_config
+        from hnet.training.train_loop import train
 
         if args.peak_tflops is not None and not args.peak_tflops > 0:
             raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
@@ -104,11 +104,9 @@ def main(argv=None) -> int:
         summary = train(run, workdir, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
                         peak_tflops=args.peak_tflops, profile=profile)
     except RunWriteError as err:  # the disk refused a write: a checkpoint, metrics
-        print(f"error: {err}", file=sys.stderr)
-        return WRITE_FAILED_EXIT
+        return report(err, WRITE_FAILED_EXIT)
     except (ConfigError, DataError, RunError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     except jax.errors.JaxRuntimeError as err:
         if jax.process_count() == 1:
             raise
@@ -120,8 +118,8 @@ def main(argv=None) -> int:
     result = summary["eval"]
     print(f"{summary['status']} at step {summary['step']} ({summary['bytes_seen']:,d} bytes seen)")
     if result:
-        stages = "".join(f", stage {s} bytes/chunk {result[f'stage{s}_bytes_per_chunk']:.2f}"
-                         for s in range(8) if f"stage{s}_bytes_per_chunk" in result)
+        stages = "".join(f", stage {s} bytes/chunk {value:.2f}"
+                         for s, value in enumerate(stage_values(result, "bytes_per_chunk")))
         print(f"validation bpb {result['bpb']:.4f}{stages}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics: {Path(summary['workdir']) / 'metrics.jsonl'}  (plot: python train.py --plot {summary['workdir']})")

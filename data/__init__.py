@@ -1,1 +1,1 @@
-"""Corpus preparation: turns raw sources into the "hnet-bytes-v1" shard format read by hnet.data."""
+"""Corpus preparation: turns raw sources into the "hnet-bytes-v1" shard format read by hnet.io.data."""

@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 FORMAT = "hnet-bytes-v1"          # a byte corpus (this writer)
-TOKENS_FORMAT = "hnet-tokens-v1"  # a token corpus (hnet.tokenizer writes it with the same layout)
+TOKENS_FORMAT = "hnet-tokens-v1"  # a token corpus (hnet.io.tokenizer writes it with the same layout)
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024  # 256 MiB
 
 
@@ -327,7 +327,7 @@ def list_input_files(inputs: Iterable[str | os.PathLike], matches: Callable[[str
 
 
 # --------------------------------------------------------------------------
-# Verification (python -m data.verify; hnet.data.PreparedCorpus.verify_checksum)
+# Verification (python -m data.verify; hnet.io.data.PreparedCorpus.verify_checksum)
 
 
 def verify_split(folder: Path, split: str, info: dict) -> None:

@@ -100,7 +100,7 @@ class ModelConfig:
     # length. An empty ladder runs on the static cap alone.
     slot_ladder: tuple[float, ...] = (1.0, 1.25, 1.5, 1.75, 2.0)
     slot_groups: int = 4
-    # Id that starts every document (byte models: BOS_ID = 254; hnet.tokenizer puts <|bos|> at 0).
+    # Id that starts every document (byte models: BOS_ID = 254; hnet.io.tokenizer puts <|bos|> at 0).
     bos_id: int | None = None
     # Compute dtype of matmuls; parameters and the residual stream stay float32.
     dtype: str = "bfloat16"

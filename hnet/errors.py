@@ -1,6 +1,6 @@
 """Every error type of hnet, one place. Each carries a one-line message meant for the user; the
-command lines print it as `error: ...` and exit 2 (data/ has its own PrepareError, since data/
-never imports hnet).
+command lines print it as `error: ...` with `report` and exit 2 (data/ has its own PrepareError,
+since data/ never imports hnet).
 """
 
 import sys
@@ -71,7 +71,8 @@ def describe_write_failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
-def report(err: Exception) -> int:
-    """Print `error: <message>` on stderr and return 2, the exit status of a refused command."""
-    print(f"error: {err}", file=sys.stderr)
-    return 2
+def report(err: Exception | str, status: int = 2) -> int:
+    """How every command line reports what stops it: prints `error: <message>` on stderr, one line,
+    and returns `status` for the command to exit with (2, a refused command, unless told otherwise)."""
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    return status

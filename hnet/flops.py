@@ -11,7 +11,7 @@ Conventions
   The embedding is a table lookup and costs 0 FLOPs; a tied LM head still costs its matmul.
 - These are *model* FLOPs (the useful work): attention counts only the keys a query can see
   (causal mask, sliding window), although the kernels compute whole blocks (the plain path the
-  full L x L score matrix) and recompute scores in the backward pass (hnet.bench memory counts
+  full L x L score matrix) and recompute scores in the backward pass (hnet.perf.bench memory counts
   what a step executes); inner
   stages count their real length, not the padded static capacity. MFU = model FLOPs per step /
   (step time x peak FLOP/s), as in the PaLM paper.
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hnet.config import ModelConfig, load_config, parse_layout, read_json
-from hnet.errors import FlopsError, ConfigError
+from hnet.errors import ConfigError, FlopsError, report
 
 FAMILIES_FILE = Path(__file__).resolve().parents[1] / "configs" / "families.json"
 TRAINING_MULTIPLIER = 3  # forward + backward (2 x forward)
@@ -126,7 +126,7 @@ def mlp_flops(config: ModelConfig, stage: int, length: float) -> dict[str, float
 
 
 def ssd_scan_flops(length: float, chunk_size: int, heads: int, head_dim: int, d_state: int) -> float:
-    """The SSD scan of hnet.layers.mamba2.ssd_scan on one sequence (see the module docstring)."""
+    """The SSD scan of hnet.layers.kernels.ssd.ssd_scan on one sequence (see the module docstring)."""
     chunk = min(chunk_size, length)
     n_chunks = length / chunk
     return (
@@ -349,8 +349,8 @@ def load_family(name: str, path: str | Path = FAMILIES_FILE) -> Family:
         bytes_per_token = measured(spec["bytes_per_token"]) if "bytes_per_token" in spec else None
         bytes_per_chunk = tuple(measured(k) for k in spec["bytes_per_chunk"]) if "bytes_per_chunk" in spec else None
         seq_len = round(seq_bytes / bytes_per_token) if bytes_per_token else seq_bytes
-        report = flops_per_byte(config, seq_len, bytes_per_chunk=bytes_per_chunk, bytes_per_token=bytes_per_token)
-        members.append(FamilyMember(member_name, config_path, config, seq_len, bytes_per_token, bytes_per_chunk, report))
+        counted = flops_per_byte(config, seq_len, bytes_per_chunk=bytes_per_chunk, bytes_per_token=bytes_per_token)
+        members.append(FamilyMember(member_name, config_path, config, seq_len, bytes_per_token, bytes_per_chunk, counted))
     if reference not in {m.name for m in members}:
         raise FlopsError(f"{path}: family {name!r} names reference {reference!r}, which is not a member")
     members.sort(key=lambda m: m.name != reference)
@@ -413,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if (args.config is None) == (args.family is None):
-        print("error: give either a config path or --family NAME", file=sys.stderr)
-        return 2
+        return report("give either a config path or --family NAME")
     try:
         if args.family is not None:
             family = load_family(args.family, args.families_file)
@@ -430,19 +429,17 @@ def main(argv: list[str] | None = None) -> int:
         seq_len = args.seq_len
         if seq_len is None:
             seq_len = round(8192 / args.bytes_per_token) if args.bytes_per_token and not config.is_byte_model else 8192
-        report = flops_per_byte(config, seq_len, bytes_per_chunk=args.bytes_per_chunk, bytes_per_token=args.bytes_per_token)
+        counted = flops_per_byte(config, seq_len, bytes_per_chunk=args.bytes_per_chunk, bytes_per_token=args.bytes_per_token)
     except (ConfigError, FlopsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     except (KeyError, TypeError) as err:
-        print(f"error: {args.families_file}: malformed families file ({type(err).__name__}: {err})", file=sys.stderr)
-        return 2
+        return report(f"{args.families_file}: malformed families file ({type(err).__name__}: {err})")
     if args.json:
-        print(json.dumps({"config": args.config, **report.to_dict()}))
+        print(json.dumps({"config": args.config, **counted.to_dict()}))
     else:
-        lengths = ", ".join(f"{length:.1f}" for length in report.stage_lengths)
-        print(f"{args.config}: seq_len {report.seq_len:g}, stage lengths {lengths}")
-        print(format_report(report))
+        lengths = ", ".join(f"{length:.1f}" for length in counted.stage_lengths)
+        print(f"{args.config}: seq_len {counted.seq_len:g}, stage lengths {lengths}")
+        print(format_report(counted))
     return 0
 
 

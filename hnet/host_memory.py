@@ -10,7 +10,7 @@ time: measured on the default run's step, 20x fewer page faults and 15% less tim
 
 A glibc tunable is read only when a process starts, so `use_huge_pages()` starts the command again
 (os.execv, same process id and arguments) with it set in GLIBC_TUNABLES. train.py, eval.py,
-generate.py and `python -m hnet.bench` call it first thing; `import hnet` alone changes nothing.
+generate.py and `python -m hnet.perf.bench` call it first thing; `import hnet` alone changes nothing.
 Nothing happens outside Linux, where the kernel has transparent huge pages off, when the tunable
 is already set, or with HNET_HUGE_PAGES=0.
 """

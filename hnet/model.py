@@ -6,9 +6,11 @@ HNetStage s:  encoder -> routing -> chunk -> HNetStage s+1 (or the main network)
               (+ residual_proj of the encoder output) -> decoder.
 The outermost decoder's final RMSNorm is the model's final norm.
 
-Generation: `prefill` runs the parallel forward over (right-padded) prompts and returns the caches
-after each row's last prompt position; `step` then advances one byte per row. An inner stage
-advances only for the rows that start a chunk at that byte (see HNetStage.step).
+Every level (layer, block, stack, stage, model) has a `forward`: the parallel pass over whole
+sequences, which training, evaluation and `LanguageModel.__call__` run. Generation: `prefill` runs
+that forward over (right-padded) prompts and also returns the caches after each row's last prompt
+position; `step` then advances one byte per row. An inner stage advances only for the rows that
+start a chunk at that byte (see HNetStage.step).
 
 Exactness: each document of a packed row is computed as if alone (hnet.segments), and whether a
 position starts a chunk depends only on earlier positions of its document (hnet.chunking.
@@ -27,10 +29,11 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import struct
 
-from hnet import chunking, sharding, slots
+from hnet import chunking, slots
 from hnet.config import ModelConfig
 from hnet.layers.common import linear, param
 from hnet.layers.isotropic import Isotropic, residual_count
+from hnet.logical_axes import LOGITS_AXES, RESIDUAL_AXES, constrain
 from hnet.segments import Segments, at_positions
 
 
@@ -158,7 +161,7 @@ class HNetStage(nnx.Module):
         mask = mask | segments.start
         return mask.astype(jnp.float32), mask
 
-    def prefill(self, x, valid, segments: Segments, byte_ids=None, num_bytes=None, lengths=None, max_lengths=None,
+    def forward(self, x, valid, segments: Segments, byte_ids=None, num_bytes=None, lengths=None, max_lengths=None,
                 rows: slots.SlotRows | None = None, ladders=None):
         """The forward pass over x (B, L, D) float32, each document of a row on its own.
 
@@ -184,18 +187,18 @@ class HNetStage(nnx.Module):
 
         capacity = self.capacity_rule.row_capacity(x.shape[1])
         layout = chunking.chunk_layout(boundary_mask, segments, self.capacity_rule, capacity)
-        chunks = sharding.constrain(self.widen(chunking.gather_chunks(hidden, layout)), sharding.RESIDUAL_AXES)
+        chunks = constrain(self.widen(chunking.gather_chunks(hidden, layout)), RESIDUAL_AXES)
         inner_segments = Segments.from_starts(chunking.gather_chunks(segments.start, layout) & layout.chunk_valid)
         chunk_counts = layout.chunk_valid.sum(axis=1, dtype=jnp.int32)
         inner_lengths = None if lengths is None else chunk_counts
         inner_rows = None if ladders is None else slots.SlotRows(chunk_counts, ladders[self.stage], self.config.slot_groups, self.stage)
-        inner_out, inner_stages, inner_cache = self.inner.prefill(
+        inner_out, inner_stages, inner_cache = self.inner.forward(
             chunks, layout.chunk_valid, inner_segments, num_bytes=num_bytes, lengths=inner_lengths,
             max_lengths=max_lengths, rows=inner_rows, ladders=ladders)
 
         chunk_prob = chunking.gather_chunks(boundary_prob, layout)
         smoothed = chunking.dechunk(inner_out[..., :d_model], chunk_prob, inner_segments.start, layout)
-        smoothed = sharding.constrain(smoothed, sharding.RESIDUAL_AXES)
+        smoothed = constrain(smoothed, RESIDUAL_AXES)
         confidence = chunking.confidence(boundary_prob, layout.chunk_mask)
         y = smoothed * chunking.straight_through(confidence)[..., None] + self.residual_proj(hidden)
         out, decoder_cache = self._run_stack(self.decoder, y, segments, rows, lengths, max_length)
@@ -217,10 +220,10 @@ class HNetStage(nnx.Module):
 
     @staticmethod
     def _run_stack(stack, x, segments: Segments, rows, lengths, max_length):
-        """stack.prefill over this stage's input: on the slot ladder when `rows` is given (no
+        """stack.forward over this stage's input: on the slot ladder when `rows` is given (no
         caches then), else on all L positions -> (y (B, L, D), block caches or None)."""
         if rows is None:
-            return stack.prefill(x, segments, lengths, max_length)
+            return stack.forward(x, segments, lengths, max_length)
         return slots.run_stack(stack, x, segments, rows), None
 
     def widen(self, chunks):
@@ -324,9 +327,16 @@ class LanguageModel(nnx.Module):
             self.lm_head = linear(d_model, config.vocab_size, ("embed", "vocab"), rngs, dtype=self.dtype)
 
     def __call__(self, input_ids: jax.Array) -> ModelOutput:
-        return self.prefill(input_ids)[0]
+        """The forward pass of training and scoring: input_ids (B, L) -> ModelOutput."""
+        return self.forward(input_ids)[0]
 
-    def prefill(self, input_ids: jax.Array, lengths: jax.Array | None = None, max_length: int | None = None):
+    def prefill(self, input_ids: jax.Array, lengths: jax.Array, max_length: int):
+        """Generation's first pass: the forward over prompts input_ids (B, L), right-padded to
+        `lengths` (B,), -> (ModelOutput, ModelCache after each row's last prompt position, sized
+        for sequences of up to the static `max_length`), ready for `step`."""
+        return self.forward(input_ids, lengths, max_length)
+
+    def forward(self, input_ids: jax.Array, lengths: jax.Array | None = None, max_length: int | None = None):
         """The forward pass over input_ids (B, L) -> (ModelOutput, ModelCache or None).
 
         A row may hold several documents, each starting at config.bos_id; each is computed as if
@@ -335,7 +345,7 @@ class LanguageModel(nnx.Module):
         generation will reach), also returns the caches after each row's last prompt position.
         """
         batch, length = input_ids.shape
-        x = sharding.constrain(self.embedding(input_ids).astype(jnp.float32), sharding.RESIDUAL_AXES)
+        x = constrain(self.embedding(input_ids).astype(jnp.float32), RESIDUAL_AXES)
         positions = jnp.arange(length)[None, :]
         valid = jnp.ones((batch, length), bool) if lengths is None else positions < lengths[:, None]
         segments = Segments.from_starts((input_ids == self.config.bos_id) & valid)  # padding starts nothing
@@ -343,10 +353,10 @@ class LanguageModel(nnx.Module):
         # Filling generation caches needs the static lengths; otherwise the inner stages follow the chunks kept.
         ladders = slots.model_ladders(self.config, length) if lengths is None else None
         num_bytes = jnp.sum(valid, dtype=jnp.float32)
-        hidden, stages, stage_cache = self.backbone.prefill(
+        hidden, stages, stage_cache = self.backbone.forward(
             x, valid, segments, byte_ids=input_ids, num_bytes=num_bytes, lengths=lengths, max_lengths=max_lengths,
             ladders=ladders)
-        output = ModelOutput(logits=sharding.constrain(self.logits(hidden), sharding.LOGITS_AXES), stages=stages)
+        output = ModelOutput(logits=constrain(self.logits(hidden), LOGITS_AXES), stages=stages)
         if lengths is None:
             return output, None
         return output, ModelCache(stage=stage_cache, length=lengths.astype(jnp.int32), max_lengths=max_lengths)

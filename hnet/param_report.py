@@ -15,7 +15,7 @@ import jax
 from flax import nnx
 
 from hnet.config import ModelConfig, layout_to_lists, load_config
-from hnet.errors import ConfigError
+from hnet.errors import ConfigError, report
 from hnet.model import build_model
 
 
@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     counts = parameter_counts(config)
     if args.json:
         print(json.dumps({"config": args.config, "depth": config.depth, "params": counts, "total_params": sum(counts.values())}))

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax import struct
 
-from hnet import chunking, sharding
+from hnet import chunking, logical_axes
 from hnet.config import ModelConfig, round_up
 from hnet.segments import Segments
 
@@ -80,7 +80,7 @@ class SlotRows:
 
 def branch_scope(stage: int, length: int) -> str:
     """The name scope of the ladder branch running stage `stage`'s chunks on `length` slots, which
-    hnet.xla_stats reads to count the matmuls of the branch a batch takes."""
+    hnet.perf.xla_stats reads to count the matmuls of the branch a batch takes."""
     return f"stage{stage}_slots{length}"
 
 
@@ -95,10 +95,10 @@ def ladder_index(counts: jax.Array, ladder: tuple[int, ...]) -> jax.Array:
 
 def _batch_shards(rows: int) -> int:
     """How many pieces the active mesh splits a batch of `rows` rows into (1 without a mesh)."""
-    mesh = sharding.active_mesh()
+    mesh = logical_axes.active_mesh()
     if mesh is None:
         return 1
-    spec = sharding.logical_to_spec(("activation_batch",), (rows,), mesh)
+    spec = logical_axes.logical_to_spec(("activation_batch",), (rows,), mesh)
     axes = spec[0] if spec else None
     if axes is None:
         return 1
@@ -272,7 +272,7 @@ def _truncate(values: jax.Array, length: int) -> jax.Array:
 
 
 def run_stack(stack: nnx.Module, x: jax.Array, segments: Segments, rows: SlotRows) -> jax.Array:
-    """stack.prefill(x, segments)'s output (B, M, D) float32, computed for each group of rows on
+    """stack.forward(x, segments)'s output (B, M, D) float32, computed for each group of rows on
     the smallest ladder length that holds its rows' `rows.counts` positions (zeros beyond it).
 
     x (B, M, D) with M = rows.ladder[-1]; segments over the M positions; positions at or past a
@@ -288,7 +288,7 @@ def run_stack(stack: nnx.Module, x: jax.Array, segments: Segments, rows: SlotRow
     def branch(size):
         def run(operands):
             state, x, segments = operands
-            y, _ = nnx.merge(graphdef, state).prefill(_truncate(x, size), jax.tree_util.tree_map(
+            y, _ = nnx.merge(graphdef, state).forward(_truncate(x, size), jax.tree_util.tree_map(
                 lambda v: _truncate(v, size), segments))
             return jnp.pad(y, ((0, 0), (0, length - size), (0, 0)))
         return run
@@ -308,11 +308,11 @@ def run_stack(stack: nnx.Module, x: jax.Array, segments: Segments, rows: SlotRow
     else:
         def one_group(_, group):
             index_g, x_g, segments_g = group
-            x_g = sharding.constrain(x_g, sharding.RESIDUAL_AXES)
+            x_g = logical_axes.constrain(x_g, logical_axes.RESIDUAL_AXES)
             return None, switch_keeping_taken_residuals(index_g, branches, (state, x_g, segments_g), names)
 
         _, out = jax.lax.scan(one_group, None, (index, xs, segment_groups))
-    return sharding.constrain(groups.merge(out), sharding.RESIDUAL_AXES)
+    return logical_axes.constrain(groups.merge(out), logical_axes.RESIDUAL_AXES)
 
 
 def slots_computed(rows: SlotRows) -> jax.Array:

@@ -2,10 +2,10 @@
 
 A byte model reads raw UTF-8 bytes: 256 ids, with two bytes that never occur in valid UTF-8
 reserved to frame documents. A token model (the BPE baseline) gets its BOS id from its
-tokenizer; hnet.tokenizer always puts <|bos|> first, at TOKEN_BOS_ID.
+tokenizer; hnet.io.tokenizer always puts <|bos|> first, at TOKEN_BOS_ID.
 """
 
 BYTE_VOCAB_SIZE = 256
 BOS_ID = 254        # 0xFE: put before every document; a position holding it starts a document
 EOS_ID = 255        # 0xFF: the model may emit it to end generation (packing never inserts it)
-TOKEN_BOS_ID = 0    # hnet.tokenizer's <|bos|> (its first special token)
+TOKEN_BOS_ID = 0    # hnet.io.tokenizer's <|bos|> (its first special token)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import jax
 
-from hnet import bench
+from hnet.perf import bench
 
 out, smoke, budget_s = Path(sys.argv[1]), sys.argv[2] == "1", float(sys.argv[4])
 micro_batches = sorted({int(b) for b in sys.argv[3].split()}, reverse=True)
@@ -83,7 +83,7 @@ if smoke:
                for name, model in SMOKE_MODELS.items()}
     RUN_SET["bpe"] += ['data.tokenizer={"vocab_size": 4096}', "data.corpus=default"]  # a known bytes/token
     # Decode reads model config files: the small 1-stage H-Net, written next to the results.
-    from hnet.run_config import load_run_config
+    from hnet.training.run_config import load_run_config
     decode_config = out / "smoke_hnet_1stage.json"
     decode_config.write_text(json.dumps(load_run_config("configs/run_headline_hnet1.json", RUN_SET["hnet1"]).model))
     TRAIN = {"steps": 2, "warmup": 0}

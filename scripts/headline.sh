@@ -35,7 +35,7 @@ DATA_DIR=${DATA_DIR:-../shared/data}
 RUNS=(hnet1 hnet2 bpe byte)      # the four models; EXTRA_RUNS adds second seeds
 EXTRA_RUNS=()
 CONFIG_PREFIX=run_headline
-TOKENIZER_VOCAB=0                # > 0: train the BPE tokenizer first with python -m hnet.tokenizer
+TOKENIZER_VOCAB=0                # > 0: train the BPE tokenizer first with python -m hnet.io.tokenizer
 START=$SECONDS
 
 if [ "$SMOKE" = 1 ]; then
@@ -141,7 +141,7 @@ if [ "$TOKENIZER_VOCAB" -gt 0 ]; then
     if [ -f "$OUT/tokenizer.json" ]; then
         echo "== $OUT/tokenizer.json already trained"
     else
-        $PY -m hnet.tokenizer --corpus "$CORPUS" --vocab-size "$TOKENIZER_VOCAB" --out "$OUT/tokenizer.json"
+        $PY -m hnet.io.tokenizer --corpus "$CORPUS" --vocab-size "$TOKENIZER_VOCAB" --out "$OUT/tokenizer.json"
     fi
     TOKENIZER_SET=(--set data.tokenizer="$OUT/tokenizer.json")
 fi
@@ -249,8 +249,8 @@ else
 fi
 $PY - "$CORPUS" "$OUT/excerpt.txt" <<'PYEOF'
 import sys
-from hnet.data import PreparedCorpus
-from hnet.evaluate import corpus_documents
+from hnet.io.data import PreparedCorpus
+from hnet.evaluation.evaluate import corpus_documents
 docs = corpus_documents(PreparedCorpus(sys.argv[1]), "test", 20_000).docs
 text = docs[0][4_000:5_500]           # a fixed 1,500-byte stretch of the first test book
 text = text[text.index(b"\n") + 1 : text.rindex(b"\n")]   # whole lines only
@@ -268,7 +268,7 @@ $PY eval.py --compare "${RUNS[@]/#/$OUT/}" --out "$OUT/compare" > "$OUT/compare/
 $PY - "$OUT" "${RUNS[@]}" -- "${EXTRA_RUNS[@]}" > "$OUT/results.md" <<'PYEOF'
 import json, statistics, sys
 from pathlib import Path
-from hnet.report import summarize_run
+from hnet.evaluation.report import summarize_run
 out = Path(sys.argv[1]); split = sys.argv.index("--")
 runs, extra = sys.argv[2:split], sys.argv[split + 1:]
 evals = {p.stem: json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json"))}

@@ -1,8 +1,8 @@
 """Write a synthetic reference-format checkpoint (goombalab/hnet's state_dict names and shapes) for
-a config, to time `python -m hnet.convert` and measure its memory without downloading anything.
+a config, to time `python -m hnet.inference.convert` and measure its memory without downloading anything.
 
     python scripts/synthetic_reference_checkpoint.py configs/hnet_2stage_XL.json /tmp/xl.safetensors --dtype bfloat16
-    /usr/bin/time -v python -m hnet.convert --checkpoint /tmp/xl.safetensors \\
+    /usr/bin/time -v python -m hnet.inference.convert --checkpoint /tmp/xl.safetensors \\
         --config configs/hnet_2stage_XL.json --out /tmp/xl_export --dtype bfloat16
 
 Tensor i holds random values around i / 1000 (not a trained model: for timing and memory only).
@@ -19,9 +19,9 @@ from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hnet import reference  # noqa: E402
-from hnet.convert import load_reference_config  # noqa: E402
-from hnet.export import abstract_params  # noqa: E402
+from hnet.inference import reference  # noqa: E402
+from hnet.inference.convert import load_reference_config  # noqa: E402
+from hnet.inference.load import abstract_params  # noqa: E402
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 

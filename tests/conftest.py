@@ -108,8 +108,8 @@ def write_run_folder(run_dir: Path, model, step: int = 3, tokenizer=None) -> Pat
     orbax checkpoint of the train state at `step` and, for a token model, tokenizer.json."""
     import jax.numpy as jnp
 
-    from hnet.checkpoint import Checkpointer
-    from hnet.run_dir import RunDir
+    from hnet.io.checkpoint import Checkpointer
+    from hnet.io.run_dir import RunDir
 
     run = RunDir(run_dir)
     run.path.mkdir(parents=True)

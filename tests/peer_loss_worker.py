@@ -1,6 +1,6 @@
 """Run by tests/test_sharding.py, twice, as the two processes of one jax.distributed run on
 127.0.0.1: process 1 dies abruptly after both have joined; process 0 waits (as if in a long step)
-and is expected to report the loss in one line and exit 3 (hnet/distributed.py).
+and is expected to report the loss in one line and exit 3 (hnet/parallel/distributed.py).
 
     python tests/peer_loss_worker.py PROCESS_ID PORT TIMEOUT_S
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hnet import distributed  # noqa: E402
+from hnet.parallel import distributed  # noqa: E402
 
 
 def main(process_id: int, port: int, timeout_s: int) -> None:

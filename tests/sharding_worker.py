@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import LADDER, shrink, tiny_config  # noqa: E402
-from hnet import sharding  # noqa: E402
-from hnet.checkpoint import Checkpointer  # noqa: E402
-from hnet.run_config import run_config_from_dict  # noqa: E402
-from hnet.train_step import make_step_functions  # noqa: E402
+from hnet.parallel import sharding  # noqa: E402
+from hnet.io.checkpoint import Checkpointer  # noqa: E402
+from hnet.training.run_config import run_config_from_dict  # noqa: E402
+from hnet.training.train_step import make_step_functions  # noqa: E402
 
 STEPS = 3
 BATCH, SEQ_LEN = 8, 64

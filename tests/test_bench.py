@@ -1,4 +1,4 @@
-"""hnet.xla_stats (matmul FLOPs of a jaxpr, XLA memory analysis) and hnet.bench: memory, train and
+"""hnet.perf.xla_stats (matmul FLOPs of a jaxpr, XLA memory analysis) and hnet.perf.bench: memory, train and
 components commands, the model-FLOPs lengths, bytes per token; scripts/gpu_check.sh (SMOKE=1)."""
 
 import json
@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 
 import hnet
-from hnet import bench, chunking, flops, throughput
+from hnet.perf import bench
+from hnet import chunking, flops
+from hnet.training import throughput
 from hnet import config as config_lib
-from hnet.bench_components import stage_piece_counts
-from hnet.run_config import load_run_config
-from hnet.xla_stats import dot_general_flops, matmul_flops, memory_estimate
+from hnet.perf.bench_components import stage_piece_counts
+from hnet.training.run_config import load_run_config
+from hnet.perf.xla_stats import dot_general_flops, matmul_flops, memory_estimate
 from tests.conftest import CONFIGS, ROOT
 
 # A BPE Transformer with one small block: its train step compiles in seconds. bench memory and
-# bench train of the same run share one compilation (hnet.bench.compile_train_step's cache).
+# bench train of the same run share one compilation (hnet.perf.bench.compile_train_step's cache).
 TOKEN_RUN = ["train.batch_size=2", "train.seq_len=64", 'model.arch_layout=["T1"]', "model.d_model=[32]",
              "model.d_intermediate=[64]", 'model.attn_cfg={"num_heads": [2], "rotary_emb_dim": [8], "window_size": [-1]}']
 
@@ -175,7 +177,7 @@ def test_bench_chunks_counts_the_chunks_kept_and_the_slots_the_ladder_computes(c
 
 def test_rematerialisation_lowers_the_compiled_steps_temporaries_on_cpu():
     """train.remat=block keeps only each block's input for the backward pass. On CPU this holds
-    only with XLA's barrier expander off (hnet.train_step.step_compiler_options): otherwise XLA
+    only with XLA's barrier expander off (hnet.training.train_step.step_compiler_options): otherwise XLA
     merges the recomputed forward back into the first one and the temporaries stay those of
     remat=none."""
     run = ["train.batch_size=2", "train.seq_len=256", 'model.arch_layout=["T4"]', *TOKEN_RUN[3:]]
@@ -185,7 +187,7 @@ def test_rematerialisation_lowers_the_compiled_steps_temporaries_on_cpu():
 
 
 def test_remat_auto_picks_by_model_size_and_length():
-    from hnet.train_step import remat_policy
+    from hnet.training.train_step import remat_policy
 
     picks = {name: remat_policy("auto", hnet.load_config(CONFIGS / f"{name}.json"), 8192)
              for name in ("hnet_1stage_tiny", "transformer_byte_S", "transformer_byte_M", "hnet_1stage_S", "hnet_2stage_M")}
@@ -227,7 +229,7 @@ def test_bench_bad_input_is_one_error_line(capsys, argv, message):
 def test_bench_needs_no_grain():
     """The benchmarks' import paths (train step, decode, components) work where grain is missing."""
     code = ("import sys; sys.modules['grain'] = None\n"  # `import grain` now raises ImportError
-            "import hnet.bench, hnet.bench_components, hnet.train_step, hnet.decode, hnet.run_config\n"
+            "import hnet.perf.bench, hnet.perf.bench_components, hnet.training.train_step, hnet.inference.decode, hnet.training.run_config\n"
             "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -1,6 +1,6 @@
 """Checkpoint manifests: a damaged or interrupted checkpoint is skipped with one warning line (train
---resume, eval.py, generate.py, hnet.export), never deleted, and never counted by retention; no
-usable checkpoint, or a damaged --step, is a one-line error; `python -m hnet.checkpoint verify`."""
+--resume, eval.py, generate.py, hnet.inference.export), never deleted, and never counted by retention; no
+usable checkpoint, or a damaged --step, is a one-line error; `python -m hnet.io.checkpoint verify`."""
 
 import json
 import os
@@ -13,13 +13,13 @@ import pytest
 import eval as eval_cli
 import generate as generate_cli
 import train as train_cli
-from hnet import checkpoint
-from hnet.checkpoint import Checkpointer, check_step
-from hnet.run_dir import RunDir
-from hnet.export import load_model
-from hnet.export import main as export_cli
-from hnet.run_config import run_config_from_dict
-from hnet.train_loop import train
+from hnet.io import checkpoint
+from hnet.io.checkpoint import Checkpointer, check_step
+from hnet.io.run_dir import RunDir
+from hnet.inference.load import load_model
+from hnet.inference.export import main as export_cli
+from hnet.training.run_config import run_config_from_dict
+from hnet.training.train_loop import train
 from test_train import losses, small_run
 
 # The run of test_train's resume test (8 steps, a checkpoint every 4, the newest 3 kept), so that

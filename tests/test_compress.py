@@ -8,8 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from hnet import compress
-from hnet.compress import COMPRESSORS, compressor_bpb, compressor_bpb_per_document
+from hnet.evaluation import compress
+from hnet.evaluation.compress import COMPRESSORS, compressor_bpb, compressor_bpb_per_document
 
 TEXT = b"".join(b"line %d: the quick brown fox jumps over the lazy dog\n" % (i % 50) for i in range(2000))
 RANDOM = np.random.default_rng(0).integers(0, 256, size=len(TEXT), dtype=np.uint8).tobytes()

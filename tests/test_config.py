@@ -23,7 +23,7 @@ MODEL_AND_RUN_CONFIGS = [p for p in sorted(CONFIGS.glob("*.json")) if p.name != 
 def test_every_config_loads(path):
     data = json.loads(path.read_text())
     if "arch_layout" not in data:  # a run config: it names a model config
-        from hnet.run_config import load_run_config
+        from hnet.training.run_config import load_run_config
         config = load_run_config(path).model_config
     else:
         config = hnet.load_config(path)
@@ -132,11 +132,11 @@ def test_capacity_and_bos_fields_are_checked(field, value, message):
 
 def test_bos_id_defaults_by_vocabulary():
     assert hnet.load_config(CONFIGS / "hnet_1stage_tiny.json").bos_id == hnet.BOS_ID == 254
-    assert hnet.load_config(CONFIGS / "transformer_bpe_tiny.json").bos_id == 0  # hnet.tokenizer's <|bos|>
+    assert hnet.load_config(CONFIGS / "transformer_bpe_tiny.json").bos_id == 0  # hnet.io.tokenizer's <|bos|>
 
 
 def test_run_config_model_override_replaces_the_model_section():
-    from hnet.run_config import load_run_config
+    from hnet.training.run_config import load_run_config
 
     run = load_run_config(None, ['model={"config": "transformer_bpe_tiny.json"}', 'data.tokenizer={"vocab_size": 4096}'])
     assert run.model_config.vocab_size == 4096 and run.model_config.depth == 0
@@ -144,7 +144,7 @@ def test_run_config_model_override_replaces_the_model_section():
 
 
 def test_run_config_overrides_reach_any_depth():
-    from hnet.run_config import load_run_config
+    from hnet.training.run_config import load_run_config
 
     base = load_run_config(None)
     run = load_run_config(None, ["model.attn_cfg.num_heads=[4,4]", "model.ssm_cfg.d_state=64", "train.lr=1e-3"])
@@ -169,7 +169,7 @@ def test_run_config_overrides_reach_any_depth():
     ("train..lr=1", r"key must be model\.X"),
 ])
 def test_nested_override_errors_name_the_path(override, message):
-    from hnet.run_config import load_run_config
+    from hnet.training.run_config import load_run_config
 
     with pytest.raises(config_lib.ConfigError, match=message):
         load_run_config(None, [override])

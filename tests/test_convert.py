@@ -1,7 +1,7 @@
 """Converting the published H-Net checkpoints (goombalab/hnet's HNetForCausalLM state_dicts).
 
 Neither CI nor this machine can run the CUDA reference, so the reference side is described here
-independently of hnet.reference: `reference_shapes` lists the keys and shapes of the reference's
+independently of hnet.inference.reference: `reference_shapes` lists the keys and shapes of the reference's
 state_dict for a config, written from reading goombalab/hnet at 3673fe1 (models/mixer_seq.py,
 models/hnet.py, modules/isotropic.py, modules/block.py, modules/mha.py, modules/mlp.py, modules/dc.py
 and mamba_ssm's Mamba2). Synthetic files in that format, with a distinct value pattern per tensor,
@@ -21,8 +21,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import hnet
-from hnet import convert, reference
-from hnet.export import load_model
+from hnet.inference import convert, reference
+from hnet.inference.load import load_model
 from tests.conftest import ROOT
 
 # Tiny configs in the reference's JSON format (its Mamba2 heads have 64 dims).
@@ -179,7 +179,7 @@ def test_ours_to_reference_to_ours_is_bit_identical(tmp_path, cfg, name):
     config_path, file, _ = write_case(tmp_path, cfg, name)
     first = convert.convert(file, config_path, tmp_path / "first")
     assert convert.main(["--checkpoint", str(file), "--config", str(config_path), "--out", str(tmp_path / "x")]) == 0
-    assert hnet.export.main(["--checkpoint", str(first), "--out", str(tmp_path / "ref"), "--format", "reference"]) == 0
+    assert hnet.inference.export.main(["--checkpoint", str(first), "--out", str(tmp_path / "ref"), "--format", "reference"]) == 0
     written = load_file(str(tmp_path / "ref" / "model.safetensors"))
     expected = reference_shapes(cfg)
     assert {k: v.shape for k, v in written.items()} == expected
@@ -198,8 +198,8 @@ def test_a_trained_model_exports_to_reference_and_back(tmp_path):
     model = hnet.build_model(config, seed=3)
     model.backbone.residual_proj.bias[...] = 0.1 * jax.random.normal(jax.random.key(0), (64,))
     _, params = nnx.split(model, nnx.Param)
-    ours = hnet.export.write_export(tmp_path / "ours", params, config, {"dtype": "float32", "source": "test", "step": 0})
-    hnet.export.main(["--checkpoint", str(ours), "--out", str(tmp_path / "ref"), "--format", "reference"])
+    ours = hnet.inference.export.write_export(tmp_path / "ours", params, config, {"dtype": "float32", "source": "test", "step": 0})
+    hnet.inference.export.main(["--checkpoint", str(ours), "--out", str(tmp_path / "ref"), "--format", "reference"])
     back = load_model(convert.convert(tmp_path / "ref" / "model.safetensors", tmp_path / "ref" / "config.json",
                                       tmp_path / "back"))
     for (path, x), (_, y) in zip(sorted(flat_params(model).items()), sorted(flat_params(back.model).items())):
@@ -214,14 +214,14 @@ def test_published_sizes_have_the_reference_key_set_and_shapes(name, total):
     expected = reference_shapes(cfg)
     assert sum(int(np.prod(s)) for s in expected.values()) == total
     config = convert.load_reference_config(ROOT / "configs" / f"{name}.json")
-    _, abstract = hnet.export.abstract_params(config)
+    _, abstract = hnet.inference.load.abstract_params(config)
     shapes = {".".join(map(str, p)): v.shape for p, v in nnx.traversals.flatten_mapping(abstract.to_pure_dict()).items()}
     written = {t.key: reference.reference_shape(shapes[t.path], t.layout) for t in reference.parameter_table(config)}
     assert written == expected
 
 
 def run_convert(*args):
-    return subprocess.run([sys.executable, "-m", "hnet.convert", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hnet.inference.convert", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT)
 
 
@@ -302,7 +302,7 @@ def test_an_export_written_before_the_residual_bias_still_loads(tmp_path):
     config = hnet.config.config_from_dict(dict(TINY_1STAGE, capacity_slack="exact"))
     model = hnet.build_model(config, seed=1)
     _, params = nnx.split(model, nnx.Param)
-    out = hnet.export.write_export(tmp_path / "new", params, config, {"dtype": "float32", "source": "test", "step": 0})
+    out = hnet.inference.export.write_export(tmp_path / "new", params, config, {"dtype": "float32", "source": "test", "step": 0})
     old = tmp_path / "old"
     old.mkdir()
     for name in ("config.json", "export.json"):
@@ -312,6 +312,6 @@ def test_an_export_written_before_the_residual_bias_still_loads(tmp_path):
     ocp.PyTreeCheckpointer().save((old / "params").absolute(), old_params)
     loaded = load_model(old)
     assert not np.any(np.asarray(loaded.model.backbone.residual_proj.bias[...]))
-    assert hnet.export.main(["--checkpoint", str(old), "--out", str(tmp_path / "renewed")]) == 0
+    assert hnet.inference.export.main(["--checkpoint", str(old), "--out", str(tmp_path / "renewed")]) == 0
     np.testing.assert_array_equal(np.asarray(loaded.model.backbone.residual_proj.kernel[...]),
                                   np.asarray(model.backbone.residual_proj.kernel[...]))

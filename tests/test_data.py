@@ -1,4 +1,4 @@
-"""Tests for corpus preparation (data/) and the loader (hnet/data.py). CPU, fast."""
+"""Tests for corpus preparation (data/) and the loader (hnet/io/data.py). CPU, fast."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from data.parquet import prepare as parquet_prepare
 from data.shards import CorpusWriter, PrepareError, split_for_key
 from data.stdlib import prepare as stdlib_prepare
 from data.text import prepare as text_prepare
-from hnet import data as hdata
-from hnet.data import (
+from hnet.io import data as hdata
+from hnet.io.data import (
     BOS_ID,
     DataError,
     PackedSequences,

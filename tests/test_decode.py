@@ -18,10 +18,12 @@ from flax import nnx
 
 import generate as generate_cli
 import hnet
-from hnet import chunking, decode
+from hnet import chunking
+from hnet.inference import decode
 from hnet.config import AttnConfig, replace
-from hnet.decode import Generator, SamplingConfig, Utf8Stream
-from hnet.export import export, load_model
+from hnet.inference.decode import Generator, SamplingConfig, Utf8Stream
+from hnet.inference.export import export
+from hnet.inference.load import load_model
 from conftest import ROOT, jit_forward, shrink, tiny_config, write_run_folder
 
 LENGTH = 120  # > the shrunk sliding windows (7), so ring buffers wrap; > 4 capacity multiples (8)
@@ -166,7 +168,7 @@ def test_sample_respects_top_k_and_top_p():
 
 
 def test_row_limit_ends_right_after_a_stop_string_or_at_max_bytes():
-    from hnet.decode import RowLimit
+    from hnet.inference.decode import RowLimit
 
     def feed(limit, pieces):
         return b"".join(piece[:limit.keep(piece)] for piece in pieces)

@@ -13,9 +13,9 @@ from flax import nnx
 
 import eval as eval_cli
 import hnet
-from hnet import boundaries as bnd
-from hnet.checkpoint import Checkpointer
-from hnet.evaluate import Scorer, plan_windows, take_prefix
+from hnet.evaluation import boundaries as bnd
+from hnet.io.checkpoint import Checkpointer
+from hnet.evaluation.evaluate import Scorer, plan_windows, take_prefix
 from conftest import shrink, tiny_config
 
 WINDOW = 32
@@ -94,7 +94,7 @@ def test_windowed_scoring_matches_one_pass(learned):
     ids, targets = np.zeros((2, WINDOW), np.int32), np.zeros((2, WINDOW), np.int32)
     ids[0, :WINDOW] = stream[:WINDOW]
     targets[0, :WINDOW - 1] = stream[1:]
-    nll, _ = hnet.evaluate.score_batch(whole._graphdef, whole._state, ids, targets)
+    nll, _ = hnet.evaluation.evaluate.score_batch(whole._graphdef, whole._state, ids, targets)
     reference = np.asarray(nll)[0, :WINDOW - 1]
 
     (one,) = whole.score_streams([stream])
@@ -113,7 +113,7 @@ def test_windowed_scoring_matches_one_pass(learned):
 def bpe(tmp_path_factory):
     """A byte-level BPE tokenizer trained on a small text corpus, and the corpus folder."""
     from data.text import prepare as text_prepare
-    from hnet.tokenizer import train_tokenizer
+    from hnet.io.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("bpe")
     docs = root / "docs"
@@ -188,7 +188,7 @@ def test_show_boundaries_marks_the_models_positions(heuristic):
     for start, score_from, length in plan_windows(len(stream) - 1, WINDOW, WINDOW // 2):
         ids = np.zeros((2, WINDOW), np.int32)
         ids[0, :length] = stream[start:start + length]
-        _, stages = jax.device_get(hnet.evaluate.score_batch(scorer._graphdef, scorer._state, ids, ids))
+        _, stages = jax.device_get(hnet.evaluation.evaluate.score_batch(scorer._graphdef, scorer._state, ids, ids))
         (_, chunks0, chunk0), (_, chunks1, _) = stages
         for i in np.flatnonzero(chunks0[0]):
             if score_from <= i < length:

@@ -12,9 +12,9 @@ from flax import nnx
 import hnet
 from hnet import config as config_lib
 from hnet import flops, param_report
-from hnet.layers.attention import attention_mask
-from hnet.layers.mamba2 import ssd_scan
-from hnet.xla_stats import matmul_flops
+from hnet.layers.kernels.attention import attention_mask
+from hnet.layers.kernels.ssd import ssd_scan
+from hnet.perf.xla_stats import matmul_flops
 from tests.conftest import CONFIGS, tiny_config
 
 FAMILY_TOLERANCE = 0.05  # the "equal FLOPs per byte (within 5%)"

@@ -8,11 +8,13 @@ import pytest
 
 from hnet import config as config_lib
 from hnet.config import SSMConfig, load_config
-from hnet.layers.attention import attend, attention_mask, blockwise_attention, causal_attention, rotary_embedding, CausalSelfAttention
-from hnet.layers.mamba2 import Mamba2, causal_depthwise_conv, ssd_scan, ssd_step
+from hnet.layers.attention import rotary_embedding, CausalSelfAttention
+from hnet.layers.kernels.attention import attend, attention_mask, blockwise_attention, causal_attention
+from hnet.layers.kernels.ssd import ssd_scan, ssd_step
+from hnet.layers.mamba2 import Mamba2, causal_depthwise_conv
 from hnet.layers.mlp import SwiGLU
 from hnet.segments import Segments
-from hnet.xla_stats import matmul_flops
+from hnet.perf.xla_stats import matmul_flops
 from flax import nnx
 
 from conftest import CONFIGS
@@ -144,7 +146,7 @@ def test_mamba2_is_causal():
     layer = Mamba2(32, SSMConfig(d_state=8, chunk_size=8, head_dim=16), dtype=jnp.float32, out_scale=1.0, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (1, 20, 32))
     x2 = x.at[:, 12:].set(jax.random.normal(jax.random.key(1), (1, 8, 32)))
-    forward = nnx.jit(lambda layer, t: layer.prefill(t, Segments.from_starts(jnp.zeros((1, 20), bool)))[0])
+    forward = nnx.jit(lambda layer, t: layer.forward(t, Segments.from_starts(jnp.zeros((1, 20), bool)))[0])
     y, y2 = forward(layer, x), forward(layer, x2)
     np.testing.assert_allclose(y[:, :12], y2[:, :12], rtol=1e-5, atol=1e-5)
     assert not np.allclose(y[:, 12:], y2[:, 12:])
@@ -211,7 +213,7 @@ def test_blockwise_attention_executes_only_the_blocks_its_window_reaches():
     windowed one: 2 matmuls (scores, values) of 2 x block^2 x H x Dh FLOPs per block visited. The
     backward pass (custom VJP) adds 5 matmuls per pair of blocks holding a visible key, and does
     not run the forward again."""
-    from hnet.xla_stats import matmul_flops
+    from hnet.perf.xla_stats import matmul_flops
 
     blocks, block, heads, head_dim = 6, 8, 4, 8
     q = jnp.zeros((1, blocks * block, heads, head_dim))
@@ -229,7 +231,7 @@ def test_blockwise_attention_executes_only_the_blocks_its_window_reaches():
 def test_pallas_attention_equals_the_plain_path_in_interpret_mode():
     """The GPU path (Pallas flash attention with segment ids), run by Pallas' interpreter on CPU:
     values and gradients against the plain masked softmax; L = 45 is padded to the kernel's block."""
-    from hnet.layers.attention import pallas_causal_attention
+    from hnet.layers.kernels.attention import pallas_causal_attention
 
     keys = jax.random.split(jax.random.key(3), 4)
     q = jax.random.normal(keys[0], (1, 45, 4, 16))
@@ -269,7 +271,7 @@ def test_attention_layer_gqa_window_is_causal():
     layer = CausalSelfAttention(32, 4, 2, 8, 3, dtype=jnp.float32, out_scale=1.0, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (2, 12, 32))
     x2 = x.at[:, 7:].add(1.0)
-    forward = nnx.jit(lambda layer, t: layer.prefill(t, Segments.from_starts(jnp.zeros((2, 12), bool)))[0])
+    forward = nnx.jit(lambda layer, t: layer.forward(t, Segments.from_starts(jnp.zeros((2, 12), bool)))[0])
     y, y2 = forward(layer, x), forward(layer, x2)
     np.testing.assert_allclose(y[:, :7], y2[:, :7], rtol=1e-5, atol=1e-5)
 

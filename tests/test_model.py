@@ -36,7 +36,7 @@ def set_routing(model, mode: str, input_ids):
     if mode == "fresh":
         return
     one_document = Segments.from_starts(jnp.zeros(input_ids.shape, bool))
-    hidden = model.backbone.encoder.prefill(model.embedding(input_ids), one_document)[0]
+    hidden = model.backbone.encoder.forward(model.embedding(input_ids), one_document)[0]
     u = hidden.mean((0, 1))
     u = u / jnp.linalg.norm(u)
     projection = jnp.outer(u, u)
@@ -331,8 +331,8 @@ def test_three_stage_hierarchy_runs_and_is_causal(config_2stage):
 def test_rematerialised_blocks_give_the_same_gradients(config_1stage, monkeypatch):
     """train.remat changes what the backward pass keeps, not what it computes; the blockwise
     attention path (rows longer than its query block) is part of the model here."""
-    from hnet.layers import attention
-    from hnet.train_step import micro_grads, step_compiler_options
+    from hnet.layers.kernels import attention
+    from hnet.training.train_step import micro_grads, step_compiler_options
 
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)  # so the main network's attention runs blockwise
     model = hnet.build_model(config_1stage, seed=0)

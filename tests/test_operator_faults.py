@@ -1,6 +1,6 @@
 """What cluster operators do to a training run: restart it at any moment with the same command,
 start a second job on its folder, run out of disk. Each ends in one line and a known exit status,
-and nothing committed is lost (hnet.run_lock, hnet.checkpoint, hnet.train_loop)."""
+and nothing committed is lost (hnet.training.run_lock, hnet.io.checkpoint, hnet.training.train_loop)."""
 
 import json
 import os
@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from hnet import run_lock
-from hnet.checkpoint import check_step
+from hnet.training import run_lock
+from hnet.io.checkpoint import check_step
 from hnet.errors import WRITE_FAILED_EXIT, RunError, RunWriteError
-from hnet.export import load_model
-from hnet.run_config import run_config_from_dict
-from hnet.train_loop import MetricsLog, train
-from hnet.run_dir import RunDir
+from hnet.inference.load import load_model
+from hnet.training.run_config import run_config_from_dict
+from hnet.training.train_loop import MetricsLog, train
+from hnet.io.run_dir import RunDir
 from test_train import losses, run_cli, small_run, write_run
 
 RESTART = ["--resume", "--no-progress"]
@@ -181,7 +181,7 @@ def test_tensorboard_events_the_disk_refuses_are_one_error_line(tmp_path):
     os.symlink(os.devnull, run_dir / "metrics.jsonl")
     code = ("import resource, signal, sys; from pathlib import Path; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
-            "from hnet.errors import RunWriteError; from hnet.run_dir import RunDir; from hnet.train_loop import MetricsLog\n"
+            "from hnet.errors import RunWriteError; from hnet.io.run_dir import RunDir; from hnet.training.train_loop import MetricsLog\n"
             "try:\n"
             "    with MetricsLog(RunDir(sys.argv[1]), enabled=True, first_step=1) as log:\n"
             "        for step in range(1, 200):\n"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hnet.perturb import PERTURBATIONS, has_other_case, perturb
+from hnet.evaluation.perturb import PERTURBATIONS, has_other_case, perturb
 
 # Mixed text: ASCII, accented letters, CJK, emoji (4-byte UTF-8), tabs and newlines.
 TEXT = ("The quick brown fox jumps over the lazy dog.\tÉlan vital — naïve façade!\n"

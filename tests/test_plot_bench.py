@@ -1,4 +1,4 @@
-"""hnet.plot writes its PNGs from a metrics.jsonl (hnet.bench: tests/test_bench.py)."""
+"""hnet.evaluation.plot writes its PNGs from a metrics.jsonl (hnet.perf.bench: tests/test_bench.py)."""
 
 import json
 
@@ -22,7 +22,7 @@ def write_metrics(run_dir, steps=30, eval_every=10):
 
 
 def test_plot_run_writes_both_pngs(tmp_path):
-    from hnet.plot import plot_run
+    from hnet.evaluation.plot import plot_run
 
     write_metrics(tmp_path)
     paths = plot_run(tmp_path)
@@ -33,7 +33,7 @@ def test_plot_run_writes_both_pngs(tmp_path):
 
 
 def test_plot_run_missing_or_empty_metrics(tmp_path):
-    from hnet.plot import plot_run
+    from hnet.evaluation.plot import plot_run
 
     with pytest.raises(RunError, match="metrics.jsonl"):
         plot_run(tmp_path)

@@ -3,7 +3,7 @@
 tests/fixtures/reference/ holds two tiny H-Nets (1- and 2-stage) written by the reference PyTorch
 code with its outputs: logits, boundary probabilities and boundaries of every stage, the training
 loss and every parameter's gradient (its README says exactly how they were made). Each model is
-converted with hnet.convert (float32 parameters and compute) and must reproduce all of them.
+converted with hnet.inference.convert (float32 parameters and compute) and must reproduce all of them.
 
 Tolerances (what we measured on CPU, jax 0.10.2, in brackets; a real error is orders larger):
 - logits: max |difference| <= 5e-6 (5e-7, 7e-7);
@@ -25,10 +25,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from hnet import convert
-from hnet.export import flat_param_paths, load_model
-from hnet.reference import parameter_table, to_reference
-from hnet.train_step import loss_and_metrics
+from hnet.inference import convert
+from hnet.inference.export import flat_param_paths
+from hnet.inference.load import load_model
+from hnet.inference.reference import parameter_table, to_reference
+from hnet.training.train_step import loss_and_metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 MODELS = ["ci_1stage", "ci_2stage"]

@@ -18,13 +18,14 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from conftest import LADDER, ROOT, shrink, tiny_config
-from hnet import distributed, sharding
-from hnet.checkpoint import check_step
+from hnet.parallel import distributed, sharding
+from hnet import logical_axes
+from hnet.io.checkpoint import check_step
 from hnet.config import load_config
-from hnet.data import ensure_default_corpus
+from hnet.io.data import ensure_default_corpus
 from hnet.errors import ConfigError
 from hnet.model import build_model
-from hnet.run_config import run_config_from_dict
+from hnet.training.run_config import run_config_from_dict
 
 # Test-only: the subprocesses compile with LLVM at -O0 (XLA's own HLO optimisations still run),
 # about 4x faster to compile on CPU; every mesh of a comparison runs under the same flags.
@@ -72,18 +73,18 @@ def test_mesh_shape_errors_are_one_line(sizes, message):
 
 
 def test_rules_split_divisible_dimensions_and_replicate_the_rest():
-    fsdp8 = AbstractMesh((1, 8, 1), sharding.MESH_AXES)
-    mixed = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
-    assert sharding.logical_to_spec(("embed", "vocab"), (32, 256), fsdp8) == P("fsdp", None)
-    assert sharding.logical_to_spec(("embed", "vocab"), (32, 256), mixed) == P("fsdp", "tensor")
-    assert sharding.logical_to_spec(("embed", "mlp"), (36, 256), fsdp8) == P(None, None)  # 36 % 8: replicated
-    assert sharding.logical_to_spec(("embed", "embed_out"), (32, 32), fsdp8) == P("fsdp", None)
-    assert sharding.logical_to_spec(("mamba_in", "embed"), (148, 32), fsdp8) == P(None, "fsdp")
-    assert sharding.logical_to_spec(sharding.BATCH_AXES, (8, 64), mixed) == P(("data", "fsdp"), None)
-    assert sharding.logical_to_spec(sharding.BATCH_AXES, (6, 64), mixed) == P(None, None)  # 6 % 4: replicated
-    assert sharding.logical_to_spec(sharding.HEADS_AXES, (8, 64, 3, 16), mixed) == P(("data", "fsdp"), None, None, None)
+    fsdp8 = AbstractMesh((1, 8, 1), logical_axes.MESH_AXES)
+    mixed = AbstractMesh((2, 2, 2), logical_axes.MESH_AXES)
+    assert logical_axes.logical_to_spec(("embed", "vocab"), (32, 256), fsdp8) == P("fsdp", None)
+    assert logical_axes.logical_to_spec(("embed", "vocab"), (32, 256), mixed) == P("fsdp", "tensor")
+    assert logical_axes.logical_to_spec(("embed", "mlp"), (36, 256), fsdp8) == P(None, None)  # 36 % 8: replicated
+    assert logical_axes.logical_to_spec(("embed", "embed_out"), (32, 32), fsdp8) == P("fsdp", None)
+    assert logical_axes.logical_to_spec(("mamba_in", "embed"), (148, 32), fsdp8) == P(None, "fsdp")
+    assert logical_axes.logical_to_spec(logical_axes.BATCH_AXES, (8, 64), mixed) == P(("data", "fsdp"), None)
+    assert logical_axes.logical_to_spec(logical_axes.BATCH_AXES, (6, 64), mixed) == P(None, None)  # 6 % 4: replicated
+    assert logical_axes.logical_to_spec(logical_axes.HEADS_AXES, (8, 64, 3, 16), mixed) == P(("data", "fsdp"), None, None, None)
     with pytest.raises(ValueError, match="no rule"):
-        sharding.logical_to_spec(("nonsense",), (8,), mixed)
+        logical_axes.logical_to_spec(("nonsense",), (8,), mixed)
 
 
 @pytest.mark.parametrize("name", ["hnet_1stage_L", "hnet_2stage_XL", "transformer_byte_tiny"])

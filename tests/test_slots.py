@@ -132,7 +132,7 @@ def test_a_stack_on_the_ladder_equals_the_stack_on_every_slot(stack_and_rows, gr
         return slots.run_stack(module, x, segments, rows)
 
     def on_every_slot(module, x):
-        return module.prefill(x, segments)[0]
+        return module.forward(x, segments)[0]
 
     out = jax.jit(on_ladder)(stack, x)
     full = jax.jit(on_every_slot)(stack, x)

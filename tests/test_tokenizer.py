@@ -10,13 +10,13 @@ import pytest
 
 import train as train_cli
 from data.shards import CorpusWriter
-from hnet import tokenizer as tokenizer_lib
-from hnet.data import PreparedCorpus, eval_batches, make_dataset
+from hnet.io import tokenizer as tokenizer_lib
+from hnet.io.data import PreparedCorpus, eval_batches, make_dataset
 from hnet.errors import ConfigError, DataError
 from hnet.model import build_model, cross_entropy
-from hnet.run_config import run_config_from_dict
-from hnet.tokenizer import BPETokenizer, load_run_tokenizer, tokenize_corpus, train_tokenizer
-from hnet.train_loop import train
+from hnet.training.run_config import run_config_from_dict
+from hnet.io.tokenizer import BPETokenizer, load_run_tokenizer, tokenize_corpus, train_tokenizer
+from hnet.training.train_loop import train
 
 VOCAB = 300
 
@@ -256,7 +256,7 @@ def greedy_tokens_by_forward(model, prompt_ids: list[int], new_tokens: int) -> l
 
 
 def test_token_generation_equals_forward_argmax_and_stops_on_bytes(token_model, tokenizer):
-    from hnet.decode import Generator, SamplingConfig
+    from hnet.inference.decode import Generator, SamplingConfig
     from hnet.errors import GenerationError
 
     generator = Generator(token_model, tokenizer=tokenizer, chunk_steps=8)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import train as train_cli
-from hnet.run_config import run_config_from_dict
-from hnet.train_loop import train
+from hnet.training.run_config import run_config_from_dict
+from hnet.training.train_loop import train
 from conftest import ROOT
 from hnet.errors import RunError
 
@@ -99,7 +99,7 @@ def check_speed_fields(run, run_dir: Path, peak_flops: float | None) -> None:
 def test_progress_bar_shows_speed():
     import io
 
-    from hnet.train_loop import _progress_bar, _update_bar
+    from hnet.training.train_loop import _progress_bar, _update_bar
 
     bar = _progress_bar(10, 0, enabled=True)
     bar.fp = io.StringIO()
@@ -137,7 +137,7 @@ def logged_scalars(events) -> dict[tuple[str, int], float]:
 
 def test_tensorboard_events_match_metrics_and_resume_purges(tmp_path):
     pytest.importorskip("tensorboardX")
-    from hnet import tensorboard
+    from hnet.training import tensorboard
 
     run_dir = tmp_path / "run"
     # test_resume_reproduces_losses_exactly's run config: its compiled steps are cached.

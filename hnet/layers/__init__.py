@@ -1,4 +1,5 @@
-"""Building blocks: norms, SwiGLU MLP, causal attention, the Mamba2 mixer and isotropic stacks."""
+"""Building blocks: norms, SwiGLU MLP, causal attention, the Mamba2 mixer and isotropic stacks; the
+numerical kernels under attention and Mamba2 (attention paths, the SSD scan) are hnet.layers.kernels."""
 
 from hnet.layers.attention import CausalSelfAttention
 from hnet.layers.isotropic import Block, Isotropic

@@ -1,14 +1,14 @@
 """Shared parameter constructors, so every layer initialises and names its weights one way.
 
 Every parameter carries logical axis names (MaxText style: "embed", "mlp", "heads", "vocab", ...);
-hnet.sharding maps them to mesh axes.
+hnet.logical_axes maps them to mesh axes.
 """
 
 import flax
 import jax.numpy as jnp
 from flax import nnx
 
-# Parameters carry logical axis names; hnet.sharding places them on a mesh explicitly, so Flax
+# Parameters carry logical axis names; hnet.parallel.sharding places them on a mesh explicitly, so Flax
 # must not try to shard variables eagerly when they are created (every parameter is made here).
 flax.config.update("flax_always_shard_variable", False)
 

@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hnet import sharding
 from hnet.config import ModelConfig, parse_layout
-from hnet.layers.attention import ATTENTION_RESIDUALS, CausalSelfAttention
+from hnet.layers.attention import CausalSelfAttention
+from hnet.layers.kernels.attention import ATTENTION_RESIDUALS
 from hnet.layers.mamba2 import Mamba2
 from hnet.layers.mlp import SwiGLU
 from hnet.layers.norm import RMSNorm
+from hnet.logical_axes import RESIDUAL_AXES, constrain
 from hnet.segments import Segments
 
 
@@ -47,7 +48,7 @@ def rematerialise(policy: str):
 
 
 def _block_output(block, x, segments):
-    return block.prefill(x, segments)[0]
+    return block.forward(x, segments)[0]
 
 
 def residual_count(layout: str) -> int:
@@ -80,12 +81,12 @@ class Block(nnx.Module):
             self.norm2 = RMSNorm(d_model)
             self.mlp = SwiGLU(d_model, config.mlp_hidden(stage), dtype=self.dtype, out_scale=out_scale, rngs=rngs)
 
-    def prefill(self, x: jax.Array, segments: Segments, lengths=None, max_length=None):
-        """(B, L, D) -> (y, mixer cache or None); see the mixers' `prefill`. max_length sizes an
+    def forward(self, x: jax.Array, segments: Segments, lengths=None, max_length=None):
+        """(B, L, D) -> (y, mixer cache or None); see the mixers' `forward`. max_length sizes an
         attention cache (a Mamba2 state has a fixed size)."""
         if self.is_attention:
-            return self._residual(x, lambda h: self.mixer.prefill(h, segments, lengths, max_length))
-        return self._residual(x, lambda h: self.mixer.prefill(h, segments, lengths))
+            return self._residual(x, lambda h: self.mixer.forward(h, segments, lengths, max_length))
+        return self._residual(x, lambda h: self.mixer.forward(h, segments, lengths))
 
     def step(self, x: jax.Array, cache, doc_start: jax.Array):
         """One position per row: (B, D), doc_start (B,) bool -> (y (B, D), updated mixer cache)."""
@@ -115,7 +116,7 @@ class Isotropic(nnx.Module):
         ])
         self.norm = RMSNorm(config.d_model[stage])
 
-    def prefill(self, x: jax.Array, segments: Segments, lengths=None, max_length=None):
+    def forward(self, x: jax.Array, segments: Segments, lengths=None, max_length=None):
         """(B, L, D) -> (y, tuple of block caches); caches only when `lengths` (B,) is given."""
         x = x.astype(jnp.float32)
         policy = REMAT_POLICIES[_remat_policy.get()] if lengths is None else None  # never when filling caches
@@ -123,10 +124,10 @@ class Isotropic(nnx.Module):
         caches = []
         for block in self.blocks:
             if run_block is None:
-                x, cache = block.prefill(x, segments, lengths, max_length)
+                x, cache = block.forward(x, segments, lengths, max_length)
             else:
                 x, cache = run_block(block, x, segments), None
-            x = sharding.constrain(x, sharding.RESIDUAL_AXES)  # the residual stream: batch-split
+            x = constrain(x, RESIDUAL_AXES)  # the residual stream: batch-split
             caches.append(cache)
         return self.norm(x), tuple(caches)
 

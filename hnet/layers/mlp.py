@@ -3,8 +3,8 @@
 import jax
 from flax import nnx
 
-from hnet import sharding
 from hnet.layers.common import INIT_STD, linear
+from hnet.logical_axes import MLP_AXES, constrain
 
 
 class SwiGLU(nnx.Module):
@@ -22,5 +22,5 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         value, gate = jax.numpy.split(self.fc1(x), 2, axis=-1)
-        hidden = sharding.constrain(value * jax.nn.silu(gate), sharding.MLP_AXES)  # split over tensor
+        hidden = constrain(value * jax.nn.silu(gate), MLP_AXES)  # split over tensor
         return self.fc2(hidden)

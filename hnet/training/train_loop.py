@@ -1,12 +1,12 @@
-"""The training loop around hnet.train_step: data, periodic evaluation, JSON Lines metrics with
-step time, throughput and MFU (hnet.throughput) and their TensorBoard scalars (hnet.tensorboard),
+"""The training loop around hnet.training.train_step: data, periodic evaluation, JSON Lines metrics with
+step time, throughput and MFU (hnet.training.throughput) and their TensorBoard scalars (hnet.training.tensorboard),
 orbax checkpoints, resume and preemption handling, and jax.profiler traces of chosen steps
-(hnet.profiling), in a run folder (hnet.run_dir).
+(hnet.training.profiling), in a run folder (hnet.io.run_dir).
 
-The steps run over a device mesh (hnet.sharding, the run config's `mesh` section), on one device
+The steps run over a device mesh (hnet.parallel.sharding, the run config's `mesh` section), on one device
 or many processes alike. Every process reads its own rows of each batch; process 0 alone prints
 and writes metrics. A token run (data.tokenizer, a flat Transformer) predicts BPE tokens; its bits
-per byte are the summed token NLL / (ln 2 x the bytes those tokens cover), see hnet.data.
+per byte are the summed token NLL / (ln 2 x the bytes those tokens cover), see hnet.io.data.
 
 docs/ARCHITECTURE.md section 3 shows the data flow around the loop.
 """
@@ -24,19 +24,21 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hnet import checkpoint as checkpoint_lib
-from hnet import data as data_lib
-from hnet import multihost, sharding, throughput
-from hnet import tensorboard as tensorboard_lib
-from hnet import tokenizer as tokenizer_lib
-from hnet.checkpoint import Checkpointer
 from hnet.errors import RunError, RunWriteError, describe_write_failure
+from hnet.io import checkpoint as checkpoint_lib
+from hnet.io import data as data_lib
+from hnet.io import tokenizer as tokenizer_lib
+from hnet.io.checkpoint import Checkpointer
+from hnet.io.run_dir import RunDir
 from hnet.model import bits_per_byte
-from hnet.profiling import ProfileSteps, StepProfiler
-from hnet.run_config import RunConfig, run_config_from_dict
-from hnet.run_dir import RunDir
-from hnet.run_lock import RunLock
-from hnet.train_step import StepFunctions, make_step_functions, run_mesh
+from hnet.parallel import multihost, sharding
+from hnet.stage_metrics import stage_metric, stage_values
+from hnet.training import throughput
+from hnet.training import tensorboard as tensorboard_lib
+from hnet.training.profiling import ProfileSteps, StepProfiler
+from hnet.training.run_config import RunConfig, run_config_from_dict
+from hnet.training.run_lock import RunLock
+from hnet.training.train_step import StepFunctions, make_step_functions
 
 
 def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, progress: bool = True,
@@ -46,11 +48,12 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
 
     max_steps: stop after this many steps in this call (checkpointing there), as if preempted.
     peak_tflops: peak TFLOP/s per device for MFU (default: the known peak of the device, if any;
-    see hnet.throughput).
-    profile: trace these steps with jax.profiler into RUN_DIR/profile (hnet.profiling).
+    see hnet.training.throughput).
+    profile: trace these steps with jax.profiler into RUN_DIR/profile (hnet.training.profiling).
     """
     run_dir = RunDir(workdir)
-    mesh = run_mesh(run) if run is not None else None  # a layout error stops before the run folder is made
+    # The run's steps; a mesh that does not fit the devices or the batch stops before the run folder is made.
+    given_steps = make_step_functions(run)[1] if run is not None else None
     if profile is not None and not resume:  # checked before the run folder is made
         profile.check(1, _end_step(run.train.steps, 0, max_steps))
     if resume and not run_dir.config.is_file():
@@ -61,7 +64,7 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
             print(f"--resume: {run_dir.path} holds no run yet; starting it")
     lock = lock_run_folder(run_dir)  # one job per run folder, for the whole run
     try:
-        return _train(run, run_dir, mesh, resume=resume, progress=progress, max_steps=max_steps, verbose=verbose,
+        return _train(run, run_dir, given_steps, resume=resume, progress=progress, max_steps=max_steps, verbose=verbose,
                       peak_tflops=peak_tflops, profile=profile)
     finally:
         if lock is not None:
@@ -69,7 +72,7 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
 
 
 def lock_run_folder(run_dir: RunDir) -> RunLock | None:
-    """Process 0 takes RUN_DIR's lock (hnet.run_lock); every process stops with one error line
+    """Process 0 takes RUN_DIR's lock (hnet.training.run_lock); every process stops with one error line
     when it could not. -> the lock on process 0, None on the others."""
     lock, error = None, None
     if jax.process_index() == 0:
@@ -84,9 +87,9 @@ def lock_run_folder(run_dir: RunDir) -> RunLock | None:
     return lock
 
 
-def _train(run: RunConfig | None, run_dir: RunDir, mesh, *, resume: bool, progress: bool, max_steps: int | None,
-           verbose: bool, peak_tflops: float | None, profile: ProfileSteps | None) -> dict:
-    """train() once the run folder is locked; mesh: the run config's (None: the saved run's)."""
+def _train(run: RunConfig | None, run_dir: RunDir, steps: StepFunctions | None, *, resume: bool, progress: bool,
+           max_steps: int | None, verbose: bool, peak_tflops: float | None, profile: ProfileSteps | None) -> dict:
+    """train() once the run folder is locked; steps: the given run config's (None: made for the saved run's)."""
     is_main = jax.process_index() == 0  # only process 0 prints and writes metrics
     verbose = verbose and is_main
     log = print if verbose else (lambda *a, **k: None)
@@ -97,22 +100,9 @@ def _train(run: RunConfig | None, run_dir: RunDir, mesh, *, resume: bool, progre
         if is_main:
             _truncate_metrics(run_dir.metrics, 0)
     train_cfg = run.train
-    corpus = open_corpus(run, verbose)
-    tokenizer = tokenizer_lib.setup_run_tokenizer(run.data.tokenizer, run_dir.path, corpus, run.data.train_split, log)
-    if tokenizer is not None:
-        if tokenizer.vocab_size != run.model["vocab_size"]:
-            raise RunError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {run.model['vocab_size']}")
-        corpus = tokenizer_lib.tokenize_corpus(corpus, tokenizer, verbose=verbose)
-    if corpus.bos_id != run.model_config.bos_id:
-        raise RunError(f"the corpus starts documents with id {corpus.bos_id} but the model's bos_id is {run.model_config.bos_id}")
-    process_count, process_index = jax.process_count(), jax.process_index()
-    iterator = data_lib.make_dataset(
-        corpus, run.data.train_split, train_cfg.seq_len, train_cfg.batch_size // process_count,
-        seed=train_cfg.seed, process_index=process_index, process_count=process_count,
-    )
-    data_lib.PackedSequences(corpus, run.data.eval_split, train_cfg.seq_len)  # fail early if missing
-
-    graphdef, steps = make_step_functions(run, mesh)
+    corpus, iterator = open_training_data(run, run_dir, verbose, log)
+    if steps is None:
+        steps = make_step_functions(run)[1]
     log(f"mesh: {sharding.describe(steps.mesh)}")
     if tensorboard_lib.available():
         log(f"tensorboard: event files in {run_dir.tensorboard}")
@@ -136,82 +126,88 @@ def _train(run: RunConfig | None, run_dir: RunDir, mesh, *, resume: bool, progre
         if profile is not None:
             profile.check(start_step + 1, _end_step(train_cfg.steps, start_step, max_steps))
 
-    def save(step: int):
-        checkpointer.save(
-            step, state, {"iterator": data_lib.iterator_state_to_json(iterator.get_state())},
-            {"step": step, "bytes_seen": bytes_seen, "model": run.model, "run": run.to_dict()},
-        )
-
-    bar = _progress_bar(train_cfg.steps, start_step, progress and process_index == 0)
-    accum, micro = train_cfg.grad_accum, train_cfg.batch_size // process_count // train_cfg.grad_accum
-    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len  # targets per step, all processes
-    speed = throughput.TrainingSpeed(run.model_config, train_cfg.batch_size, train_cfg.seq_len,
-                                     throughput.peak_flops(jax.devices()[0], peak_tflops),
-                                     tuple(jax.devices()), tuple(jax.local_devices()))
-    pending: list[tuple[int, dict, int]] = []  # (step, device metrics, bytes this process covered)
+    bar = _progress_bar(train_cfg.steps, start_step, progress and is_main)
+    shape = (train_cfg.grad_accum, train_cfg.batch_size // jax.process_count() // train_cfg.grad_accum, train_cfg.seq_len)
     last_eval: dict = {}
     status = "completed"
     end_step = _end_step(train_cfg.steps, start_step, max_steps)
-    window_start = time.perf_counter()  # when the steps of the current metrics window began
     warmup_steps = int(round(train_cfg.warmup_frac * train_cfg.steps))
     warned_dropped = False
+    speed = throughput.TrainingSpeed(run.model_config, train_cfg.batch_size, train_cfg.seq_len,
+                                     throughput.peak_flops(jax.devices()[0], peak_tflops),
+                                     tuple(jax.devices()), tuple(jax.local_devices()))
+    window = MetricsWindow(steps.schedule, speed, bytes_seen)
+
+    def save(step: int):
+        checkpointer.save(
+            step, state, {"iterator": data_lib.iterator_state_to_json(iterator.get_state())},
+            {"step": step, "bytes_seen": window.bytes_seen, "model": run.model, "run": run.to_dict()},
+        )
+
     with (_StopFlag() as stop, MetricsLog(run_dir, is_main, first_step=start_step + 1) as metrics_log,
           StepProfiler(profile, run_dir.profile, enabled=is_main) as profiler):
         step = start_step
         while step < end_step:
             batch = next(iterator)
-            shape = (accum, micro, train_cfg.seq_len)
             with profiler.annotate(step + 1):
                 state, metrics = steps.train_step(state, steps.place_train_batch(batch["input_ids"].reshape(shape)),
                                                   steps.place_train_batch(batch["targets"].reshape(shape)))
             step += 1
             profiler.finish_step(step, (state, metrics))
             # Text bytes this process's targets cover (batch_size / P * seq_len for bytes).
-            local_bytes = int(np.sum(corpus.bytes_per_id[batch["targets"]]))
-            pending.append((step, metrics, local_bytes))
+            window.add(step, metrics, int(np.sum(corpus.bytes_per_id[batch["targets"]])))
             is_last = step == end_step
             stopping = multihost.stop_agreed(stop.signal, at_sync_point=step % train_cfg.log_every == 0 or is_last)
             # Flushed before every eval and save too, so that bytes_seen is exact there.
             if (step % train_cfg.log_every == 0 or step % train_cfg.eval_every == 0
                     or step % train_cfg.checkpoint_every == 0 or is_last or stopping):
-                step_bytes = multihost.sum_over_processes(np.array([b for _, _, b in pending], dtype=np.int64))
-                rows = _flush_metrics(pending, step_bytes, steps.schedule, tokens_per_step, start_bytes=bytes_seen)
-                bytes_seen += int(step_bytes.sum())
-                # Timed after the transfer, which waits for the window's steps (they run asynchronously).
-                speed.annotate(rows, int(step_bytes.sum()), time.perf_counter() - window_start)
+                rows = window.flush()
                 metrics_log.write(rows)
-                pending = []
                 _update_bar(bar, rows[-1], step)
-                if not warned_dropped:
-                    warned_dropped = _warn_dropped(rows, warmup_steps, run.model_config, bar.write if is_main else None)
-                if rows[-1]["nonfinite_run"] >= train_cfg.max_nonfinite_steps:
-                    checkpointer.wait()
-                    good = checkpointer.latest_step()
-                    where = checkpointer.path(good) if good is not None else "none saved yet"
-                    bar.close()
-                    raise RunError(f"{rows[-1]['nonfinite_run']} non-finite steps in a row at step {step}; "
-                                   f"last good checkpoint: {where}")
+                warned_dropped = warned_dropped or _warn_dropped(rows, warmup_steps, run.model_config,
+                                                                 bar.write if is_main else None)
+                _stop_if_not_finite(rows[-1], train_cfg.max_nonfinite_steps, checkpointer, bar)
             if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 last_eval = evaluate(steps, state["params"], corpus, run.data.eval_split, run, train_cfg.eval_batches)
-                metrics_log.write([{"step": step, "bytes_seen": bytes_seen, "split": run.data.eval_split,
+                metrics_log.write([{"step": step, "bytes_seen": window.bytes_seen, "split": run.data.eval_split,
                                     **{f"eval_{k}": v for k, v in last_eval.items()}}])
                 if is_main:
                     bar.write(f"step {step}: {run.data.eval_split} bpb {last_eval['bpb']:.4f}" + "".join(
-                        f", stage {s} bytes/chunk {last_eval[f'stage{s}_bytes_per_chunk']:.2f}" for s in range(run.model_config.depth)))
+                        f", stage {s} bytes/chunk {value:.2f}" for s, value in enumerate(stage_values(last_eval, "bytes_per_chunk"))))
             if stopping:
                 status = f"stopped by {stop.signal or 'a signal to another process'}"
                 break
             if step % train_cfg.checkpoint_every == 0 and step != end_step:
                 save(step)
-            if not pending:  # a window was flushed: the next one starts after its evaluation and save
-                window_start = time.perf_counter()
+            window.restart_clock_if_flushed()  # the next window's time starts after this evaluation and save
         profiler.close(state)  # a trace still running: the run stopped before the last traced step
         if checkpointer.latest_step() != step:
             save(step)
         checkpointer.close()
     bar.close()
-    return {"status": status, "step": step, "bytes_seen": bytes_seen, "eval": last_eval,
+    return {"status": status, "step": step, "bytes_seen": window.bytes_seen, "eval": last_eval,
             "checkpoint": str(checkpointer.path(step)), "workdir": str(run_dir.path)}
+
+
+def open_training_data(run: RunConfig, run_dir: RunDir, verbose: bool, log):
+    """The run's corpus (tokenized for a token run, with the run's tokenizer) and the iterator of
+    this process's training batches -> (corpus, iterator). Checks that the corpus fits the model
+    and that the evaluation split exists, so that a mistake stops before the first step."""
+    corpus = open_corpus(run, verbose)
+    tokenizer = tokenizer_lib.setup_run_tokenizer(run.data.tokenizer, run_dir.path, corpus, run.data.train_split, log)
+    if tokenizer is not None:
+        if tokenizer.vocab_size != run.model["vocab_size"]:
+            raise RunError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {run.model['vocab_size']}")
+        corpus = tokenizer_lib.tokenize_corpus(corpus, tokenizer, verbose=verbose)
+    if corpus.bos_id != run.model_config.bos_id:
+        raise RunError(f"the corpus starts documents with id {corpus.bos_id} but the model's bos_id is {run.model_config.bos_id}")
+    train_cfg, process_count = run.train, jax.process_count()
+    iterator = data_lib.make_dataset(
+        corpus, run.data.train_split, train_cfg.seq_len, train_cfg.batch_size // process_count,
+        seed=train_cfg.seed, process_index=jax.process_index(), process_count=process_count,
+    )
+    data_lib.PackedSequences(corpus, run.data.eval_split, train_cfg.seq_len)  # fail early if missing
+    return corpus, iterator
 
 
 def _end_step(steps: int, start_step: int, max_steps: int | None) -> int:
@@ -313,9 +309,10 @@ def summarize_eval(totals: dict, depth: int) -> dict:
     result = {"bpb": bits_per_byte(totals["nll"], totals["bytes"]), "nats_per_byte": totals["nll"] / totals["bytes"],
               "bytes": int(totals["bytes"]), "tokens": int(totals["tokens"])}
     for s in range(depth):
-        result[f"stage{s}_bytes_per_chunk"] = totals["bytes"] / max(totals[f"stage{s}_chunks"], 1.0)
-        result[f"stage{s}_dropped_rate"] = totals[f"stage{s}_dropped"] / max(totals[f"stage{s}_boundaries"], 1.0)
-        result[f"stage{s}_slot_utilisation"] = totals[f"stage{s}_chunks"] / max(totals[f"stage{s}_slots"], 1.0)
+        chunks = totals[stage_metric(s, "chunks")]
+        result[stage_metric(s, "bytes_per_chunk")] = totals["bytes"] / max(chunks, 1.0)
+        result[stage_metric(s, "dropped_rate")] = totals[stage_metric(s, "dropped")] / max(totals[stage_metric(s, "boundaries")], 1.0)
+        result[stage_metric(s, "slot_utilisation")] = chunks / max(totals[stage_metric(s, "slots")], 1.0)
     return result
 
 
@@ -326,7 +323,7 @@ def summarize_eval(totals: dict, depth: int) -> dict:
 
 class MetricsLog:
     """Where metrics rows go: RUN_DIR/metrics.jsonl (the record, one JSON object a line) and,
-    when tensorboardX is installed, TensorBoard scalars in RUN_DIR/tensorboard (hnet.tensorboard).
+    when tensorboardX is installed, TensorBoard scalars in RUN_DIR/tensorboard (hnet.training.tensorboard).
     Only process 0 writes (`enabled`); first_step: the first step this call logs."""
 
     def __init__(self, run_dir: RunDir, enabled: bool, first_step: int):
@@ -368,23 +365,45 @@ def _write_failures_reported(path):
                             f"kept; make room and resume with the same command") from None
 
 
-def _flush_metrics(pending, step_bytes, schedule, tokens_per_step, start_bytes) -> list[dict]:
-    """Pull a window of step metrics to the host (one transfer) and make JSON rows.
-
-    pending: (step, device metrics, _) per step; step_bytes: int64 (steps,) text bytes each step's
-    targets covered, all processes. bpb = ce x targets / (ln 2 x bytes): per byte, also for tokens.
+class MetricsWindow:
+    """The steps since metrics were last written: their device metrics stay on the devices until
+    `flush` pulls them to the host in one transfer (when the loop logs, evaluates, saves or stops),
+    so that metrics add no host synchronisation to a step. The window is timed as a whole
+    (throughput.TrainingSpeed), from when its first step was started to the end of its transfer.
+    bytes_seen: text bytes of all processes' targets up to the last flushed step.
     """
-    host = jax.device_get([m for _, m, _ in pending])
-    rows = []
-    bytes_seen = start_bytes
-    for (step, _, _), metrics, num_bytes in zip(pending, host, step_bytes):
-        bytes_seen += int(num_bytes)
-        row = {"step": step, "bytes_seen": bytes_seen, "lr": float(schedule(step - 1))}
-        for key, value in metrics.items():
-            row[key] = bool(value) if key == "finite" else (int(value) if key == "nonfinite_run" else float(value))
-        row["bpb"] = bits_per_byte(row["ce"] * tokens_per_step, int(num_bytes))
-        rows.append(row)
-    return rows
+
+    def __init__(self, schedule, speed: throughput.TrainingSpeed, bytes_seen: int):
+        self.schedule, self.speed, self.bytes_seen = schedule, speed, bytes_seen
+        self.tokens_per_step = speed.batch_size * speed.seq_len  # targets per step, all processes
+        self.pending: list[tuple[int, dict, int]] = []  # (step, device metrics, bytes this process covered)
+        self.start = time.perf_counter()
+
+    def add(self, step: int, metrics: dict, local_bytes: int) -> None:
+        self.pending.append((step, metrics, local_bytes))
+
+    def flush(self) -> list[dict]:
+        """The window's metrics rows, one per step: the step's metrics, lr, bytes_seen, bpb (ce x
+        targets / (ln 2 x bytes): per byte, also for tokens) and the speed fields. Empties the window."""
+        step_bytes = multihost.sum_over_processes(np.array([b for _, _, b in self.pending], dtype=np.int64))
+        host = jax.device_get([m for _, m, _ in self.pending])
+        rows = []
+        for (step, _, _), metrics, num_bytes in zip(self.pending, host, step_bytes):
+            self.bytes_seen += int(num_bytes)
+            row = {"step": step, "bytes_seen": self.bytes_seen, "lr": float(self.schedule(step - 1))}
+            for key, value in metrics.items():
+                row[key] = bool(value) if key == "finite" else (int(value) if key == "nonfinite_run" else float(value))
+            row["bpb"] = bits_per_byte(row["ce"] * self.tokens_per_step, int(num_bytes))
+            rows.append(row)
+        # Timed after the transfer, which waits for the window's steps (they run asynchronously).
+        self.speed.annotate(rows, int(step_bytes.sum()), time.perf_counter() - self.start)
+        self.pending = []
+        return rows
+
+    def restart_clock_if_flushed(self) -> None:
+        """After a flush (and the evaluation and save that may follow it), the next window starts now."""
+        if not self.pending:
+            self.start = time.perf_counter()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -416,15 +435,27 @@ def _warn_dropped(rows: list[dict], warmup_steps: int, config, write) -> bool:
     for row in rows:
         if row["step"] <= warmup_steps:
             continue
-        for s in range(config.depth):
-            rate = row.get(f"stage{s}_dropped_rate", 0.0)
+        for s, rate in enumerate(stage_values(row, "dropped_rate")):
             if rate > DROPPED_WARNING:
                 if write is not None:
                     write(f"warning: step {row['step']}: stage {s} dropped {rate:.1%} of its boundaries under the chunk "
                           f"capacity rule (capacity_slack {config.capacity_slack}, burst {config.capacity_burst}); "
-                          f"a larger model.capacity_slack drops fewer (logged as stage{s}_dropped_rate)")
+                          f"a larger model.capacity_slack drops fewer (logged as {stage_metric(s, 'dropped_rate')})")
                 return True
     return False
+
+
+def _stop_if_not_finite(row: dict, max_nonfinite_steps: int, checkpointer: Checkpointer, bar) -> None:
+    """RunError (one line, naming the last good checkpoint) when the row's step is the
+    max_nonfinite_steps-th in a row whose loss or gradient was not finite."""
+    if row["nonfinite_run"] < max_nonfinite_steps:
+        return
+    checkpointer.wait()
+    good = checkpointer.latest_step()
+    where = checkpointer.path(good) if good is not None else "none saved yet"
+    bar.close()
+    raise RunError(f"{row['nonfinite_run']} non-finite steps in a row at step {row['step']}; "
+                   f"last good checkpoint: {where}")
 
 
 def _update_bar(bar, row: dict, step: int) -> None:

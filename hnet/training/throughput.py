@@ -1,5 +1,5 @@
 """How fast training runs, shared by the training loop (metrics.jsonl, progress bar) and
-`python -m hnet.bench train`: model FLOPs of a step, MFU, and the devices' peak memory.
+`python -m hnet.perf.bench train`: model FLOPs of a step, MFU, and the devices' peak memory.
 
 - Model FLOPs of a training step: hnet.flops.training_flops_per_step at the lengths the stages
   compute: an inner stage at seq_len / the bytes per chunk that step measured (its
@@ -19,6 +19,7 @@ from hnet.chunking import stage_lengths as capacity_stage_lengths
 from hnet.config import ModelConfig
 from hnet.flops import stage_lengths as flops_stage_lengths
 from hnet.flops import training_flops_per_step
+from hnet.stage_metrics import stage_metric
 
 # Dense bf16 peak FLOP/s per device, from the vendors' datasheets (H100 and H200 SXM). GPU kinds
 # carry a suffix in jax's device_kind ("NVIDIA H100 80GB HBM3"), so they match by prefix; TPU
@@ -45,7 +46,7 @@ def peak_flops(device, peak_tflops: float | None = None) -> float | None:
 
 def measured_bytes_per_chunk(config: ModelConfig, metrics: dict) -> list[float]:
     """Per chunking stage, the bytes per chunk a step measured (its stage{s}_bytes_per_chunk)."""
-    return [float(metrics[f"stage{s}_bytes_per_chunk"]) for s in range(config.depth)]
+    return [float(metrics[stage_metric(s, "bytes_per_chunk")]) for s in range(config.depth)]
 
 
 def computed_stage_lengths(config, seq_len: int, bytes_per_chunk=None) -> list[float]:

@@ -3,8 +3,8 @@
 The published H-Net checkpoints are state_dicts of the reference HNetForCausalLM (goombalab/hnet,
 read at commit 3673fe1). `parameter_table(config)` lists, for a config, every tensor of that
 state_dict with the parameter of ours that holds it and how its layout differs. The one table
-serves both directions: hnet.convert reads a published file into an export folder, and
-`python -m hnet.export --format reference` writes ours back in the reference's names.
+serves both directions: hnet.inference.convert reads a published file into an export folder, and
+`python -m hnet.inference.export --format reference` writes ours back in the reference's names.
 
     reference key                                     ours                                  layout
     embeddings.weight (V, D)                          embedding.embedding (V, D)            same

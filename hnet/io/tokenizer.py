@@ -19,7 +19,7 @@ Long documents are encoded in pieces of at most MAX_PIECE_CHARS characters, cut 
 where there is one (tokens never cross a cut or an invalid run), so memory stays bounded.
 
 A token run (data.tokenizer in the run config) keeps its tokenizer as RUN_DIR/tokenizer.json
-and trains on a token corpus (hnet.data's "hnet-tokens-v1": the byte corpus tokenized shard by
+and trains on a token corpus (hnet.io.data's "hnet-tokens-v1": the byte corpus tokenized shard by
 shard), cached under data.shards.cache_dir()/tokens/ and keyed by the tokenizer and corpus hashes.
 """
 
@@ -36,10 +36,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from data.shards import TOKENS_FORMAT, PrepareError, cache_dir, make_sibling_dir, move_into_place
-from hnet import multihost
-from hnet.data import PreparedCorpus
-from hnet.errors import DataError
-from hnet.run_dir import RunDir
+from hnet.errors import DataError, report
+from hnet.io.data import PreparedCorpus
+from hnet.io.run_dir import RunDir
+from hnet.parallel import multihost
 
 BOS_TOKEN = "<|bos|>"
 TOKENIZER_FILE = "tokenizer.json"  # a saved tokenizer's name in a token corpus or an export (runs: RunDir.tokenizer)
@@ -105,7 +105,7 @@ class BPETokenizer:
         self.vocab_size: int = hf_tokenizer.get_vocab_size()
         bos_id = hf_tokenizer.token_to_id(BOS_TOKEN)
         if bos_id is None:
-            raise DataError(f"tokenizer has no {BOS_TOKEN} token: not made by hnet.tokenizer")
+            raise DataError(f"tokenizer has no {BOS_TOKEN} token: not made by hnet.io.tokenizer")
         self.bos_id: int = bos_id
         self._token_bytes: list[bytes] = []
         for i in range(self.vocab_size):
@@ -249,7 +249,7 @@ def setup_run_tokenizer(spec: None | str | dict, run_dir: str | os.PathLike, cor
             train_tokenizer(corpus, split, spec["vocab_size"]).save(path)
         else:
             BPETokenizer.load(spec).save(path)
-    multihost.barrier("hnet.tokenizer.setup_run_tokenizer")  # the others wait for process 0's file
+    multihost.barrier("hnet.io.tokenizer.setup_run_tokenizer")  # the others wait for process 0's file
     return BPETokenizer.load(path)
 
 
@@ -331,13 +331,12 @@ def bytes_per_token(tokenizer: BPETokenizer, corpus: PreparedCorpus, split: str)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m hnet.tokenizer --corpus DIR --vocab-size V --out FILE [--measure SPLIT ...]"""
+    """python -m hnet.io.tokenizer --corpus DIR --vocab-size V --out FILE [--measure SPLIT ...]"""
     import argparse
-    import sys
     import time
 
     parser = argparse.ArgumentParser(
-        prog="python -m hnet.tokenizer",
+        prog="python -m hnet.io.tokenizer",
         description="Train the byte-level BPE tokenizer a token run uses (the recipe train.py applies for "
                     "data.tokenizer = {\"vocab_size\": V}) and print bytes per token on corpus splits.")
     parser.add_argument("--corpus", required=True, help="prepared byte corpus folder")
@@ -366,19 +365,18 @@ def main(argv: list[str] | None = None) -> int:
             if not args.json:
                 print(f"trained {tokenizer.vocab_size} ids on split '{args.split}' of {corpus.path} "
                       f"in {time.perf_counter() - start:.0f} s -> {out}")
-        report = {"tokenizer": args.load or args.out, "vocab_size": tokenizer.vocab_size, "splits": {}}
+        measured = {"tokenizer": args.load or args.out, "vocab_size": tokenizer.vocab_size, "splits": {}}
         for split in args.measure:
             num_bytes, num_tokens = bytes_per_token(tokenizer, corpus, split)
             ratio = num_bytes / max(num_tokens, 1)
-            report["splits"][split] = {"bytes": num_bytes, "tokens": num_tokens, "bytes_per_token": ratio}
+            measured["splits"][split] = {"bytes": num_bytes, "tokens": num_tokens, "bytes_per_token": ratio}
             if not args.json:
                 print(f"{split}: {num_bytes:,d} bytes / {num_tokens:,d} tokens = {ratio:.3f} bytes per token "
                       f"(each document alone, no BOS)")
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(measured, indent=2))
     return 0
 
 

@@ -1,48 +1,36 @@
-"""Inference artefacts: export a training run's parameters, and load a model from a run or an export.
+"""Load a model for inference from a training run folder or an export folder.
 
-    python -m hnet.export --checkpoint RUN_DIR --out DIR [--step N] [--dtype bf16]
-    python -m hnet.export --checkpoint RUN_DIR --out DIR --format reference   # goombalab/hnet's names
+    loaded = load_model("runs/x")          # or an export folder (python -m hnet.inference.export)
+    loaded.model(input_ids).logits         # a LanguageModel with its parameters
+    loaded.config, loaded.step, loaded.tokenizer
 
-An export folder holds only what inference needs:
-
-    DIR/export.json      {"format": "hnet-export", "format_version": 1, "dtype", "source", "step"}
-    DIR/config.json      the model config (the same fields as configs/*.json)
-    DIR/params/          an orbax checkpoint of the parameter tree (no optimizer state)
-    DIR/tokenizer.json   the run's BPE tokenizer (token models only)
-
-`load_model` reads either kind of folder, so generate.py and eval.py accept both. Loading an
-export needs only the model code: no run config, optimizer or data pipeline. `python -m
-hnet.convert` writes the same folder from a published reference checkpoint; `--format reference`
-writes model.safetensors and config.json the other way (export_reference).
+A run's checkpoints are verified against their manifests (hnet.io.checkpoint) and the newest usable
+one is loaded. Loading needs only the model code and the folder: no run config, optimizer or data
+pipeline. The export folder's format (EXPORT_FORMAT) is defined here, where it is read;
+hnet.inference.export writes it.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from hnet.checkpoint import restore_newest
 from hnet.config import ModelConfig, config_from_dict
-from hnet.errors import CheckpointError, ConfigError, DataError, HNetError, LoadError, report
+from hnet.errors import CheckpointError, ConfigError, DataError, LoadError
+from hnet.io.checkpoint import restore_newest
+from hnet.io.run_dir import RunDir
+from hnet.io.tokenizer import BPETokenizer
 from hnet.model import LanguageModel, build_model
-from hnet.reference import parameter_table, reference_config, to_reference
-from hnet.run_dir import RunDir
-from hnet.tokenizer import BPETokenizer
 
 EXPORT_FORMAT = "hnet-export"
 EXPORT_VERSION = 1
-EXPORT_DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16}
 # Parameters added after run checkpoints and exports were first written (path suffixes). A folder
 # without one loads with zeros, which is what the model computed before it existed.
 ADDED_PARAMS = ("residual_proj.bias",)
@@ -66,11 +54,6 @@ def abstract_params(config: ModelConfig):
     abstract_model = nnx.eval_shape(lambda: build_model(config))
     graphdef, params = nnx.split(abstract_model, nnx.Param)
     return graphdef, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-
-
-def flat_param_paths(state) -> dict[str, tuple]:
-    """{dotted parameter path ("backbone.encoder.blocks.0.norm1.weight"): path tuple} of an nnx.State."""
-    return {".".join(map(str, path)): path for path in nnx.traversals.flatten_mapping(state.to_pure_dict())}
 
 
 def _restore_params(directory: Path, abstract, *, partial: bool):
@@ -131,7 +114,7 @@ def _read_json(path: Path, what: str) -> dict:
 def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     """A model from a training run folder (its newest usable checkpoint, or `step`) or an export folder.
 
-    A run's checkpoints are verified against their manifests (hnet.checkpoint): a damaged or
+    A run's checkpoints are verified against their manifests (hnet.io.checkpoint): a damaged or
     incomplete newer checkpoint is skipped with one warning line on stderr, and the newest usable
     one is loaded; a given `step` that is not usable is a LoadError.
     """
@@ -173,107 +156,3 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
         raise LoadError(f"{path} holds a token model ({config.vocab_size} ids) but no tokenizer.json")
     return LoadedModel(model=nnx.merge(graphdef, params), config=config, kind="export" if is_export else "run",
                        path=path, step=step, tokenizer_path=tokenizer_path if tokenizer else None, tokenizer=tokenizer)
-
-
-def export_dtype(dtype: str):
-    """--dtype name -> the jnp dtype parameters are stored in; LoadError for another name."""
-    if dtype not in EXPORT_DTYPES:
-        raise LoadError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    return EXPORT_DTYPES[dtype]
-
-
-def refuse_existing(out: Path) -> None:
-    if out.exists():
-        raise LoadError(f"{out} already exists; choose another --out")
-
-
-@contextlib.contextmanager
-def staged_folder(out: str | Path):
-    """Yields DIR.partial to write into; renamed to `out` when the block completes, removed when it
-    fails, so `out` appears only complete. Refuses an existing `out`."""
-    out = Path(out)
-    refuse_existing(out)
-    staging = out.with_name(out.name + ".partial")
-    if staging.exists():  # left by an earlier, interrupted attempt
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    staging.rename(out)
-
-
-def write_export(out: str | Path, params, config: ModelConfig, info: dict, tokenizer_path: Path | None = None) -> Path:
-    """Write an export folder: params (an nnx.State of parameters, stored as they are), config,
-    export.json ({"format", "format_version"} + info) and the tokenizer if any."""
-    with staged_folder(out) as staging:
-        ocp.PyTreeCheckpointer().save((staging / "params").absolute(), params)
-        (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, staging / "tokenizer.json")
-        info = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, **info}
-        (staging / "export.json").write_text(json.dumps(info, indent=2) + "\n")
-    return Path(out)
-
-
-def export(checkpoint: str | Path, out: str | Path, *, step: int | None = None, dtype: str = "fp32") -> Path:
-    """Write an export folder for a run's checkpoint. Refuses to overwrite an existing `out`."""
-    stored = export_dtype(dtype)
-    refuse_existing(Path(out))
-    loaded = load_model(checkpoint, step)
-    _, params = nnx.split(loaded.model, nnx.Param)
-    params = jax.tree_util.tree_map(lambda x: x.astype(stored), params)
-    info = {"dtype": jnp.dtype(stored).name, "source": str(Path(checkpoint).absolute()), "step": loaded.step}
-    return write_export(out, params, loaded.config, info, loaded.tokenizer_path)
-
-
-def export_reference(checkpoint: str | Path, out: str | Path, *, step: int | None = None, dtype: str = "fp32") -> Path:
-    """Write a run's (or an export's) parameters as the reference's model.safetensors and config.json.
-
-    model.safetensors holds the state_dict the reference's HNetForCausalLM.load_state_dict takes
-    (its names and layouts, in `dtype`); config.json holds only the reference's config fields.
-    """
-    from safetensors.numpy import save_file
-
-    stored = export_dtype(dtype)
-    refuse_existing(Path(out))
-    loaded = load_model(checkpoint, step)
-    config_json = reference_config(loaded.config)  # before writing anything: can the reference express it?
-    _, params = nnx.split(loaded.model, nnx.Param)
-    values = nnx.traversals.flatten_mapping(params.to_pure_dict())
-    paths = flat_param_paths(params)
-    tensors = {}
-    for entry in parameter_table(loaded.config):
-        array = np.asarray(jnp.asarray(values[paths[entry.path]]).astype(stored))
-        tensors[entry.key] = to_reference(array, entry.layout)
-    with staged_folder(out) as staging:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(config_json, indent=4) + "\n")
-    return Path(out)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Export a training checkpoint's parameters for inference.")
-    parser.add_argument("--checkpoint", required=True, help="training run folder (or an export folder)")
-    parser.add_argument("--out", required=True, help="export folder to create (must not exist)")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    parser.add_argument("--dtype", default="fp32", help="parameter dtype: fp32 (default) or bf16")
-    parser.add_argument("--format", choices=("hnet", "reference"), default="hnet",
-                        help="hnet: an export folder (default); reference: model.safetensors + config.json "
-                             "in the names and layouts of goombalab/hnet")
-    args = parser.parse_args(argv)
-    try:
-        if args.format == "reference":
-            out = export_reference(args.checkpoint, args.out, step=args.step, dtype=args.dtype)
-        else:
-            out = export(args.checkpoint, args.out, step=args.step, dtype=args.dtype)
-    except HNetError as err:
-        return report(err)
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Agreement between the processes of a multi-process run, for the training loop and restores.
 
 Every helper is the identity (or does nothing) with one process, so single-host code pays nothing.
-The start-up of a multi-process run (jax.distributed, the peer watchdog) is hnet/distributed.py.
+The start-up of a multi-process run (jax.distributed, the peer watchdog) is hnet/parallel/distributed.py.
 """
 
 from __future__ import annotations

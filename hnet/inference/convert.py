@@ -1,19 +1,19 @@
 """Use the published H-Net checkpoints: convert a reference state_dict into an export folder, and
 write ours back in the reference's names.
 
-    python -m hnet.convert --checkpoint hnet_2stage_XL.pt --config configs/hnet_2stage_XL.json \\
+    python -m hnet.inference.convert --checkpoint hnet_2stage_XL.pt --config configs/hnet_2stage_XL.json \\
         --out exports/hnet_2stage_XL [--dtype float32|bfloat16]
-    python -m hnet.export --checkpoint RUN_OR_EXPORT --out DIR --format reference   # the other way
+    python -m hnet.inference.export --checkpoint RUN_OR_EXPORT --out DIR --format reference   # the other way
 
 The checkpoint is a state_dict of the reference HNetForCausalLM (goombalab/hnet): a .safetensors
 file (read with the `safetensors` package, numpy only) or a .pt/.bin file written by torch.save
 (read with torch, the optional extra `pip install 'hnet-jax[torch]'`). The config is the
 reference's JSON config (configs/hnet_*.json load unchanged). The result is an export folder as
-hnet.export writes it, so generate.py, eval.py and hnet.export.load_model use it as they are; its
+hnet.inference.export writes it, so generate.py, eval.py and hnet.inference.load.load_model use it as they are; its
 export.json records the source file's name and sha256. Unless the config sets capacity_slack, the
 converted model uses the exact capacity setting (no boundary is ever dropped), as the reference.
 
-The conversion is strict (hnet.reference.check_file_keys): every tensor of the file is used once,
+The conversion is strict (hnet.inference.reference.check_file_keys): every tensor of the file is used once,
 every parameter of the model is filled, every shape matches; otherwise one error line names the
 first missing, unexpected and mismatched keys, and nothing is written. The folder is written as
 DIR.partial and renamed when complete; an existing DIR is refused.
@@ -35,8 +35,9 @@ from flax import nnx
 from hnet import config as config_lib
 from hnet.config import ModelConfig
 from hnet.errors import ConvertError, HNetError, report
-from hnet.export import abstract_params, export_dtype, flat_param_paths, refuse_existing, write_export
-from hnet.reference import check_file_keys, check_model_covered, from_reference, parameter_table
+from hnet.inference.export import export_dtype, flat_param_paths, refuse_existing, write_export
+from hnet.inference.load import abstract_params
+from hnet.inference.reference import check_file_keys, check_model_covered, from_reference, parameter_table
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Where training scripts commonly nest a state_dict inside what they save.
@@ -211,7 +212,7 @@ def convert(checkpoint: str | Path, config_path: str | Path, out: str | Path, *,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hnet.convert",
+    parser = argparse.ArgumentParser(prog="python -m hnet.inference.convert",
                                      description="Convert a published H-Net checkpoint (goombalab/hnet) into an export folder.")
     parser.add_argument("--checkpoint", required=True, help="reference state_dict: .safetensors, or .pt/.bin (needs torch)")
     parser.add_argument("--config", required=True, help="the reference JSON config, e.g. configs/hnet_2stage_XL.json")

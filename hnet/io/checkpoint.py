@@ -20,7 +20,7 @@ calls `save` and writes the shards it holds, so the run folder must be on a file
 share. `restore` reads them onto whatever shardings the abstract state asks for, so a checkpoint
 saved on one mesh (e.g. 8 devices) resumes on another (e.g. 2).
 
-Checking (`check_step`, `survey`, `python -m hnet.checkpoint verify RUN_DIR`). A checkpoint is
+Checking (`check_step`, `survey`, `python -m hnet.io.checkpoint verify RUN_DIR`). A checkpoint is
 
     good        it has a manifest, and every file listed there has its recorded size and sha256
     damaged     a listed file is missing or differs, the manifest cannot be read, or (found when
@@ -54,8 +54,8 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from hnet.errors import CheckpointError, RunWriteError, describe_write_failure
-from hnet.run_dir import RunDir
+from hnet.errors import CheckpointError, RunWriteError, describe_write_failure, report
+from hnet.io.run_dir import RunDir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -477,7 +477,7 @@ class Checkpointer:
 
 
 # --------------------------------------------------------------------------------------------
-# python -m hnet.checkpoint verify RUN_DIR
+# python -m hnet.io.checkpoint verify RUN_DIR
 # --------------------------------------------------------------------------------------------
 
 EXIT_GOOD, EXIT_FALLBACK, EXIT_BAD_INPUT, EXIT_NONE_USABLE = 0, 1, 2, 3
@@ -487,12 +487,10 @@ def verify_main(run_dir: str) -> int:
     """Print one line per checkpoint (newest first) and return the exit code (see main's help)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        print(f"error: {run_dir} does not exist or is not a folder", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(f"{run_dir} does not exist or is not a folder", EXIT_BAD_INPUT)
     statuses = survey(run_dir)
     if not statuses:
-        print(f"error: {run_dir} has no checkpoints (no checkpoints/<step> folder)", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(f"{run_dir} has no checkpoints (no checkpoints/<step> folder)", EXIT_BAD_INPUT)
     for status in statuses:
         print(f"{status.step:>10d}  {status.state:<10s}  {status.reason}")
     skipped = RunDir(run_dir).skipped_checkpoints
@@ -511,7 +509,7 @@ def verify_main(run_dir: str) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hnet.checkpoint", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m hnet.io.checkpoint", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Check the checkpoints of a training run against their manifests.",
         epilog="verify RUN_DIR prints each checkpoint (newest first) as good, damaged, incomplete or unverified\n"
                "with the reason. Exit codes: 0 the newest checkpoint is good; 1 it is not, but an older (or\n"

@@ -5,7 +5,7 @@ is a folder with meta.json and, per split, shards `{split}_{i:05d}.bin` (documen
 bytes concatenated) + `{split}_{i:05d}.idx.npy` (int64 document start offsets,
 then the file size). See data/shards.py.
 
-A token corpus (format "hnet-tokens-v1", written by hnet.tokenizer.tokenize_corpus)
+A token corpus (format "hnet-tokens-v1", written by hnet.io.tokenizer.tokenize_corpus)
 is the same layout over token ids instead of bytes: the .bin files hold uint16
 (or uint32) ids, the offsets count tokens, and meta.json adds "dtype", "bos_id",
 "vocab_size" and per split "num_tokens" next to "num_bytes" (text bytes). Its

@@ -1,6 +1,6 @@
 """PNG curves of a training run, from its RUN_DIR/metrics.jsonl.
 
-    python -m hnet.plot RUN_DIR        # or: python train.py --plot RUN_DIR
+    python -m hnet.evaluation.plot RUN_DIR        # or: python train.py --plot RUN_DIR
 
 Writes two files into RUN_DIR:
 
@@ -21,8 +21,9 @@ import re
 import sys
 from pathlib import Path
 
-from hnet.errors import RunError
-from hnet.run_dir import RunDir
+from hnet.errors import RunError, report
+from hnet.io.run_dir import RunDir
+from hnet.stage_metrics import stage_metric
 
 _STAGE_KEY = re.compile(r"^stage(\d+)_bytes_per_chunk$")
 
@@ -142,8 +143,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     stages = sorted(set(_stages(train_rows)) | set(_stages(eval_rows, prefix="eval_")))
     for s in stages:
         color = colors[s % len(colors)]
-        _train_line(ax, train_rows, f"stage{s}_bytes_per_chunk", color, f"stage {s} train")
-        xs, ys = _column(eval_rows, f"eval_stage{s}_bytes_per_chunk")
+        _train_line(ax, train_rows, stage_metric(s, "bytes_per_chunk"), color, f"stage {s} train")
+        xs, ys = _column(eval_rows, "eval_" + stage_metric(s, "bytes_per_chunk"))
         if xs:
             ax.plot(xs, ys, "o", color=color, markersize=6, markeredgecolor="black", label=f"stage {s} eval")
     if not stages:
@@ -158,7 +159,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 def plot_compare(summaries, path: str | Path) -> Path:
     """One PNG comparing runs: evaluation bpb against training bytes (left) and against training
-    FLOPs (right). summaries: hnet.report.RunSummary list (curve = (bytes, FLOPs or None, bpb))."""
+    FLOPs (right). summaries: hnet.evaluation.report.RunSummary list (curve = (bytes, FLOPs or None, bpb))."""
     plt = _import_pyplot()
     fig, (ax_bytes, ax_flops) = plt.subplots(1, 2, figsize=(12, 4.5))
     for summary in summaries:
@@ -186,15 +187,14 @@ def plot_compare(summaries, path: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hnet.plot", description="Write PNG curves of a run's metrics.jsonl.")
+    parser = argparse.ArgumentParser(prog="python -m hnet.evaluation.plot", description="Write PNG curves of a run's metrics.jsonl.")
     parser.add_argument("run_dir", help="a run folder holding metrics.jsonl")
     args = parser.parse_args(argv)
     try:
         for path in plot_run(args.run_dir):
             print(f"wrote {path}")
     except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     return 0
 
 

@@ -26,12 +26,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from hnet import sharding
+from hnet import logical_axes
 from hnet.config import parse_layout
 from hnet.layers.isotropic import rematerialise
 from hnet.model import build_model, cross_entropy
-from hnet.optim import make_optimizer
-from hnet.run_config import RunConfig
+from hnet.parallel import sharding
+from hnet.stage_metrics import stage_metric
+from hnet.training.optim import make_optimizer
+from hnet.training.run_config import RunConfig
 
 
 def loss_and_metrics(model, input_ids, targets, mask, ratio_loss_weight: float):
@@ -44,9 +46,9 @@ def loss_and_metrics(model, input_ids, targets, mask, ratio_loss_weight: float):
     ratio = sum((stage.ratio_loss for stage in out.stages), jnp.zeros((), jnp.float32))
     metrics = {"ce": ce, "ratio_loss": ratio}
     for s, stage in enumerate(out.stages):
-        metrics[f"stage{s}_bytes_per_chunk"] = stage.bytes_per_chunk
-        metrics[f"stage{s}_dropped_rate"] = stage.dropped / jnp.maximum(stage.boundary_count, 1.0)
-        metrics[f"stage{s}_slot_utilisation"] = stage.chunk_count / jnp.maximum(stage.chunk_slots, 1.0)
+        metrics[stage_metric(s, "bytes_per_chunk")] = stage.bytes_per_chunk
+        metrics[stage_metric(s, "dropped_rate")] = stage.dropped / jnp.maximum(stage.boundary_count, 1.0)
+        metrics[stage_metric(s, "slot_utilisation")] = stage.chunk_count / jnp.maximum(stage.chunk_slots, 1.0)
     return ce + ratio_loss_weight * ratio, metrics
 
 
@@ -106,10 +108,10 @@ def eval_step(params, input_ids, targets, mask, *, graphdef) -> dict:
     nll = cross_entropy(out.logits, targets)
     sums = {"nll": jnp.sum(nll * mask), "bytes": jnp.sum(mask)}
     for s, stage in enumerate(out.stages):
-        sums[f"stage{s}_boundaries"] = stage.boundary_count
-        sums[f"stage{s}_chunks"] = stage.chunk_count
-        sums[f"stage{s}_dropped"] = stage.dropped
-        sums[f"stage{s}_slots"] = stage.chunk_slots
+        sums[stage_metric(s, "boundaries")] = stage.boundary_count
+        sums[stage_metric(s, "chunks")] = stage.chunk_count
+        sums[stage_metric(s, "dropped")] = stage.dropped
+        sums[stage_metric(s, "slots")] = stage.chunk_slots
     return sums
 
 
@@ -163,7 +165,7 @@ def fresh_state(params, tx: optax.GradientTransformation) -> dict:
 
 @dataclass
 class StepFunctions:
-    """The jitted steps of one run, laid out over `mesh` (see hnet.sharding).
+    """The jitted steps of one run, laid out over `mesh` (see hnet.parallel.sharding).
 
     Arrays in and out are global: the train state is sharded by `state_shardings` (parameters and
     optimizer state by their logical axes), batches are split over data x fsdp.
@@ -192,32 +194,21 @@ class StepFunctions:
 _STEP_FUNCTIONS: dict[tuple, StepFunctions] = {}
 
 
-def _abstract_model(run: RunConfig):
-    """-> (graphdef, abstract params): shapes and logical axes only, nothing allocated."""
-    config, seed = run.model_config, run.train.seed
-    return nnx.split(nnx.eval_shape(lambda: build_model(config, seed=seed)), nnx.Param)
-
-
-def run_mesh(run: RunConfig) -> Mesh:
-    """The mesh of run.mesh over all devices of all processes, checked against the run's batch.
-
-    Raises ConfigError (one line) when the sizes do not fit the devices or the batch.
-    """
-    _, abstract_params = _abstract_model(run)
-    mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), param_count=sharding.param_count(abstract_params))
-    sharding.check_batch(mesh, run.train.batch_size // run.train.grad_accum)
-    return mesh
-
-
 def make_step_functions(run: RunConfig, mesh: Mesh | None = None) -> tuple[Any, StepFunctions]:
-    """-> (graphdef, StepFunctions) for a run on `mesh` (default: run_mesh(run)).
+    """-> (graphdef, StepFunctions) for a run on `mesh`; by default the mesh of run.mesh over all
+    devices of all processes, checked against the run's batch (ConfigError, one line, when the
+    sizes do not fit the devices or the batch).
 
-    Cached per model, train config and mesh, so that a resumed or repeated run in the same process
-    reuses the compiled steps instead of compiling again.
+    The one place that builds the run's model abstractly (graphdef and parameter shapes with their
+    logical axes, nothing allocated) and its mesh. Cached per model, train config and mesh, so that
+    a resumed or repeated run in the same process reuses the compiled steps instead of compiling
+    again.
     """
-    graphdef, abstract_params = _abstract_model(run)
+    graphdef, abstract_params = nnx.split(
+        nnx.eval_shape(lambda: build_model(run.model_config, seed=run.train.seed)), nnx.Param)
     if mesh is None:
-        mesh = run_mesh(run)
+        mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), param_count=sharding.param_count(abstract_params))
+        sharding.check_batch(mesh, run.train.batch_size // run.train.grad_accum)
     key = (json.dumps({"model": run.model, "train": run.to_dict()["train"]}, sort_keys=True), mesh)
     if key not in _STEP_FUNCTIONS:
         _STEP_FUNCTIONS[key] = _jit_step_functions(graphdef, abstract_params, run, mesh)
@@ -230,14 +221,14 @@ def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -
     abstract_state = jax.eval_shape(functools.partial(fresh_state, tx=tx), abstract_params)
     state_shardings = sharding.tree_shardings(abstract_state, mesh)
     replicated = sharding.replicated(mesh)
-    micro_batch_sharding = sharding.named_sharding(mesh, sharding.MICRO_BATCH_AXES, (1, train.batch_size // train.grad_accum, 1))
-    batch_sharding = sharding.named_sharding(mesh, sharding.BATCH_AXES, (train.batch_size, 1))
+    micro_batch_sharding = logical_axes.named_sharding(mesh, logical_axes.MICRO_BATCH_AXES, (1, train.batch_size // train.grad_accum, 1))
+    batch_sharding = logical_axes.named_sharding(mesh, logical_axes.BATCH_AXES, (train.batch_size, 1))
 
     def on_mesh(fn):
         """Trace `fn` with the mesh active, so the model's activation constraints apply."""
         @functools.wraps(fn)
         def traced(*args):
-            with sharding.use_mesh(mesh):
+            with logical_axes.use_mesh(mesh):
                 return fn(*args)
         return traced
 

@@ -31,7 +31,7 @@ influences real positions (the models are causal).
 
 Chunk statistics (H-Nets) are counted over the input positions whose prediction is scored (the
 BOS and every byte but the last, n per document), each once, with each stage's boundaries
-mapped to byte positions (hnet.boundaries). Evaluation uses the model's own capacity rule, the
+mapped to byte positions (hnet.evaluation.boundaries). Evaluation uses the model's own capacity rule, the
 one it was trained with (a document is chunked exactly as in training and generation); the
 capacity slack can be overridden (Scorer's capacity_slack, eval.py --capacity-slack), which then
 shows in the result. Boundaries the rule dropped are reported per stage.
@@ -51,9 +51,9 @@ import numpy as np
 from flax import nnx
 
 from hnet import config as config_lib
-from hnet.boundaries import BoundaryStats, byte_boundaries
-from hnet.data import PreparedCorpus
 from hnet.errors import EvalError
+from hnet.evaluation.boundaries import BoundaryStats, byte_boundaries
+from hnet.io.data import PreparedCorpus
 from hnet.model import bits_per_byte, build_model, cross_entropy
 
 PAD_ID = 0                 # right padding of short windows (never scored, never seen by real positions)

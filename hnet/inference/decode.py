@@ -10,7 +10,7 @@ for byte-level models (H-Nets, byte Transformers) and BPE token models alike.
     generate(loaded, "def main(", max_new_bytes=200, temperature=0.8)          # one call -> text
 
 Each prompt is fed as BOS + its ids: its bytes, or for a token model its BPE tokens
-(hnet.tokenizer). Prompts of different lengths are right-padded into one batch;
+(hnet.io.tokenizer). Prompts of different lengths are right-padded into one batch;
 `LanguageModel.prefill` returns the caches after each row's own last id, so every row continues
 from its own position. The loop (`lax.scan` over `chunk_steps` steps, no Python per step) samples
 an id per row and feeds it back through `LanguageModel.step`; a row ends on the device when it
@@ -43,9 +43,9 @@ from flax import struct
 
 from hnet.config import round_up
 from hnet.errors import GenerationError
-from hnet.export import LoadedModel, load_model
+from hnet.inference.load import LoadedModel, load_model
+from hnet.io.tokenizer import BPETokenizer
 from hnet.model import LanguageModel, ModelCache
-from hnet.tokenizer import BPETokenizer
 from hnet.vocab import EOS_ID
 
 PROMPT_MULTIPLE = 64  # prompts are padded to a multiple of this, so few prefill shapes compile

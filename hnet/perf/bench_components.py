@@ -1,9 +1,9 @@
-"""Pieces of the model timed alone at a run's shapes (`python -m hnet.bench components`).
+"""Pieces of the model timed alone at a run's shapes (`python -m hnet.perf.bench components`).
 
 For each stage s of the model, at the length the stage computes (its static length,
 hnet.chunking.stage_lengths(config, seq_len)[s]) and the run's micro-batch b:
 
-- ssd_scan: hnet.layers.mamba2.ssd_scan on x (b, L_s, H, P) in the config's dtype, dt (b, L_s, H)
+- ssd_scan: hnet.layers.kernels.ssd.ssd_scan on x (b, L_s, H, P) in the config's dtype, dt (b, L_s, H)
   float32, A (H,), B and C (b, L_s, S), one document per row;
 - attention: one CausalSelfAttention layer (qkv projection, RoPE, masked attention, output
   projection) on (b, L_s, D_s), one document per row;
@@ -54,7 +54,7 @@ def _forward_and_backward(piece, args):
 def _ssd_piece(config, stage: int, batch: int, length: int, rng):
     import jax.numpy as jnp
 
-    from hnet.layers.mamba2 import ssd_scan
+    from hnet.layers.kernels.ssd import ssd_scan
 
     ssm, dtype = config.ssm_cfg, jnp.dtype(config.dtype)
     d_inner = ssm.expand * config.d_model[stage]
@@ -85,7 +85,7 @@ def _attention_piece(config, stage: int, batch: int, length: int, rng):
     x = jnp.asarray(rng.standard_normal((batch, length, d_model)), jnp.dtype(config.dtype))
 
     def piece(x):
-        return layer.prefill(x, segments)[0]
+        return layer.forward(x, segments)[0]
 
     return piece, (x,), f"x ({batch}, {length}, {d_model}), {attn.num_heads[stage]} heads, window {attn.window_size[stage]}"
 

@@ -18,7 +18,7 @@ zlib's DEFLATE differs from GNU gzip's by about 0.1%; without a gzip binary, Pyt
 module (zlib level 9) stands in. Without zstd (binary or Python 3.14's compression.zstd) its
 value is None ("unavailable").
 
-    python -m hnet.compress FILE     # prints one line per compressor
+    python -m hnet.evaluation.compress FILE     # prints one line per compressor
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import lzma
 import shutil
 import subprocess
 import sys
+
+from hnet.errors import report
 
 COMPRESSORS = ("gzip -9", "bzip2 -9", "xz -9e", "zstd --ultra -22")
 
@@ -89,18 +91,16 @@ def format_bpb(results: dict[str, float | None]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hnet.compress", description="Bits per byte of standard compressors on a file.")
+    parser = argparse.ArgumentParser(prog="python -m hnet.evaluation.compress", description="Bits per byte of standard compressors on a file.")
     parser.add_argument("file", help="file whose bytes are compressed")
     args = parser.parse_args(argv)
     try:
         with open(args.file, "rb") as f:
             data = f.read()
     except OSError as err:
-        print(f"error: {args.file}: {err.strerror}", file=sys.stderr)
-        return 2
+        return report(f"{args.file}: {err.strerror}")
     if not data:
-        print(f"error: {args.file} is empty", file=sys.stderr)
-        return 2
+        return report(f"{args.file} is empty")
     print(f"{args.file}: {len(data):,d} bytes")
     print(format_bpb(compressor_bpb(data)))
     return 0

@@ -9,7 +9,7 @@ training rows before it, each step's bytes x FLOPs per byte at that step's measu
 chunk (learned chunking changes during training, and so does the cost of the inner stages).
 
 Robustness (`eval.py --robustness`): bpb of each model on perturbed copies of the same documents
-(hnet.perturb: one kind at one rate, seeded per document), scored against the perturbed bytes,
+(hnet.evaluation.perturb: one kind at one rate, seeded per document), scored against the perturbed bytes,
 and its ratio to the model's bpb on the clean documents.
 """
 
@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hnet.config import config_from_dict
-from hnet.param_report import parameter_counts
 from hnet.errors import ConfigError, RunError
-from hnet.run_dir import RunDir
+from hnet.io.run_dir import RunDir
+from hnet.param_report import parameter_counts
+from hnet.stage_metrics import stage_metric
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,15 +49,15 @@ class RunSummary:
 
 def _stage_chunks(row: dict, depth: int, prefix: str = "") -> list | None:
     """Measured cumulative bytes per chunk of each stage in a metrics row, or None if absent."""
-    values = [row.get(f"{prefix}stage{s}_bytes_per_chunk") for s in range(depth)]
+    values = [row.get(prefix + stage_metric(s, "bytes_per_chunk")) for s in range(depth)]
     return None if any(v is None for v in values) else values
 
 
 def summarize_run(run_dir: str | Path) -> RunSummary:
     """Read a run folder's config.json and metrics.jsonl (see the module docstring)."""
-    from hnet.flops import flops_per_byte
     from hnet.errors import FlopsError
-    from hnet.plot import read_metrics
+    from hnet.evaluation.plot import read_metrics
+    from hnet.flops import flops_per_byte
 
     path = Path(run_dir)
     config_path = RunDir(path).config
@@ -135,7 +136,7 @@ def compare_table(summaries: list[RunSummary]) -> str:
 
 def write_compare(run_dirs: list, out_dir: str | Path) -> tuple[str, list[Path]]:
     """compare.md and compare.png in out_dir; returns (the markdown table, paths written)."""
-    from hnet.plot import plot_compare
+    from hnet.evaluation.plot import plot_compare
 
     names = [Path(r).resolve().name for r in run_dirs]
     if len(set(names)) != len(names):
@@ -159,11 +160,11 @@ def write_compare(run_dirs: list, out_dir: str | Path) -> tuple[str, list[Path]]
 def robustness(scorers: dict, documents: list, kinds, rates, seed: int = 0) -> list[dict]:
     """bpb of every scorer on perturbed documents.
 
-    scorers: name -> hnet.evaluate.Scorer; documents: list of bytes. Returns one row per (kind,
+    scorers: name -> hnet.evaluation.evaluate.Scorer; documents: list of bytes. Returns one row per (kind,
     rate), the first being ("clean", 0.0): {"kind", "rate", "bytes", "bpb": {name: bpb},
     "ratio": {name: bpb / clean bpb}}. Document i is perturbed with seed + i.
     """
-    from hnet.perturb import perturb
+    from hnet.evaluation.perturb import perturb
 
     rows = []
     settings = [("clean", 0.0)] + [(kind, rate) for kind in kinds for rate in rates]

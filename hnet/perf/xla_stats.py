@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HNET_DIR = str(Path(__file__).resolve().parent)
+HNET_DIR = str(Path(__file__).resolve().parents[1])
 # Primitives that call their sub-jaxprs once each, as plain function calls.
 CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
                              "custom_vjp_call_jaxpr", "checkpoint", "remat", "remat2", "custom_lin"})
@@ -41,7 +41,7 @@ class MatmulCount:
     """dot_general FLOPs of a jaxpr as executed.
 
     flops: total; dot_generals: equations executed (scan bodies count length times);
-    by_source: FLOPs per place in hnet's code that wrote the matmul ("layers/mamba2.py:ssd_scan",
+    by_source: FLOPs per place in hnet's code that wrote the matmul ("layers/kernels/attention.py:attend",
     forward and backward together; "other" outside hnet); backward_flops: the part inside
     transposed (backward-pass) code; float32_operand_flops: the part with a float32 (or wider)
     operand, which runs at a fraction of a bf16 matmul's rate on GPU and TPU; notes:
@@ -166,7 +166,7 @@ def _count(jaxpr, backward: bool, branch_weights=None) -> MatmulCount:
 
 
 def _source(eqn) -> str:
-    """"layers/mamba2.py:ssd_scan": the innermost frame in hnet's code that made the equation."""
+    """"layers/kernels/attention.py:attend": the innermost frame in hnet's code that made the equation."""
     traceback = getattr(eqn.source_info, "traceback", None)
     for frame in getattr(traceback, "frames", None) or ():
         if frame.file_name.startswith(HNET_DIR) and not frame.file_name.endswith("xla_stats.py"):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hnet.run_config import TrainConfig
+from hnet.training.run_config import TrainConfig
 
 
 def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:

@@ -1,26 +1,15 @@
-"""Device mesh, logical-axis rules and array placement: how a run is laid out over devices.
+"""Device mesh and array placement: how a run is laid out over devices.
 
-The mesh has three named axes (outermost first):
-
-    data    pure data parallelism: parameters replicated, the batch split
-    fsdp    fully sharded data parallelism: the batch split, and parameters, gradients and
-            optimizer state split along their model-width ("embed") axis
-    tensor  tensor parallelism: attention heads, MLP hidden units and the vocabulary split
-
-Every parameter carries logical axis names (hnet.layers.common: "embed", "mlp", "heads", ...);
-LOGICAL_RULES below maps them, and the activation names used with `constrain`, to mesh axes.
-That table is the one place that decides the layout. A dimension that the mesh axes it maps to
-do not divide evenly is replicated instead (see `logical_to_spec`), so small models run on any
-mesh. Everything stays correct under any layout: XLA (GSPMD) inserts the communication, and the
-model's code, losses and scans see global arrays.
+`make_mesh` builds the Mesh over the axes hnet.logical_axes.MESH_AXES (data, fsdp, tensor) from the
+run's `mesh` sizes; `tree_shardings` places parameters and optimizer state by their logical axis
+names (hnet.logical_axes.LOGICAL_RULES, the one table that decides the layout); `check_batch` and
+`place_local_batch` / `place_global_batch` split the batch over the processes and devices.
 
 docs/ARCHITECTURE.md section 4 summarises the rules.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import Any
 
@@ -31,48 +20,12 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hnet.errors import ConfigError
-
-MESH_AXES = ("data", "fsdp", "tensor")
+from hnet.logical_axes import MESH_AXES, named_sharding
 
 # With mesh.data and mesh.fsdp both left at -1, models with at least this many parameters put
 # the devices on fsdp (float32 parameters + gradients + Adam moments are 16 bytes per parameter,
 # 8 GB here, too much to replicate on every device next to the activations); smaller ones on data.
 AUTO_FSDP_MIN_PARAMS = 500_000_000
-
-# Logical axis name -> mesh axis, tuple of mesh axes, or None (replicated).
-LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    # Parameters.
-    "embed": "fsdp",          # model width: the FSDP axis of every matrix
-    "embed_out": None,        # second width axis of square (D, D) maps (routing, residual_proj)
-    "vocab": "tensor",        # embedding rows / LM-head columns
-    "qkv": "tensor",          # fused [q | k | v] projection output
-    "heads": "tensor",        # attention output-projection input (heads x head_dim)
-    "mlp": "tensor",          # SwiGLU hidden (fc1 output, fc2 input)
-    # Mamba2 (outer stages) stays FSDP-only: its fused in_proj [z | xBC | dt] and depthwise conv
-    # do not split by head, and the SSD scan mixes the whole state per head.
-    "mamba_in": None,
-    "mamba_inner": None,
-    "mamba_conv": None,
-    "conv": None,
-    "ssm_heads": None,
-    "norm": None,             # RMSNorm weights: small, replicated
-    # Activations (see `constrain`).
-    "activation_batch": ("data", "fsdp"),
-    "activation_length": None,
-    "activation_embed": None,
-    "activation_heads": "tensor",
-    "activation_mlp": "tensor",
-    "activation_vocab": "tensor",
-}
-
-# Batch-leading arrays fed to the steps: (B, L), or (A, B, L) for gradient-accumulation micro-batches.
-BATCH_AXES = ("activation_batch", "activation_length")
-MICRO_BATCH_AXES = (None,) + BATCH_AXES
-# Activations the model pins with `constrain`.
-RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")         # (B, L, D)
-HEADS_AXES = ("activation_batch", "activation_length", "activation_heads", None)       # (B, L, H, Dh)
-MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")                 # (B, L, hidden)
-LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")            # (B, L, V)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,41 +79,8 @@ def describe(mesh: Mesh) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Logical axes -> shardings
+# Parameters and optimizer state
 # --------------------------------------------------------------------------------------------
-
-
-def logical_to_spec(logical_axes, shape, mesh: Mesh, rules=None) -> PartitionSpec:
-    """Logical axis names (one per dimension; None = replicated) -> a PartitionSpec for `shape`.
-
-    A dimension is split over the mesh axes its name maps to, except (the fallback rule):
-    - mesh axes of size 1 and mesh axes already used by an earlier dimension are dropped;
-    - if the remaining axes' total size does not divide the dimension, it is replicated.
-    """
-    rules = LOGICAL_RULES if rules is None else rules
-    if len(logical_axes) != len(shape):
-        raise ValueError(f"logical axes {logical_axes} do not match shape {shape}")
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(logical_axes, shape):
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in rules:
-            raise ValueError(f"logical axis {name!r} has no rule in hnet.sharding.LOGICAL_RULES")
-        target = rules[name]
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
-        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
-        if not axes or size % math.prod(mesh.shape[a] for a in axes):
-            spec.append(None)
-            continue
-        used.update(axes)
-        spec.append(axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*spec)
-
-
-def named_sharding(mesh: Mesh, logical_axes, shape) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -174,7 +94,7 @@ def _is_variable(x) -> bool:
 def tree_shardings(tree, mesh: Mesh):
     """NamedShardings for a pytree of (abstract) arrays holding nnx Variables.
 
-    A Variable with logical axis names (its `out_sharding` metadata) is split by LOGICAL_RULES;
+    A Variable with logical axis names (its `out_sharding` metadata) is split by hnet.logical_axes.LOGICAL_RULES;
     every other leaf (step counters, optax's count) is replicated. Optax states built from the
     parameters (Adam's mu and nu) keep the parameters' Variables and metadata, so the optimizer
     state is sharded exactly like the parameters it mirrors. Returns the same tree structure with
@@ -194,38 +114,6 @@ def tree_shardings(tree, mesh: Mesh):
 def abstract_with_shardings(tree, shardings):
     """ShapeDtypeStructs carrying the target shardings (for sharded init checks and restore)."""
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-# --------------------------------------------------------------------------------------------
-# Activation constraints
-# --------------------------------------------------------------------------------------------
-
-_ACTIVE_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("hnet_active_mesh", default=None)
-
-
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh | None):
-    """Make `constrain` place activations on `mesh` while tracing inside this block."""
-    token = _ACTIVE_MESH.set(mesh)
-    try:
-        yield mesh
-    finally:
-        _ACTIVE_MESH.reset(token)
-
-
-def active_mesh() -> Mesh | None:
-    """The mesh set by `use_mesh` while tracing (None outside it)."""
-    return _ACTIVE_MESH.get()
-
-
-def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
-    """Pin an activation's layout by logical names, e.g. ("activation_batch", "activation_length",
-    "activation_embed"). A no-op outside `use_mesh` or on a one-device mesh, so the layers run
-    unchanged in eager code, decoding and single-device training."""
-    mesh = _ACTIVE_MESH.get()
-    if mesh is None or mesh.size == 1:
-        return x
-    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical_axes, x.shape))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
 """Benchmarks on the current JAX device.
 
-    python -m hnet.bench train                                   # configs/run_tiny.json
-    python -m hnet.bench train --config configs/run_tiny.json --set train.batch_size=16 --steps 20
-    python -m hnet.bench train --json                            # one JSON object instead of a table
-    python -m hnet.bench memory --config configs/run_headline_hnet1.json --set train.batch_size=8 --set train.grad_accum=1
-    python -m hnet.bench components --config configs/run_headline_hnet1.json --set train.batch_size=8
-    python -m hnet.bench decode                                  # tiny and S configs, batch 1 and 32
-    python -m hnet.bench decode --configs configs/hnet_1stage_tiny.json --batch-sizes 1 --new-bytes 128
+    python -m hnet.perf.bench train                                   # configs/run_tiny.json
+    python -m hnet.perf.bench train --config configs/run_tiny.json --set train.batch_size=16 --steps 20
+    python -m hnet.perf.bench train --json                            # one JSON object instead of a table
+    python -m hnet.perf.bench memory --config configs/run_headline_hnet1.json --set train.batch_size=8 --set train.grad_accum=1
+    python -m hnet.perf.bench components --config configs/run_headline_hnet1.json --set train.batch_size=8
+    python -m hnet.perf.bench decode                                  # tiny and S configs, batch 1 and 32
+    python -m hnet.perf.bench decode --configs configs/hnet_1stage_tiny.json --batch-sizes 1 --new-bytes 128
 
-`train` times the real training step (hnet.train_step.train_step jitted, optimizer included) on
+`train` times the real training step (hnet.training.train_step.train_step jitted, optimizer included) on
 synthetic random bytes (token ids for a BPE model), so no corpus is needed: trace and compile are
 reported separately, then the first step, `--warmup` untimed steps, and the median of `--steps`
 timed steps, each waited for with jax.block_until_ready. Model FLOPs per step come from
@@ -16,7 +16,7 @@ hnet.flops at the lengths the stages compute: an inner stage has seq_len / (byte
 step measured) positions, at most its static capacity (hnet.chunking.stage_lengths). MFU = model
 FLOPs / (step time x device count x peak), with the dense bf16 peak of known accelerators (H100
 SXM: 989 TFLOP/s) or --peak-tflops. Beside it: the executed matmul FLOPs of the step's jaxpr
-(hnet.xla_stats: padded chunk slots, full attention blocks, recomputation included). A token run
+(hnet.perf.xla_stats: padded chunk slots, full attention blocks, recomputation included). A token run
 reports tokens/s and bytes/s = tokens/s x bytes per token, from --bytes-per-token or, for a
 tokenizer the run trains ({"vocab_size": V}) on a corpus with a measured ratio
 (KNOWN_TOKENIZER_RATIOS, configs/families.json), that ratio.
@@ -29,10 +29,10 @@ model FLOPs per step (hnet.flops at the routing targets N, or --bytes-per-chunk)
 ratio. A token model's FLOPs are per token sequence (seq_len counts tokens).
 
 `components` times single pieces of the model at the run's shapes, forward and forward +
-backward (hnet.bench_components): the SSD scan, attention, and chunking (layout, gather, dechunk)
+backward (hnet.perf.bench_components): the SSD scan, attention, and chunking (layout, gather, dechunk)
 of each stage that has them.
 
-`decode` times generation (hnet.decode.Generator: jitted prefill, then a lax.scan sampling loop)
+`decode` times generation (hnet.inference.decode.Generator: jitted prefill, then a lax.scan sampling loop)
 with randomly initialised weights in the config's dtype: bytes/s = batch x new bytes / time of the
 whole loop after a compile-and-run warm-up (EOS disabled, so every row generates every byte), and
 time to first byte = prefill of a `--prompt-bytes` prompt plus the first decode step, batch 1.
@@ -50,12 +50,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hnet.flops import human  # no JAX: `--help` stays fast
+from hnet.stage_metrics import stage_metric
 
 
 def model_config_name(config_path: str | Path | None, overrides: list[str] = ()) -> str:
     """The model config a run config names ("hnet_1stage_tiny"), after any model=... override;
     "inline" for an inline model, "?" when unreadable."""
-    from hnet.run_config import DEFAULT_RUN
+    from hnet.training.run_config import DEFAULT_RUN
 
     model = None
     for text in overrides:
@@ -100,7 +101,7 @@ class CompiledStep:
 
     executable: (state, input_ids (A, b, L), targets (A, b, L)) -> (state, metrics), A = grad_accum,
     b = batch_size / A; jaxpr: the step's; matmuls: dot_general FLOPs of its jaxpr
-    (hnet.xla_stats), every slot ladder at its largest branch; memory: XLA's memory analysis.
+    (hnet.perf.xla_stats), every slot ladder at its largest branch; memory: XLA's memory analysis.
     """
 
     run: object
@@ -130,8 +131,8 @@ def compile_train_step(run) -> CompiledStep:
     import jax
     import jax.numpy as jnp
 
-    from hnet.train_step import make_step_functions
-    from hnet.xla_stats import matmul_flops, memory_estimate
+    from hnet.perf.xla_stats import matmul_flops, memory_estimate
+    from hnet.training.train_step import make_step_functions
 
     key = json.dumps(run.to_dict(), sort_keys=True)
     if key in _COMPILED_STEPS:
@@ -187,7 +188,7 @@ def taken_lengths(compiled: CompiledStep, params, input_ids) -> dict[int, list[i
 
 def uniform_lengths(config, seq_len: int, micro_batch: int, stage_lengths_real) -> dict[int, list[int]]:
     """Slot-ladder lengths when every row of a micro-batch keeps the same chunks: stage s's rows
-    hold stage_lengths_real[s + 1] chunks each (hnet.throughput.computed_stage_lengths)."""
+    hold stage_lengths_real[s + 1] chunks each (hnet.training.throughput.computed_stage_lengths)."""
     from hnet.slots import group_lengths, slot_ladder
 
     return {s: group_lengths([math.ceil(stage_lengths_real[s + 1])] * micro_batch, slot_ladder(config, s, seq_len),
@@ -210,10 +211,11 @@ def bench_memory(config_path: str | None, overrides: list[str], bytes_per_chunk=
     import jax
     import numpy as np
 
-    from hnet import chunking, throughput
-    from hnet.run_config import load_run_config
+    from hnet import chunking
+    from hnet.training import throughput
+    from hnet.training.run_config import load_run_config
 
-    from hnet.xla_stats import matmul_flops
+    from hnet.perf.xla_stats import matmul_flops
 
     run = load_run_config(config_path, overrides)
     config, train = run.model_config, run.train
@@ -274,9 +276,10 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     import jax
     import numpy as np
 
-    from hnet import chunking, throughput
+    from hnet import chunking
     from hnet.errors import FlopsError
-    from hnet.run_config import load_run_config
+    from hnet.training import throughput
+    from hnet.training.run_config import load_run_config
 
     run = load_run_config(config_path, overrides)
     train, config = run.train, run.model_config
@@ -327,11 +330,11 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     device = jax.devices()[0]
     peak = throughput.peak_memory_bytes([device])
     # Model FLOPs at the chunks this step kept (averaged over micro-batches), at most the capacity.
-    bytes_per_chunk = [float(last_metrics[f"stage{s}_bytes_per_chunk"]) for s in range(config.depth)]
+    bytes_per_chunk = [float(last_metrics[stage_metric(s, "bytes_per_chunk")]) for s in range(config.depth)]
     step_flops, lengths = throughput.model_flops_per_step(config, train.batch_size, train.seq_len, bytes_per_chunk)
     executed = compiled.matmuls.flops
     if config.depth:  # the ladder lengths this batch's groups ran on (the parameters after the last step)
-        from hnet.xla_stats import matmul_flops
+        from hnet.perf.xla_stats import matmul_flops
 
         executed = matmul_flops(compiled.jaxpr, ladder_weights(
             taken_lengths(compiled, state["params"], np.asarray(tokens[..., :-1])))).flops
@@ -366,7 +369,7 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
         "bytes_per_token": bytes_per_token,
         "bytes_per_token_source": bytes_per_token_source,
         "bytes_per_chunk": bytes_per_chunk,
-        "slot_utilisation": [float(last_metrics[f"stage{s}_slot_utilisation"]) for s in range(config.depth)],
+        "slot_utilisation": [float(last_metrics[stage_metric(s, "slot_utilisation")]) for s in range(config.depth)],
         "checkpoint": checkpoint,
         "rows": "random bytes" if data is None else f"training rows of the {data} corpus",
         "stage_lengths": lengths,
@@ -389,7 +392,7 @@ def _trained_params(checkpoint: str, config, params):
     import jax
 
     from hnet.errors import FlopsError
-    from hnet.export import load_model
+    from hnet.inference.load import load_model
 
     from flax import nnx
 
@@ -407,7 +410,7 @@ def _corpus_rows(data: str, rows: int, seq_len: int, rng):
     default corpus) -> int32 (rows, seq_len + 1)."""
     import numpy as np
 
-    from hnet import data as data_lib
+    from hnet.io import data as data_lib
 
     corpus = data_lib.ensure_default_corpus(verbose=False) if data == "default" else data_lib.PreparedCorpus(data)
     source = data_lib.PackedSequences(corpus, "train", seq_len)
@@ -416,11 +419,11 @@ def _corpus_rows(data: str, rows: int, seq_len: int, rng):
 
 
 def bench_components(config_path: str | None, overrides: list[str], steps: int) -> dict:
-    """The model's pieces timed alone at the run's shapes (hnet.bench_components)."""
+    """The model's pieces timed alone at the run's shapes (hnet.perf.bench_components)."""
     import jax
 
-    from hnet.bench_components import time_components
-    from hnet.run_config import load_run_config
+    from hnet.perf.bench_components import time_components
+    from hnet.training.run_config import load_run_config
 
     run = load_run_config(config_path, overrides)
     train = run.train
@@ -445,11 +448,11 @@ def bench_chunks(checkpoint: str | None, config_path: str | None, overrides: lis
     import numpy as np
 
     from hnet import chunking
-    from hnet import data as data_lib
-    from hnet.run_config import load_run_config
+    from hnet.io import data as data_lib
+    from hnet.training.run_config import load_run_config
 
     if checkpoint is not None:
-        from hnet.export import load_model
+        from hnet.inference.load import load_model
 
         loaded = load_model(checkpoint)
         model, config = loaded.model, loaded.config
@@ -537,7 +540,7 @@ def bench_decode(config_paths: list[str], batch_sizes: list[int], new_bytes: int
     import numpy as np
 
     import hnet
-    from hnet.decode import Generator, SamplingConfig
+    from hnet.inference.decode import Generator, SamplingConfig
 
     sampling = SamplingConfig(temperature=1.0, seed=0)
     rows = []
@@ -585,7 +588,7 @@ def mib(n_bytes: float) -> str:
 
 
 def format_sources(by_source: dict, total: float, top: int = 6) -> str:
-    """The largest matmul sources as "layers/attention.py:attend 41%, ..."."""
+    """The largest matmul sources as "layers/kernels/attention.py:attend 41%, ..."."""
     items = sorted(by_source.items(), key=lambda item: -item[1])[:top]
     return ", ".join(f"{name} {flops / total:.0%}" for name, flops in items) if total else "-"
 
@@ -677,7 +680,7 @@ def run_arguments(parser) -> None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m hnet.bench", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m hnet.perf.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -735,7 +738,7 @@ def run_command(args) -> tuple[dict, str]:
         result = bench_memory(args.config, args.overrides, args.bytes_per_chunk)
         return result, format_memory_table(result)
     if args.command == "components":
-        from hnet.bench_components import format_components_table
+        from hnet.perf.bench_components import format_components_table
 
         result = bench_components(args.config, args.overrides, args.steps)
         return result, format_components_table(result)
@@ -750,12 +753,12 @@ def run_command(args) -> tuple[dict, str]:
 def main(argv: list[str] | None = None) -> dict | None:
     """Run the chosen benchmark, print it, and return its result dict (None on bad input)."""
     args = parse_args(argv)
-    from hnet.errors import HNetError
+    from hnet.errors import HNetError, report
 
     try:
         result, table = run_command(args)
     except HNetError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(err)
         return None
     print(json.dumps(result) if args.json else table)
     return result

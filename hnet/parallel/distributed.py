@@ -33,7 +33,7 @@ import time
 
 import jax
 
-from hnet.errors import ConfigError
+from hnet.errors import ConfigError, report
 
 EXIT_PROCESS_LOST = 3
 
@@ -186,6 +186,5 @@ def exit_after_lost_process(what: str) -> None:
     state = _cluster_state()
     process = f"process {state.process_id} of {state.num_processes}" if state is not None else "this process"
     sys.stdout.flush()
-    print(f"error: {process}: {what}; restart all processes with --resume to continue from the newest good "
-          f"checkpoint", file=sys.stderr, flush=True)
-    os._exit(EXIT_PROCESS_LOST)
+    os._exit(report(f"{process}: {what}; restart all processes with --resume to continue from the newest good "
+                    f"checkpoint", EXIT_PROCESS_LOST))

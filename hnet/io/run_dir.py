@@ -1,16 +1,16 @@
 """The training run folder: every path in it, named once.
 
     RUN_DIR/config.json                  the resolved run config (written once, at the start)
-    RUN_DIR/train.lock                   held by the training job while it runs (hnet.run_lock)
+    RUN_DIR/train.lock                   held by the training job while it runs (hnet.training.run_lock)
     RUN_DIR/metrics.jsonl                one JSON row per step, plus evaluation rows
-    RUN_DIR/tensorboard/                 TensorBoard event files of those rows (hnet.tensorboard)
-    RUN_DIR/profile/                     jax.profiler traces (train.py --profile, hnet.profiling)
+    RUN_DIR/tensorboard/                 TensorBoard event files of those rows (hnet.training.tensorboard)
+    RUN_DIR/profile/                     jax.profiler traces (train.py --profile, hnet.training.profiling)
     RUN_DIR/tokenizer.json               the BPE tokenizer of a token run
-    RUN_DIR/checkpoints/<step>/          orbax checkpoints, each with manifest.json (hnet.checkpoint)
+    RUN_DIR/checkpoints/<step>/          orbax checkpoints, each with manifest.json (hnet.io.checkpoint)
     RUN_DIR/skipped_checkpoints/<step>/  checkpoints a --resume could not use, moved aside
     RUN_DIR/curves_bpb.png, curves_chunks.png   plots (train.py --plot)
 
-Every command (train.py, eval.py, generate.py, hnet.export, hnet.checkpoint, the reports) finds
+Every command (train.py, eval.py, generate.py, hnet.inference.export, hnet.io.checkpoint, the reports) finds
 these files through RunDir.
 """
 
@@ -35,7 +35,7 @@ class RunDir:
 
     @property
     def lock(self) -> Path:
-        """One training job per run folder: its holder, while it runs (hnet.run_lock)."""
+        """One training job per run folder: its holder, while it runs (hnet.training.run_lock)."""
         return self.path / "train.lock"
 
     @property

@@ -17,13 +17,14 @@ of the dotted path must be a field at its level; an unknown one is an error nami
 
 `data.tokenizer` chooses what the model reads: null = bytes (vocab_size 256); {"vocab_size": V}
 = train a byte-level BPE tokenizer of V ids on the training split at the start of the run; or a
-path to a tokenizer.json (made by hnet.tokenizer). The model's vocab_size must equal V. In a token
+path to a tokenizer.json (made by hnet.io.tokenizer). The model's vocab_size must equal V. In a token
 run `train.seq_len` counts tokens; bytes_seen, bytes/s and bits per byte still count text bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from typing import Any
 from hnet.config import ModelConfig, check_fields, config_from_dict, read_json
 from hnet.errors import ConfigError
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_RUN = CONFIGS_DIR / "run_tiny.json"
 SCHEDULES = ("wsd", "cosine", "constant")
 REMAT_CHOICES = ("auto", "none", "block", "dots")  # see hnet.layers.isotropic.REMAT_POLICIES
@@ -70,7 +71,7 @@ class TrainConfig:
     ratio_loss_weight: float = 0.03  # alpha in CE + alpha * sum of ratio losses
     # Rematerialisation of the blocks in the backward pass: none, block (keep only each block's
     # input and attention output), dots (keep matmul outputs too), or auto (by model size and
-    # sequence length, see hnet.train_step.remat_policy).
+    # sequence length, see hnet.training.train_step.remat_policy).
     remat: str = "auto"
     # Loop.
     log_every: int = 10
@@ -83,10 +84,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes (hnet.sharding); -1 = the rest of the devices.
+    """Device mesh axis sizes (hnet.parallel.sharding); -1 = the rest of the devices.
 
     data and fsdp both -1 (the default): all devices go to data, or to fsdp for large models
-    (hnet.sharding.AUTO_FSDP_MIN_PARAMS). E.g. mesh.fsdp=8 on 8 devices is pure FSDP.
+    (hnet.parallel.sharding.AUTO_FSDP_MIN_PARAMS). E.g. mesh.fsdp=8 on 8 devices is pure FSDP.
     """
 
     data: int = -1                   # data parallel: parameters replicated, batch split
@@ -101,8 +102,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
-    @property
+    @functools.cached_property
     def model_config(self) -> ModelConfig:
+        """`model` parsed into a ModelConfig, once (the dictionary stays what is saved and compared)."""
         return config_from_dict(self.model)
 
     def to_dict(self) -> dict[str, Any]:
@@ -235,7 +237,7 @@ def run_config_from_dict(data: dict, overrides: list[str] = (), base: Path | Non
 
 
 def validate_run(run: RunConfig, model_config: ModelConfig) -> None:
-    for name, size in dataclasses.asdict(run.mesh).items():  # fitting the devices is checked in hnet.sharding
+    for name, size in dataclasses.asdict(run.mesh).items():  # fitting the devices is checked in hnet.parallel.sharding
         if size != -1 and size < 1:
             raise ConfigError(f"mesh.{name}: expected a positive size or -1 (the rest of the devices), got {size}")
     t = run.train
