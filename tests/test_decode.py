@@ -232,20 +232,21 @@ def test_generate_cli_bad_input(tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
-def readme_block(title: str) -> str:
-    """The first ```python block after the README heading `title`."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index(f"\n### {title}\n"):]
+def docs_block(path: str, title: str) -> str:
+    """The first ```python block after the heading `title` (any level) of the markdown file `path`."""
+    text = (ROOT / path).read_text()
+    section = text[re.search(rf"\n#+ {re.escape(title)}\n", text).start():]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_python_generation_example_runs(tmp_path, monkeypatch, capsys):
-    # The README's example, on a tiny byte Transformer saved where the example looks (runs/x).
+def test_docs_python_generation_example_runs(tmp_path, monkeypatch, capsys):
+    # The example of docs/generation.md, on a tiny byte Transformer saved where it looks (runs/x).
     model = hnet.build_model(shrink(tiny_config("transformer_byte_tiny")), seed=0)
     write_run_folder(tmp_path / "runs" / "x", model)
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(readme_block("Python generation"), "README.md", "exec"), namespace)
+    exec(compile(docs_block("docs/generation.md", "Python generation"), "docs/generation.md", "exec"),
+         namespace)
     printed = capsys.readouterr().out
     assert printed.startswith("def main(") and len(printed) > len("def main(")
     texts = namespace["texts"]
