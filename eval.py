@@ -22,34 +22,65 @@ from pathlib import Path
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
-                        help="run or export folder (repeatable: several models side by side)")
-    parser.add_argument("--step", type=int, help="checkpoint step of a run (default: the newest; one --checkpoint only)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="run or export folder (repeatable: several models side by side)",
+    )
+    parser.add_argument(
+        "--step", type=int, help="checkpoint step of a run (default: the newest; one --checkpoint only)"
+    )
     what = parser.add_argument_group("data")
     what.add_argument("--data", help="prepared corpus folder or text file (default: the run's eval corpus)")
     what.add_argument("--split", help="split of a prepared corpus (default: the run's eval split, or validation)")
-    what.add_argument("--doc-separator", help="split a --data text file into documents on this string (escapes like \\n allowed)")
-    what.add_argument("--max-bytes", type=int, help="score only the first N bytes of the documents (in order); "
-                                                    "--robustness defaults to 65536, 0 = all")
+    what.add_argument(
+        "--doc-separator", help="split a --data text file into documents on this string (escapes like \\n allowed)"
+    )
+    what.add_argument(
+        "--max-bytes",
+        type=int,
+        help="score only the first N bytes of the documents (in order); --robustness defaults to 65536, 0 = all",
+    )
     scoring = parser.add_argument_group("scoring")
-    scoring.add_argument("--window", type=int, help="positions per model pass (default: the run's train.seq_len; 1024 for exports)")
-    scoring.add_argument("--stride", type=int, help="new positions scored per window of a long document (default: window // 2)")
+    scoring.add_argument(
+        "--window", type=int, help="positions per model pass (default: the run's train.seq_len; 1024 for exports)"
+    )
+    scoring.add_argument(
+        "--stride", type=int, help="new positions scored per window of a long document (default: window // 2)"
+    )
     scoring.add_argument("--batch-size", type=int, default=8, help="windows per model call (default 8)")
-    scoring.add_argument("--capacity-slack", type=_capacity_slack, metavar="SLACK",
-                         help="override the H-Net's chunk capacity slack (a number >= 1, or 'exact': nothing dropped); "
-                              "default: the model's own, as trained")
+    scoring.add_argument(
+        "--capacity-slack",
+        type=_capacity_slack,
+        metavar="SLACK",
+        help="override the H-Net's chunk capacity slack (a number >= 1, or 'exact': nothing dropped); "
+        "default: the model's own, as trained",
+    )
     scoring.add_argument("--no-compressors", action="store_true", help="skip the gzip/bzip2/xz/zstd reference lines")
     modes = parser.add_argument_group("modes (default: evaluate)")
-    modes.add_argument("--show-boundaries", action="store_true", help="print text with each stage's chunk boundaries marked")
+    modes.add_argument(
+        "--show-boundaries", action="store_true", help="print text with each stage's chunk boundaries marked"
+    )
     modes.add_argument("--text", help="--show-boundaries: the text (default: the start of the first document)")
     modes.add_argument("--text-file", help="--show-boundaries: read the text from this file")
     modes.add_argument("--html", metavar="FILE", help="--show-boundaries: also write a self-contained HTML page here")
     modes.add_argument("--no-color", action="store_true", help="--show-boundaries: '|' markers instead of colours")
-    modes.add_argument("--robustness", action="store_true", help="bpb on perturbed text (hnet/evaluation/perturb.py) for each checkpoint")
+    modes.add_argument(
+        "--robustness",
+        action="store_true",
+        help="bpb on perturbed text (hnet/evaluation/perturb.py) for each checkpoint",
+    )
     modes.add_argument("--kinds", help="--robustness: comma-separated perturbation kinds (default: all)")
-    modes.add_argument("--rates", default="0.01,0.05,0.1", help="--robustness: comma-separated rates (default %(default)s)")
+    modes.add_argument(
+        "--rates", default="0.01,0.05,0.1", help="--robustness: comma-separated rates (default %(default)s)"
+    )
     modes.add_argument("--seed", type=int, default=0, help="--robustness: perturbation seed (document i uses seed + i)")
     modes.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare training runs from their metrics.jsonl")
     modes.add_argument("--out", help="--compare: folder for compare.md and compare.png (default: the current folder)")
@@ -128,8 +159,14 @@ class Checkpoint:
     def scorer(self, args):
         from hnet.evaluation.evaluate import Scorer
 
-        return Scorer(self.loaded.model, window=self.window(args), stride=args.stride, batch_size=args.batch_size,
-                      tokenizer=self.tokenizer, capacity_slack=args.capacity_slack)
+        return Scorer(
+            self.loaded.model,
+            window=self.window(args),
+            stride=args.stride,
+            batch_size=args.batch_size,
+            tokenizer=self.tokenizer,
+            capacity_slack=args.capacity_slack,
+        )
 
     def describe(self) -> str:
         import jax
@@ -138,7 +175,9 @@ class Checkpoint:
         config = self.config
         params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(self.loaded.model, nnx.Param)))
         if config.depth:
-            kind = f"H-Net, {config.depth} chunking stage{'s' if config.depth > 1 else ''} ({', '.join(config.routing)})"
+            kind = (
+                f"H-Net, {config.depth} chunking stage{'s' if config.depth > 1 else ''} ({', '.join(config.routing)})"
+            )
         else:
             kind = f"BPE Transformer ({config.vocab_size} tokens)" if self.tokenizer else "byte Transformer"
         return f"{self.path} ({self.loaded.kind}, step {self.loaded.step}): {kind}, {params:,d} parameters"
@@ -190,14 +229,21 @@ def run_evaluate(args, checkpoints) -> dict:
     out = {"data": documents.description, "bytes": documents.num_bytes, "documents": len(documents.docs), "models": []}
     show = not args.json
     if show:
-        print(f"data: {documents.description}; scoring {documents.num_bytes:,d} bytes in {len(documents.docs):,d} documents")
+        print(
+            f"data: {documents.description}; scoring {documents.num_bytes:,d} bytes in {len(documents.docs):,d} documents"
+        )
     for checkpoint in checkpoints:
         scorer = checkpoint.scorer(args)
         bar = _progress(documents.num_bytes, show and sys.stderr.isatty())
         result = scorer.evaluate(documents, progress=bar.update)
         bar.close()
-        entry = {"checkpoint": str(checkpoint.path), "kind": checkpoint.loaded.kind, "step": checkpoint.loaded.step,
-                 "description": checkpoint.describe(), **result.to_dict()}
+        entry = {
+            "checkpoint": str(checkpoint.path),
+            "kind": checkpoint.loaded.kind,
+            "step": checkpoint.loaded.step,
+            "description": checkpoint.describe(),
+            **result.to_dict(),
+        }
         out["models"].append(entry)
         if show:
             print(f"\n{entry['description']}")
@@ -214,10 +260,14 @@ def run_evaluate(args, checkpoints) -> dict:
             if checkpoint.tokenizer:
                 print(f"  bytes per token   {result.bytes / max(result.positions, 1):.3f}")
             for s, stats in enumerate(result.stages):
-                print(f"  stage {s}: {stats.bytes_per_chunk:.2f} bytes/chunk, dropped boundaries {stats.dropped_rate:.2%}, "
-                      f"{format_separator_shares(stats)}")
+                print(
+                    f"  stage {s}: {stats.bytes_per_chunk:.2f} bytes/chunk, dropped boundaries {stats.dropped_rate:.2%}, "
+                    f"{format_separator_shares(stats)}"
+                )
                 print(f"           chunk lengths (bytes): {format_histogram(stats.histogram)}")
-            print(f"  {result.seconds:.1f} s incl. compilation ({result.bytes / max(result.seconds, 1e-9):,.0f} bytes/s)")
+            print(
+                f"  {result.seconds:.1f} s incl. compilation ({result.bytes / max(result.seconds, 1e-9):,.0f} bytes/s)"
+            )
     if not args.no_compressors:
         from hnet.evaluation.compress import compressor_bpb, compressor_bpb_per_document
 
@@ -226,10 +276,16 @@ def run_evaluate(args, checkpoints) -> dict:
         out["compressors"] = compressor_bpb_per_document(documents.docs)
         out["compressors_concatenated"] = compressor_bpb(b"".join(documents.docs))
         if show:
-            for label, key in (("each of the %d documents alone" % len(documents.docs), "compressors"),
-                               ("the documents concatenated", "compressors_concatenated")):
-                print(f"\ncompressors on the same {documents.num_bytes:,d} bytes, {label} (bits per byte): " +
-                      ", ".join(f"{name} {'unavailable' if bpb is None else f'{bpb:.4f}'}" for name, bpb in out[key].items()))
+            for label, key in (
+                ("each of the %d documents alone" % len(documents.docs), "compressors"),
+                ("the documents concatenated", "compressors_concatenated"),
+            ):
+                print(
+                    f"\ncompressors on the same {documents.num_bytes:,d} bytes, {label} (bits per byte): "
+                    + ", ".join(
+                        f"{name} {'unavailable' if bpb is None else f'{bpb:.4f}'}" for name, bpb in out[key].items()
+                    )
+                )
     if show and len(checkpoints) > 1:
         depth = max(len(m["stages"]) for m in out["models"])
         print("\n| " + " | ".join(["checkpoint", "bpb"] + [f"stage {s} bytes/chunk" for s in range(depth)]) + " |")
@@ -241,7 +297,13 @@ def run_evaluate(args, checkpoints) -> dict:
 
 
 def run_show_boundaries(args, checkpoints) -> dict:
-    from hnet.evaluation.boundaries import ShownModel, format_histogram, format_separator_shares, render_html, render_terminal
+    from hnet.evaluation.boundaries import (
+        ShownModel,
+        format_histogram,
+        format_separator_shares,
+        render_html,
+        render_terminal,
+    )
     from hnet.evaluation.evaluate import take_prefix
 
     if args.text is not None:
@@ -260,18 +322,31 @@ def run_show_boundaries(args, checkpoints) -> dict:
     shown, out = [], {"text": text.decode("utf-8", errors="backslashreplace"), "bytes": len(text), "models": []}
     for checkpoint in checkpoints:
         positions, stats = checkpoint.scorer(args).boundary_positions(text)
-        labels = ["tokens"] if checkpoint.tokenizer else [f"stage {s} ({r})" for s, r in enumerate(checkpoint.config.routing or ())]
+        labels = (
+            ["tokens"]
+            if checkpoint.tokenizer
+            else [f"stage {s} ({r})" for s, r in enumerate(checkpoint.config.routing or ())]
+        )
         shown.append(ShownModel(checkpoint.name, checkpoint.describe(), positions, stats, labels))
-        out["models"].append({"checkpoint": str(checkpoint.path), "description": checkpoint.describe(),
-                              "stages": [{"label": label, "chunk_starts": [int(p) for p in pos], **st.to_dict()}
-                                         for label, pos, st in zip(labels, positions, stats)]})
+        out["models"].append(
+            {
+                "checkpoint": str(checkpoint.path),
+                "description": checkpoint.describe(),
+                "stages": [
+                    {"label": label, "chunk_starts": [int(p) for p in pos], **st.to_dict()}
+                    for label, pos, st in zip(labels, positions, stats)
+                ],
+            }
+        )
         if args.json:
             continue
         print(f"== {checkpoint.describe()}")
         if not positions:
             print("   (no chunking stages)\n")
         for label, pos, st in zip(labels, positions, stats):
-            print(f"-- {label}: {st.chunks} chunks, {st.bytes_per_chunk:.2f} bytes/chunk, {format_separator_shares(st)}")
+            print(
+                f"-- {label}: {st.chunks} chunks, {st.bytes_per_chunk:.2f} bytes/chunk, {format_separator_shares(st)}"
+            )
             print(f"   chunk lengths (bytes): {format_histogram(st.histogram)}")
             print(render_terminal(text, pos, colour))
             print()

@@ -23,15 +23,24 @@ import numpy as np
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--checkpoint", required=True, help="training run folder (newest usable checkpoint) or export folder")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="training run folder (newest usable checkpoint) or export folder"
+    )
     parser.add_argument("--step", type=int, help="checkpoint step of a run folder (default: the newest)")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     parser.add_argument("--prompt-file", help="UTF-8 file with one prompt per line (blank lines skipped)")
     parser.add_argument("--max-bytes", type=int, default=256, help="bytes to generate per prompt (default 256)")
-    parser.add_argument("--max-length", type=int, help="cache length in positions (bytes; tokens for a BPE model): "
-                        "BOS + prompt + generated (default: just enough)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        help="cache length in positions (bytes; tokens for a BPE model): "
+        "BOS + prompt + generated (default: just enough)",
+    )
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely bytes or tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1 = off)")
@@ -84,12 +93,17 @@ def main(argv=None) -> int:
         sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         stop = [s.encode("utf-8") for s in args.stop]
         if args.show_boundaries:
-            show_with_boundaries(prompts, generator.generate(prompts, max_new_bytes=args.max_bytes, sampling=sampling,
-                                                             stop=stop, max_length=args.max_length),
-                                 is_token_model=loaded.tokenizer is not None)
+            show_with_boundaries(
+                prompts,
+                generator.generate(
+                    prompts, max_new_bytes=args.max_bytes, sampling=sampling, stop=stop, max_length=args.max_length
+                ),
+                is_token_model=loaded.tokenizer is not None,
+            )
             return 0
-        updates = generator.stream(prompts, max_new_bytes=args.max_bytes, sampling=sampling, stop=stop,
-                                   max_length=args.max_length)
+        updates = generator.stream(
+            prompts, max_new_bytes=args.max_bytes, sampling=sampling, stop=stop, max_length=args.max_length
+        )
         streams = [Utf8Stream() for _ in prompts]
         if len(prompts) == 1:  # print the text as it is generated
             sys.stdout.write(prompts[0].decode("utf-8", errors="replace"))

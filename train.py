@@ -30,30 +30,65 @@ from pathlib import Path
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--config", help="run config JSON (default: configs/run_tiny.json; with --resume: the run's own)")
-    parser.add_argument("--workdir", help="run folder for config, metrics and checkpoints (default: runs/<config>-<time>)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a run-config value, e.g. train.lr=3e-4 or model.ssm_cfg.d_state=64 (any depth; repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its newest checkpoint")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument(
+        "--config", help="run config JSON (default: configs/run_tiny.json; with --resume: the run's own)"
+    )
+    parser.add_argument(
+        "--workdir", help="run folder for config, metrics and checkpoints (default: runs/<config>-<time>)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a run-config value, e.g. train.lr=3e-4 or model.ssm_cfg.d_state=64 (any depth; repeatable)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --workdir from its newest checkpoint"
+    )
     parser.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many steps in this call")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)"
+    )
     parser.add_argument("--plot", metavar="RUN_DIR", help="write PNG curves of RUN_DIR's metrics and exit")
-    parser.add_argument("--profile", metavar="START:STOP",
-                        help="trace steps START to STOP (1-based, both included) with jax.profiler into RUN_DIR/profile")
-    parser.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
-                        help="peak TFLOP/s per device for MFU (default: the known bf16 peak of GPUs and TPUs; "
-                             "without one, e.g. on CPU, MFU is not reported)")
+    parser.add_argument(
+        "--profile",
+        metavar="START:STOP",
+        help="trace steps START to STOP (1-based, both included) with jax.profiler into RUN_DIR/profile",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        metavar="TFLOPS",
+        help="peak TFLOP/s per device for MFU (default: the known bf16 peak of GPUs and TPUs; "
+        "without one, e.g. on CPU, MFU is not reported)",
+    )
     cluster = parser.add_argument_group("multi-process runs (see hnet/parallel/distributed.py)")
-    cluster.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator "
-                         "(default: $JAX_COORDINATOR_ADDRESS)")
+    cluster.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0's coordinator (default: $JAX_COORDINATOR_ADDRESS)",
+    )
     cluster.add_argument("--num-processes", type=int, help="number of processes (default: $JAX_NUM_PROCESSES)")
     cluster.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1 (default: $JAX_PROCESS_ID)")
-    cluster.add_argument("--distributed", action="store_true",
-                         help="let JAX detect the cluster (TPU pod slice, SLURM, Open MPI, Kubernetes)")
-    cluster.add_argument("--distributed-timeout", type=int, default=300, metavar="SECONDS",
-                         help="how long to wait for the other processes (start-up, heartbeats, shutdown)")
+    cluster.add_argument(
+        "--distributed",
+        action="store_true",
+        help="let JAX detect the cluster (TPU pod slice, SLURM, Open MPI, Kubernetes)",
+    )
+    cluster.add_argument(
+        "--distributed-timeout",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="how long to wait for the other processes (start-up, heartbeats, shutdown)",
+    )
     return parser.parse_args(argv)
 
 
@@ -66,8 +101,13 @@ def main(argv=None) -> int:
         # Before anything touches a device (importing hnet.training.train_loop does): join the other
         # processes of a multi-process run.
         try:
-            distributed.maybe_initialize(args.coordinator, args.num_processes, args.process_id,
-                                         auto=args.distributed, timeout_s=args.distributed_timeout)
+            distributed.maybe_initialize(
+                args.coordinator,
+                args.num_processes,
+                args.process_id,
+                auto=args.distributed,
+                timeout_s=args.distributed_timeout,
+            )
         except ConfigError as err:
             return report(err)
     import jax
@@ -100,9 +140,20 @@ def main(argv=None) -> int:
             if not saved.is_file():
                 raise RunError(f"--resume: {args.workdir} holds no run (no {saved.name})")
             run = load_run_config(saved, args.overrides)
-        workdir = Path(args.workdir) if args.workdir else Path("runs") / f"{Path(args.config or 'run_tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        summary = train(run, workdir, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps,
-                        peak_tflops=args.peak_tflops, profile=profile)
+        workdir = (
+            Path(args.workdir)
+            if args.workdir
+            else Path("runs") / f"{Path(args.config or 'run_tiny').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        summary = train(
+            run,
+            workdir,
+            resume=args.resume,
+            progress=not args.no_progress,
+            max_steps=args.max_steps,
+            peak_tflops=args.peak_tflops,
+            profile=profile,
+        )
     except RunWriteError as err:  # the disk refused a write: a checkpoint, metrics
         return report(err, WRITE_FAILED_EXIT)
     except (ConfigError, DataError, RunError) as err:
@@ -118,8 +169,9 @@ def main(argv=None) -> int:
     result = summary["eval"]
     print(f"{summary['status']} at step {summary['step']} ({summary['bytes_seen']:,d} bytes seen)")
     if result:
-        stages = "".join(f", stage {s} bytes/chunk {value:.2f}"
-                         for s, value in enumerate(stage_values(result, "bytes_per_chunk")))
+        stages = "".join(
+            f", stage {s} bytes/chunk {value:.2f}" for s, value in enumerate(stage_values(result, "bytes_per_chunk"))
+        )
         print(f"validation bpb {result['bpb']:.4f}{stages}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"metrics: {Path(summary['workdir']) / 'metrics.jsonl'}  (plot: python train.py --plot {summary['workdir']})")

@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-FORMAT = "hnet-bytes-v1"          # a byte corpus (this writer)
+FORMAT = "hnet-bytes-v1"  # a byte corpus (this writer)
 TOKENS_FORMAT = "hnet-tokens-v1"  # a token corpus (hnet.io.tokenizer writes it with the same layout)
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024  # 256 MiB
 
@@ -130,9 +130,7 @@ class _SplitWriter:
             self._shard_hasher.update(chunk)
             written += len(chunk)
         if written != size:
-            raise PrepareError(
-                f"document announced as {size} bytes but {written} were read"
-            )
+            raise PrepareError(f"document announced as {size} bytes but {written} were read")
         self._offsets.append(self._offsets[-1] + size)
         self.num_bytes += size
         self.num_docs += 1
@@ -306,7 +304,9 @@ def make_sibling_dir(out: Path, tag: str) -> Path:
 # Inputs
 
 
-def list_input_files(inputs: Iterable[str | os.PathLike], matches: Callable[[str], bool] = lambda name: True) -> list[Path]:
+def list_input_files(
+    inputs: Iterable[str | os.PathLike], matches: Callable[[str], bool] = lambda name: True
+) -> list[Path]:
     """Expand files and folders into the files to read: given files as they are, folders
     recursively (hidden entries skipped, file names for which `matches` is true), each folder's
     files sorted by relative POSIX path. A missing input is a PrepareError."""
@@ -346,11 +346,14 @@ def verify_split(folder: Path, split: str, info: dict) -> None:
         except OSError as err:
             raise PrepareError(f"{folder / shard}: cannot read ({err.strerror})") from None
         if recorded is not None and shard_hasher.hexdigest() != recorded[i]:
-            raise PrepareError(f"{folder / shard}: sha256 {shard_hasher.hexdigest()[:16]}… does not match "
-                               f"meta.json {recorded[i][:16]}…")
+            raise PrepareError(
+                f"{folder / shard}: sha256 {shard_hasher.hexdigest()[:16]}… does not match "
+                f"meta.json {recorded[i][:16]}…"
+            )
     if split_hasher.hexdigest() != info["sha256"]:
-        raise PrepareError(f"{folder}: split '{split}' sha256 {split_hasher.hexdigest()} does not match "
-                           f"meta.json {info['sha256']}")
+        raise PrepareError(
+            f"{folder}: split '{split}' sha256 {split_hasher.hexdigest()} does not match meta.json {info['sha256']}"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -378,9 +381,7 @@ def add_common_arguments(
 ) -> None:
     """--out, --overwrite and --shard-bytes, shared by every preparer."""
     parser.add_argument("--out", required=out_required, help=out_help)
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing destination (atomically)"
-    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination (atomically)")
     parser.add_argument(
         "--shard-bytes",
         type=int,
@@ -395,8 +396,7 @@ def add_fraction_arguments(parser: argparse.ArgumentParser, what: str) -> None:
         "--validation-fraction",
         type=float,
         default=0.05,
-        help=f"fraction of {what} sent to 'validation' by a stable hash of the {what} "
-        "index (default 0.05)",
+        help=f"fraction of {what} sent to 'validation' by a stable hash of the {what} index (default 0.05)",
     )
     parser.add_argument(
         "--test-fraction",
@@ -436,7 +436,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def preparer_main(module: str, doc: str, add_arguments, argv=None) -> int:
     """The standalone command line of one preparer (`python -m data.<name>.prepare`)."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run_cli(parser.parse_args(argv))

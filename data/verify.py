@@ -36,7 +36,10 @@ def verify(path: str | Path) -> int:
         return 1
     missing = [shard for info in splits.values() for shard in info["shards"] if not (path / shard).is_file()]
     if missing:  # the layout itself is broken
-        print(f"damaged: {path / missing[0]} is missing" + (f" (and {len(missing) - 1} more shards)" if len(missing) > 1 else ""))
+        print(
+            f"damaged: {path / missing[0]} is missing"
+            + (f" (and {len(missing) - 1} more shards)" if len(missing) > 1 else "")
+        )
         return 1
     failed = False
     for name, info in splits.items():
@@ -53,9 +56,12 @@ def verify(path: str | Path) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.verify", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m data.verify",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("corpus", metavar="CORPUS_DIR", help="a prepared corpus folder (with meta.json)")
     return verify(parser.parse_args(argv).corpus)
 

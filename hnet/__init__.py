@@ -28,11 +28,22 @@ import importlib
 
 # Public names, imported lazily so that `python -m hnet.param_report` etc. run their module cleanly.
 _EXPORTS = {
-    "ConfigError": "hnet.config", "ModelConfig": "hnet.config", "load_config": "hnet.config",
-    "BOS_ID": "hnet.vocab", "EOS_ID": "hnet.vocab", "HNetLM": "hnet.model", "TransformerLM": "hnet.model",
-    "ModelOutput": "hnet.model", "StageOutput": "hnet.model", "build_model": "hnet.model",
-    "cross_entropy": "hnet.model", "LoadedModel": "hnet.inference.load", "load_model": "hnet.inference.load",
-    "Generator": "hnet.inference.decode", "SamplingConfig": "hnet.inference.decode", "generate": "hnet.inference.decode",
+    "ConfigError": "hnet.config",
+    "ModelConfig": "hnet.config",
+    "load_config": "hnet.config",
+    "BOS_ID": "hnet.vocab",
+    "EOS_ID": "hnet.vocab",
+    "HNetLM": "hnet.model",
+    "TransformerLM": "hnet.model",
+    "ModelOutput": "hnet.model",
+    "StageOutput": "hnet.model",
+    "build_model": "hnet.model",
+    "cross_entropy": "hnet.model",
+    "LoadedModel": "hnet.inference.load",
+    "load_model": "hnet.inference.load",
+    "Generator": "hnet.inference.decode",
+    "SamplingConfig": "hnet.inference.decode",
+    "generate": "hnet.inference.decode",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -311,7 +311,9 @@ def ema_step(previous: jax.Array, chunk_value: jax.Array, boundary_prob: jax.Arr
     return prob[:, None] * chunk_value.astype(jnp.float32) + decay[:, None] * previous
 
 
-def dechunk(chunk_values: jax.Array, chunk_prob: jax.Array, chunk_doc_start: jax.Array, layout: ChunkLayout) -> jax.Array:
+def dechunk(
+    chunk_values: jax.Array, chunk_prob: jax.Array, chunk_doc_start: jax.Array, layout: ChunkLayout
+) -> jax.Array:
     """Chunk outputs (B, M, D) -> float32 (B, L, D): smooth, then each position takes its chunk's value."""
     smoothed = ema_smooth(chunk_values, chunk_prob, chunk_doc_start)
     return jnp.take_along_axis(smoothed, layout.plug_index[..., None], axis=1)

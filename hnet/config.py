@@ -156,7 +156,7 @@ _LAYOUT_TOKEN = re.compile(r"([A-Za-z])(\d+)")
 
 
 def parse_layout(layout: str) -> list[tuple[str, int]]:
-    """"T1m4" -> [("T", 1), ("m", 4)]. Raises ConfigError on anything else."""
+    """ "T1m4" -> [("T", 1), ("m", 4)]. Raises ConfigError on anything else."""
     if not isinstance(layout, str):
         raise ConfigError(f"arch_layout: expected a layout string like 'm4' or 'T1m4', got {layout!r}")
     pos, parts = 0, []
@@ -166,13 +166,14 @@ def parse_layout(layout: str) -> list[tuple[str, int]]:
         letter, count = match.group(1), int(match.group(2))
         if letter not in LAYER_LETTERS:
             raise ConfigError(
-                f"arch_layout: unknown layer letter {letter!r} in {layout!r} "
-                f"(known: {', '.join(LAYER_LETTERS)})"
+                f"arch_layout: unknown layer letter {letter!r} in {layout!r} (known: {', '.join(LAYER_LETTERS)})"
             )
         parts.append((letter, count))
         pos = match.end()
     if pos != len(layout) or not layout:
-        raise ConfigError(f"arch_layout: cannot parse {layout!r}; expected letters {''.join(LAYER_LETTERS)} each followed by a count")
+        raise ConfigError(
+            f"arch_layout: cannot parse {layout!r}; expected letters {''.join(LAYER_LETTERS)} each followed by a count"
+        )
     return parts
 
 
@@ -233,7 +234,11 @@ def config_from_dict(data: dict) -> ModelConfig:
     ssm = SSMConfig(**check_fields(SSMConfig, data.pop("ssm_cfg", {}) or {}, "ssm_cfg"))
     attn_raw = dict(check_fields(AttnConfig, data.pop("attn_cfg", {}) or {}, "attn_cfg"))
     attn = AttnConfig(**{k: _as_tuple(v, f"attn_cfg.{k}") for k, v in attn_raw.items()})
-    data["arch_layout"] = _layout_to_tuples(data["arch_layout"]) if isinstance(data["arch_layout"], (list, tuple)) else data["arch_layout"]
+    data["arch_layout"] = (
+        _layout_to_tuples(data["arch_layout"])
+        if isinstance(data["arch_layout"], (list, tuple))
+        else data["arch_layout"]
+    )
     for key in ("d_model", "d_intermediate", "target_ratio", "routing", "slot_ladder"):
         if key in data:
             data[key] = _as_tuple(data[key], key)
@@ -255,23 +260,33 @@ def validate(config: ModelConfig) -> ModelConfig:
     def per_stage(name, values, n=n_stages, what="stage"):
         if values is None or len(values) != n:
             got = "missing" if values is None else f"{len(values)} entries"
-            raise ConfigError(f"{name}: expected {n} entries (one per {what}, from arch_layout's depth {depth}), got {got}")
+            raise ConfigError(
+                f"{name}: expected {n} entries (one per {what}, from arch_layout's depth {depth}), got {got}"
+            )
 
     def positive_ints(name, values, allow_zero=False):
         for v in values:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (v == 0 and not allow_zero):
-                raise ConfigError(f"{name}: expected {'non-negative' if allow_zero else 'positive'} integers, got {list(values)}")
+                raise ConfigError(
+                    f"{name}: expected {'non-negative' if allow_zero else 'positive'} integers, got {list(values)}"
+                )
 
     per_stage("d_model", config.d_model)
     positive_ints("d_model", config.d_model)
     per_stage("d_intermediate", config.d_intermediate)
     positive_ints("d_intermediate", config.d_intermediate, allow_zero=True)
     for s, stage_layout in enumerate(stages):
-        if config.d_intermediate[s] == 0 and any(l.isupper() for layout in stage_layout for l, _ in parse_layout(layout)):
-            raise ConfigError(f"d_intermediate[{s}] is 0 but stage {s}'s layout {list(stage_layout)} has MLP blocks (M or T)")
+        if config.d_intermediate[s] == 0 and any(
+            letter.isupper() for layout in stage_layout for letter, _ in parse_layout(layout)
+        ):
+            raise ConfigError(
+                f"d_intermediate[{s}] is 0 but stage {s}'s layout {list(stage_layout)} has MLP blocks (M or T)"
+            )
     for s in range(1, n_stages):
         if config.d_model[s] < config.d_model[s - 1]:
-            raise ConfigError(f"d_model: inner stages must be at least as wide as outer ones, got {list(config.d_model)}")
+            raise ConfigError(
+                f"d_model: inner stages must be at least as wide as outer ones, got {list(config.d_model)}"
+            )
     positive_ints("vocab_size", [config.vocab_size])
     if depth > 0 and config.vocab_size != BYTE_VOCAB_SIZE:
         raise ConfigError(f"vocab_size: an H-Net works on bytes and needs {BYTE_VOCAB_SIZE}, got {config.vocab_size}")
@@ -283,7 +298,9 @@ def validate(config: ModelConfig) -> ModelConfig:
     if uses_mamba:
         for s, d in enumerate(config.d_model):
             if (ssm.expand * d) % ssm.head_dim:
-                raise ConfigError(f"ssm_cfg.head_dim {ssm.head_dim} does not divide expand*d_model[{s}] = {ssm.expand * d}")
+                raise ConfigError(
+                    f"ssm_cfg.head_dim {ssm.head_dim} does not divide expand*d_model[{s}] = {ssm.expand * d}"
+                )
 
     attn = config.attn_cfg
     uses_attn = any(letter in "tT" for stage in stages for layout in stage for letter, _ in parse_layout(layout))
@@ -308,10 +325,14 @@ def validate(config: ModelConfig) -> ModelConfig:
                 raise ConfigError(f"attn_cfg.num_heads[{s}] = {h} does not divide d_model[{s}] = {d}")
             head_dim = d // h
             if rotary[s] > head_dim or rotary[s] % 2:
-                raise ConfigError(f"attn_cfg.rotary_emb_dim[{s}] = {rotary[s]} must be even and at most the head dim {head_dim}")
+                raise ConfigError(
+                    f"attn_cfg.rotary_emb_dim[{s}] = {rotary[s]} must be even and at most the head dim {head_dim}"
+                )
             if kv is not None and h % kv[s]:
                 raise ConfigError(f"attn_cfg.num_kv_heads[{s}] = {kv[s]} must divide num_heads[{s}] = {h}")
-    attn = AttnConfig(num_heads=tuple(num_heads), rotary_emb_dim=tuple(rotary), window_size=tuple(window), num_kv_heads=kv)
+    attn = AttnConfig(
+        num_heads=tuple(num_heads), rotary_emb_dim=tuple(rotary), window_size=tuple(window), num_kv_heads=kv
+    )
 
     target = config.target_ratio
     if target is None:

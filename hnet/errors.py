@@ -63,8 +63,14 @@ def describe_write_failure(err: BaseException) -> str:
             return seen.strerror
         seen = seen.__cause__ or seen.__context__
     text = str(err)
-    for known in ("No space left on device", "Disk quota exceeded", "Permission denied", "Read-only file system",
-                  "File too large", "Input/output error"):
+    for known in (
+        "No space left on device",
+        "Disk quota exceeded",
+        "Permission denied",
+        "Read-only file system",
+        "File too large",
+        "Input/output error",
+    ):
         if known.lower() in text.lower():
             return known
     lines = text.strip().splitlines()

@@ -73,7 +73,9 @@ def stage_lengths(config: ModelConfig, seq_len: float, bytes_per_chunk=None) -> 
         bytes_per_chunk = [None] * config.depth
     bytes_per_chunk = [None if b is None else float(b) for b in bytes_per_chunk]  # also takes JAX scalars
     if len(bytes_per_chunk) != config.depth:
-        raise FlopsError(f"bytes_per_chunk: expected {config.depth} entries (one per chunking stage), got {len(bytes_per_chunk)}")
+        raise FlopsError(
+            f"bytes_per_chunk: expected {config.depth} entries (one per chunking stage), got {len(bytes_per_chunk)}"
+        )
     lengths = [float(seq_len)]
     for stage, measured in enumerate(bytes_per_chunk):
         mode, stride = config.routing_mode(stage)
@@ -90,7 +92,9 @@ def stage_lengths(config: ModelConfig, seq_len: float, bytes_per_chunk=None) -> 
         elif mode == "stride":
             lengths.append(lengths[-1] / stride)
         else:
-            raise FlopsError(f"stage {stage} uses 'space' routing, which has no target ratio: give its measured bytes per chunk")
+            raise FlopsError(
+                f"stage {stage} uses 'space' routing, which has no target ratio: give its measured bytes per chunk"
+            )
     return lengths
 
 
@@ -253,7 +257,9 @@ def flops_per_byte(config: ModelConfig, seq_len: float, *, bytes_per_chunk=None,
     """
     if not config.is_byte_model:
         if bytes_per_token is None:
-            raise FlopsError(f"a token model (vocab_size {config.vocab_size}) needs bytes_per_token to count FLOPs per byte")
+            raise FlopsError(
+                f"a token model (vocab_size {config.vocab_size}) needs bytes_per_token to count FLOPs per byte"
+            )
         if not bytes_per_token > 0:
             raise FlopsError(f"bytes_per_token must be positive, got {bytes_per_token}")
         bytes_per_sequence = seq_len * bytes_per_token
@@ -343,14 +349,18 @@ def load_family(name: str, path: str | Path = FAMILIES_FILE) -> Family:
     for member_name, spec in family["members"].items():
         unknown = sorted(set(spec) - {"config", "bytes_per_token", "bytes_per_chunk"})
         if unknown:
-            raise FlopsError(f"{path}: member {member_name!r} of family {name!r} has unknown field(s) {', '.join(unknown)}")
+            raise FlopsError(
+                f"{path}: member {member_name!r} of family {name!r} has unknown field(s) {', '.join(unknown)}"
+            )
         config_path = path.parent / spec["config"]
         config = load_config(config_path)
         bytes_per_token = measured(spec["bytes_per_token"]) if "bytes_per_token" in spec else None
         bytes_per_chunk = tuple(measured(k) for k in spec["bytes_per_chunk"]) if "bytes_per_chunk" in spec else None
         seq_len = round(seq_bytes / bytes_per_token) if bytes_per_token else seq_bytes
         counted = flops_per_byte(config, seq_len, bytes_per_chunk=bytes_per_chunk, bytes_per_token=bytes_per_token)
-        members.append(FamilyMember(member_name, config_path, config, seq_len, bytes_per_token, bytes_per_chunk, counted))
+        members.append(
+            FamilyMember(member_name, config_path, config, seq_len, bytes_per_token, bytes_per_chunk, counted)
+        )
     if reference not in {m.name for m in members}:
         raise FlopsError(f"{path}: family {name!r} names reference {reference!r}, which is not a member")
     members.sort(key=lambda m: m.name != reference)
@@ -381,33 +391,62 @@ def format_report(report: FlopsReport) -> str:
     lines = [header, "-" * len(header)]
     for name, ops in report.forward.items():
         row_total = sum(ops.values())
-        lines.append(f"{name:<{width}}" + "".join(f"{human(ops[op]):>11}" for op in OPS)
-                     + f"{human(row_total):>11}{row_total / total:>8.1%}")
+        lines.append(
+            f"{name:<{width}}"
+            + "".join(f"{human(ops[op]):>11}" for op in OPS)
+            + f"{human(row_total):>11}{row_total / total:>8.1%}"
+        )
     lines.append("-" * len(header))
-    lines.append(f"forward per sequence {human(total)}FLOP; training (x{TRAINING_MULTIPLIER}) {human(report.training_per_sequence)}FLOP")
-    lines.append(f"training per byte {human(report.training_per_byte)}FLOP "
-                 f"({report.bytes_per_sequence:g} bytes per sequence)")
+    lines.append(
+        f"forward per sequence {human(total)}FLOP; training (x{TRAINING_MULTIPLIER}) {human(report.training_per_sequence)}FLOP"
+    )
+    lines.append(
+        f"training per byte {human(report.training_per_byte)}FLOP ({report.bytes_per_sequence:g} bytes per sequence)"
+    )
     return "\n".join(lines)
 
 
 def format_family(family: Family) -> str:
     reference = family.members[0].name
-    header = (f"{'member':<18}{'config':<28}{'seq_len':>8}  {'matched under':<20}{'train FLOP/byte':>16}"
-              f"{'vs ' + reference:>16}")
-    lines = [f"family {family.name}: {family.seq_len_bytes} bytes per sequence, training = 3 x forward",
-             header, "-" * len(header)]
+    header = (
+        f"{'member':<18}{'config':<28}{'seq_len':>8}  {'matched under':<20}{'train FLOP/byte':>16}"
+        f"{'vs ' + reference:>16}"
+    )
+    lines = [
+        f"family {family.name}: {family.seq_len_bytes} bytes per sequence, training = 3 x forward",
+        header,
+        "-" * len(header),
+    ]
     for m in family.members:
-        lines.append(f"{m.name:<18}{m.config_path.name:<28}{m.seq_len:>8}  {m.assumption:<20}"
-                     f"{human(m.report.training_per_byte) + 'FLOP':>16}{family.ratio(m):>16.3f}")
+        lines.append(
+            f"{m.name:<18}{m.config_path.name:<28}{m.seq_len:>8}  {m.assumption:<20}"
+            f"{human(m.report.training_per_byte) + 'FLOP':>16}{family.ratio(m):>16.3f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hnet.flops", description="Training FLOPs per byte of a model config, or of a compute-matched family.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hnet.flops",
+        description="Training FLOPs per byte of a model config, or of a compute-matched family.",
+    )
     parser.add_argument("config", nargs="?", help="path to a model config JSON")
-    parser.add_argument("--seq-len", type=int, default=None, help="positions per sequence: bytes, or tokens for a token model (default 8192 bytes, or 8192 / bytes-per-token tokens)")
-    parser.add_argument("--bytes-per-chunk", type=float, nargs="+", default=None, help="measured cumulative bytes per chunk, one per chunking stage")
-    parser.add_argument("--bytes-per-token", type=float, default=None, help="bytes per token of a token model's tokenizer")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="positions per sequence: bytes, or tokens for a token model (default 8192 bytes, or 8192 / bytes-per-token tokens)",
+    )
+    parser.add_argument(
+        "--bytes-per-chunk",
+        type=float,
+        nargs="+",
+        default=None,
+        help="measured cumulative bytes per chunk, one per chunking stage",
+    )
+    parser.add_argument(
+        "--bytes-per-token", type=float, default=None, help="bytes per token of a token model's tokenizer"
+    )
     parser.add_argument("--family", help="print a family from the families file instead (e.g. tiny, S, M)")
     parser.add_argument("--families-file", default=str(FAMILIES_FILE), help="default: %(default)s")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -418,10 +457,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.family is not None:
             family = load_family(args.family, args.families_file)
             if args.json:
-                print(json.dumps({"family": family.name, "seq_len_bytes": family.seq_len_bytes, "members": [
-                    {"name": m.name, "config": str(m.config_path), "seq_len": m.seq_len, "matched_under": m.assumption,
-                     "training_per_byte": m.report.training_per_byte, "ratio_to_reference": family.ratio(m)}
-                    for m in family.members]}))
+                print(
+                    json.dumps(
+                        {
+                            "family": family.name,
+                            "seq_len_bytes": family.seq_len_bytes,
+                            "members": [
+                                {
+                                    "name": m.name,
+                                    "config": str(m.config_path),
+                                    "seq_len": m.seq_len,
+                                    "matched_under": m.assumption,
+                                    "training_per_byte": m.report.training_per_byte,
+                                    "ratio_to_reference": family.ratio(m),
+                                }
+                                for m in family.members
+                            ],
+                        }
+                    )
+                )
             else:
                 print(format_family(family))
             return 0
@@ -429,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         seq_len = args.seq_len
         if seq_len is None:
             seq_len = round(8192 / args.bytes_per_token) if args.bytes_per_token and not config.is_byte_model else 8192
-        counted = flops_per_byte(config, seq_len, bytes_per_chunk=args.bytes_per_chunk, bytes_per_token=args.bytes_per_token)
+        counted = flops_per_byte(
+            config, seq_len, bytes_per_chunk=args.bytes_per_chunk, bytes_per_token=args.bytes_per_token
+        )
     except (ConfigError, FlopsError) as err:
         return report(err)
     except (KeyError, TypeError) as err:

@@ -37,8 +37,12 @@ def use_huge_pages() -> None:
     """Restart this command with GLIBC_TUNABLES asking malloc for transparent huge pages (see the
     module docstring); returns without doing anything when that is already so or does not apply."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (os.environ.get("HNET_HUGE_PAGES", "1") == "0" or "glibc.malloc.hugetlb" in tunables
-            or not sys.platform.startswith("linux") or not _huge_pages_available()):
+    if (
+        os.environ.get("HNET_HUGE_PAGES", "1") == "0"
+        or "glibc.malloc.hugetlb" in tunables
+        or not sys.platform.startswith("linux")
+        or not _huge_pages_available()
+    ):
         return
     os.environ["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
     sys.stdout.flush()

@@ -33,12 +33,12 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis name -> mesh axis, tuple of mesh axes, or None (replicated).
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     # Parameters.
-    "embed": "fsdp",          # model width: the FSDP axis of every matrix
-    "embed_out": None,        # second width axis of square (D, D) maps (routing, residual_proj)
-    "vocab": "tensor",        # embedding rows / LM-head columns
-    "qkv": "tensor",          # fused [q | k | v] projection output
-    "heads": "tensor",        # attention output-projection input (heads x head_dim)
-    "mlp": "tensor",          # SwiGLU hidden (fc1 output, fc2 input)
+    "embed": "fsdp",  # model width: the FSDP axis of every matrix
+    "embed_out": None,  # second width axis of square (D, D) maps (routing, residual_proj)
+    "vocab": "tensor",  # embedding rows / LM-head columns
+    "qkv": "tensor",  # fused [q | k | v] projection output
+    "heads": "tensor",  # attention output-projection input (heads x head_dim)
+    "mlp": "tensor",  # SwiGLU hidden (fc1 output, fc2 input)
     # Mamba2 (outer stages) stays FSDP-only: its fused in_proj [z | xBC | dt] and depthwise conv
     # do not split by head, and the SSD scan mixes the whole state per head.
     "mamba_in": None,
@@ -46,7 +46,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mamba_conv": None,
     "conv": None,
     "ssm_heads": None,
-    "norm": None,             # RMSNorm weights: small, replicated
+    "norm": None,  # RMSNorm weights: small, replicated
     # Activations (see `constrain`).
     "activation_batch": ("data", "fsdp"),
     "activation_length": None,
@@ -60,10 +60,10 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 BATCH_AXES = ("activation_batch", "activation_length")
 MICRO_BATCH_AXES = (None,) + BATCH_AXES
 # Activations the model pins with `constrain`.
-RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")         # (B, L, D)
-HEADS_AXES = ("activation_batch", "activation_length", "activation_heads", None)       # (B, L, H, Dh)
-MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")                 # (B, L, hidden)
-LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")            # (B, L, V)
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")  # (B, L, D)
+HEADS_AXES = ("activation_batch", "activation_length", "activation_heads", None)  # (B, L, H, Dh)
+MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")  # (B, L, hidden)
+LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")  # (B, L, V)
 
 
 def logical_to_spec(logical_axes, shape, mesh: Mesh, rules=None) -> PartitionSpec:

@@ -110,8 +110,10 @@ class ModelCache:
 
 def _keep_rows(active: jax.Array, new, old):
     """Per row: the new cache where `active` (B,), else the old one."""
+
     def pick(n, o):
         return jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+
     return jax.tree_util.tree_map(pick, new, old)
 
 
@@ -145,7 +147,9 @@ class HNetStage(nnx.Module):
         self.decoder = Isotropic(decoder_layout, config, stage, n_res, rngs)
         # Zero weight at init, so the decoder starts from the dechunked chunks alone. The bias is the
         # reference's too (its checkpoints hold trained non-zero ones); ours starts at zero.
-        self.residual_proj = linear(d_model, d_model, ("embed", "embed_out"), rngs, dtype=jnp.float32, std=0.0, bias=True)
+        self.residual_proj = linear(
+            d_model, d_model, ("embed", "embed_out"), rngs, dtype=jnp.float32, std=0.0, bias=True
+        )
         if d_inner > d_model:  # learned padding that widens chunk features to the inner width
             self.pad_dimension = param(jnp.zeros((d_inner - d_model,), jnp.float32), ("embed",))
 
@@ -161,8 +165,18 @@ class HNetStage(nnx.Module):
         mask = mask | segments.start
         return mask.astype(jnp.float32), mask
 
-    def forward(self, x, valid, segments: Segments, byte_ids=None, num_bytes=None, lengths=None, max_lengths=None,
-                rows: slots.SlotRows | None = None, ladders=None):
+    def forward(
+        self,
+        x,
+        valid,
+        segments: Segments,
+        byte_ids=None,
+        num_bytes=None,
+        lengths=None,
+        max_lengths=None,
+        rows: slots.SlotRows | None = None,
+        ladders=None,
+    ):
         """The forward pass over x (B, L, D) float32, each document of a row on its own.
 
         valid (B, L) bool (False on right padding); segments: the rows' documents; byte_ids (B, L)
@@ -191,10 +205,21 @@ class HNetStage(nnx.Module):
         inner_segments = Segments.from_starts(chunking.gather_chunks(segments.start, layout) & layout.chunk_valid)
         chunk_counts = layout.chunk_valid.sum(axis=1, dtype=jnp.int32)
         inner_lengths = None if lengths is None else chunk_counts
-        inner_rows = None if ladders is None else slots.SlotRows(chunk_counts, ladders[self.stage], self.config.slot_groups, self.stage)
+        inner_rows = (
+            None
+            if ladders is None
+            else slots.SlotRows(chunk_counts, ladders[self.stage], self.config.slot_groups, self.stage)
+        )
         inner_out, inner_stages, inner_cache = self.inner.forward(
-            chunks, layout.chunk_valid, inner_segments, num_bytes=num_bytes, lengths=inner_lengths,
-            max_lengths=max_lengths, rows=inner_rows, ladders=ladders)
+            chunks,
+            layout.chunk_valid,
+            inner_segments,
+            num_bytes=num_bytes,
+            lengths=inner_lengths,
+            max_lengths=max_lengths,
+            rows=inner_rows,
+            ladders=ladders,
+        )
 
         chunk_prob = chunking.gather_chunks(boundary_prob, layout)
         smoothed = chunking.dechunk(inner_out[..., :d_model], chunk_prob, inner_segments.start, layout)
@@ -203,18 +228,25 @@ class HNetStage(nnx.Module):
         y = smoothed * chunking.straight_through(confidence)[..., None] + self.residual_proj(hidden)
         out, decoder_cache = self._run_stack(self.decoder, y, segments, rows, lengths, max_length)
 
-        chunk_slots = (jnp.asarray(x.shape[0] * capacity, jnp.float32) if inner_rows is None
-                       else slots.slots_computed(inner_rows))
+        chunk_slots = (
+            jnp.asarray(x.shape[0] * capacity, jnp.float32) if inner_rows is None else slots.slots_computed(inner_rows)
+        )
         report = self.report(boundary_mask, boundary_prob, valid, layout, num_bytes, chunk_slots)
         cache = None
         if lengths is not None:
             last = jnp.maximum(lengths - 1, 0)
             last_byte = jnp.zeros_like(lengths) if byte_ids is None else at_positions(byte_ids, last)
             cache = StageCache(
-                encoder=encoder_cache, decoder=decoder_cache, inner=inner_cache,
-                last_hidden=at_positions(hidden, last), last_smoothed=at_positions(smoothed, last),
-                last_byte=last_byte.astype(jnp.int32), length=lengths.astype(jnp.int32), chunks=inner_lengths,
-                doc_length=at_positions(segments.position, last) + 1, doc_chunks=at_positions(layout.doc_chunks, last),
+                encoder=encoder_cache,
+                decoder=decoder_cache,
+                inner=inner_cache,
+                last_hidden=at_positions(hidden, last),
+                last_smoothed=at_positions(smoothed, last),
+                last_byte=last_byte.astype(jnp.int32),
+                length=lengths.astype(jnp.int32),
+                chunks=inner_lengths,
+                doc_length=at_positions(segments.position, last) + 1,
+                doc_chunks=at_positions(layout.doc_chunks, last),
             )
         return out, (report,) + inner_stages, cache
 
@@ -283,14 +315,22 @@ class HNetStage(nnx.Module):
         y = smoothed * chunking.straight_through(confidence)[:, None] + self.residual_proj(hidden)
         out, decoder_cache = self.decoder.step(y, cache.decoder, doc_start)
         new_cache = StageCache(
-            encoder=encoder_cache, decoder=decoder_cache, inner=inner_cache, last_hidden=hidden.astype(jnp.float32),
-            last_smoothed=smoothed, last_byte=byte.astype(jnp.int32), length=cache.length + 1,
+            encoder=encoder_cache,
+            decoder=decoder_cache,
+            inner=inner_cache,
+            last_hidden=hidden.astype(jnp.float32),
+            last_smoothed=smoothed,
+            last_byte=byte.astype(jnp.int32),
+            length=cache.length + 1,
             chunks=cache.chunks + chunk_mask.astype(jnp.int32),
-            doc_length=doc_position + 1, doc_chunks=doc_chunks + kept.astype(jnp.int32),
+            doc_length=doc_position + 1,
+            doc_chunks=doc_chunks + kept.astype(jnp.int32),
         )
         return out, _keep_rows(active, new_cache, cache), (to_inner,) + inner_chunks
 
-    def report(self, boundary_mask, boundary_prob, valid, layout: chunking.ChunkLayout, num_bytes, chunk_slots) -> StageOutput:
+    def report(
+        self, boundary_mask, boundary_prob, valid, layout: chunking.ChunkLayout, num_bytes, chunk_slots
+    ) -> StageOutput:
         loss, selected, _ = chunking.ratio_loss(boundary_mask, boundary_prob, valid, self.config.ratio(self.stage))
         if self.routing_mode != "learned":
             loss = jnp.zeros((), jnp.float32)  # heuristic boundaries have nothing to learn
@@ -318,7 +358,9 @@ class LanguageModel(nnx.Module):
         self.dtype = jnp.dtype(config.dtype)
         d_model = config.d_model[0]
         self.embedding = nnx.Embed(
-            config.vocab_size, d_model, param_dtype=jnp.float32,
+            config.vocab_size,
+            d_model,
+            param_dtype=jnp.float32,
             embedding_init=nnx.with_partitioning(nnx.initializers.normal(stddev=1.0), ("vocab", "embed")),
             rngs=rngs,
         )
@@ -354,8 +396,15 @@ class LanguageModel(nnx.Module):
         ladders = slots.model_ladders(self.config, length) if lengths is None else None
         num_bytes = jnp.sum(valid, dtype=jnp.float32)
         hidden, stages, stage_cache = self.backbone.forward(
-            x, valid, segments, byte_ids=input_ids, num_bytes=num_bytes, lengths=lengths, max_lengths=max_lengths,
-            ladders=ladders)
+            x,
+            valid,
+            segments,
+            byte_ids=input_ids,
+            num_bytes=num_bytes,
+            lengths=lengths,
+            max_lengths=max_lengths,
+            ladders=ladders,
+        )
         output = ModelOutput(logits=constrain(self.logits(hidden), LOGITS_AXES), stages=stages)
         if lengths is None:
             return output, None

@@ -1,7 +1,7 @@
 """Parameter counts of a model config, per stage and component, without allocating anything.
 
-    python -m hnet.param_report configs/hnet_2stage_L.json          # validate, then a table
-    python -m hnet.param_report configs/hnet_2stage_L.json --json   # one JSON object with total_params
+python -m hnet.param_report configs/hnet_2stage_L.json          # validate, then a table
+python -m hnet.param_report configs/hnet_2stage_L.json --json   # one JSON object with total_params
 """
 
 from __future__ import annotations
@@ -64,11 +64,13 @@ def _report_order(name: str):
     if name == "lm_head":
         return (10**6, 0)
     stage, part = name.split(".", 1)
-    return (int(stage[len("stage"):]), _STAGE_PARTS.index(part) if part in _STAGE_PARTS else len(_STAGE_PARTS))
+    return (int(stage[len("stage") :]), _STAGE_PARTS.index(part) if part in _STAGE_PARTS else len(_STAGE_PARTS))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hnet.param_report", description="Validate a model config and print its parameter counts.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hnet.param_report", description="Validate a model config and print its parameter counts."
+    )
     parser.add_argument("config", help="path to a model config JSON")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
@@ -78,9 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         return report(err)
     counts = parameter_counts(config)
     if args.json:
-        print(json.dumps({"config": args.config, "depth": config.depth, "params": counts, "total_params": sum(counts.values())}))
+        print(
+            json.dumps(
+                {"config": args.config, "depth": config.depth, "params": counts, "total_params": sum(counts.values())}
+            )
+        )
     else:
-        print(f"{args.config}: depth {config.depth}, layout {layout_to_lists(config.arch_layout)}, d_model {list(config.d_model)}")
+        print(
+            f"{args.config}: depth {config.depth}, layout {layout_to_lists(config.arch_layout)}, d_model {list(config.d_model)}"
+        )
         print(format_report(config, counts))
     return 0
 

@@ -171,6 +171,7 @@ def switch_keeping_taken_residuals(index: jax.Array, branches, operands, names=N
         def run(ops):
             with jax.named_scope(names[k]):
                 return branches[k](ops)
+
         return run
 
     @jax.custom_vjp
@@ -184,11 +185,13 @@ def switch_keeping_taken_residuals(index: jax.Array, branches, operands, names=N
         # below replays the jaxpr), and the treedef that turns those residuals back into the pullback.
         traced, pullbacks = [], []
         for k in range(count):
+
             def with_residuals(ops, k=k):
                 out, pullback = jax.vjp(branches[k], ops)
                 leaves, treedef = jax.tree_util.tree_flatten(pullback)
                 pullbacks.append(treedef)
                 return out, leaves
+
             with jax.named_scope(names[k]):
                 traced.append(jax.make_jaxpr(with_residuals, return_shape=True)(operands))
         specs = [shapes[1] for _, shapes in traced]
@@ -202,6 +205,7 @@ def switch_keeping_taken_residuals(index: jax.Array, branches, operands, names=N
                     results = jax.extend.core.jaxpr_as_fun(closed)(*jax.tree_util.tree_leaves(ops))
                     out, leaves = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), results)
                     return out, _pack(leaves, buffers)
+
             return run
 
         def backward_branch(k):
@@ -209,6 +213,7 @@ def switch_keeping_taken_residuals(index: jax.Array, branches, operands, names=N
                 with jax.named_scope(names[k]):
                     pullback = jax.tree_util.tree_unflatten(pullbacks[k], _unpack(packed, specs[k], buffers))
                     return pullback(cotangent)[0]
+
             return run
 
         out, packed = jax.lax.switch(index, [forward_branch(k) for k in range(count)], operands)
@@ -229,18 +234,26 @@ def _residual_buffers(specs) -> list[jax.ShapeDtypeStruct]:
     the largest extent of each dimension; otherwise one flat buffer per dtype, as long as the
     largest branch's residuals of that dtype."""
     if len({tuple((s.dtype, len(s.shape)) for s in spec) for spec in specs}) == 1:
-        return [jax.ShapeDtypeStruct(tuple(max(dims) for dims in zip(*(s.shape for s in column))), column[0].dtype)
-                for column in zip(*specs)]
+        return [
+            jax.ShapeDtypeStruct(tuple(max(dims) for dims in zip(*(s.shape for s in column))), column[0].dtype)
+            for column in zip(*specs)
+        ]
     dtypes = sorted({s.dtype for spec in specs for s in spec}, key=str)
-    return [jax.ShapeDtypeStruct((max(sum(math.prod(s.shape) for s in spec if s.dtype == dtype) for spec in specs),),
-                                 dtype) for dtype in dtypes]
+    return [
+        jax.ShapeDtypeStruct((max(sum(math.prod(s.shape) for s in spec if s.dtype == dtype) for spec in specs),), dtype)
+        for dtype in dtypes
+    ]
 
 
 def _pack(leaves, buffers) -> list[jax.Array]:
     """One branch's residuals -> values shaped like `buffers` (zero padding)."""
-    if len(leaves) == len(buffers) and all(leaf.ndim == b.ndim and leaf.dtype == b.dtype for leaf, b in zip(leaves, buffers)):
-        return [leaf if leaf.shape == b.shape else jnp.pad(leaf, [(0, n - m) for m, n in zip(leaf.shape, b.shape)])
-                for leaf, b in zip(leaves, buffers)]
+    if len(leaves) == len(buffers) and all(
+        leaf.ndim == b.ndim and leaf.dtype == b.dtype for leaf, b in zip(leaves, buffers)
+    ):
+        return [
+            leaf if leaf.shape == b.shape else jnp.pad(leaf, [(0, n - m) for m, n in zip(leaf.shape, b.shape)])
+            for leaf, b in zip(leaves, buffers)
+        ]
     flat = []
     for buffer in buffers:
         parts = [leaf.ravel() for leaf in leaves if leaf.dtype == buffer.dtype]
@@ -252,14 +265,16 @@ def _pack(leaves, buffers) -> list[jax.Array]:
 def _unpack(packed, spec, buffers) -> list[jax.Array]:
     """The inverse of _pack for a branch whose residuals have the shapes `spec`."""
     if len(spec) == len(buffers) and all(s.ndim == b.ndim and s.dtype == b.dtype for s, b in zip(spec, buffers)):
-        return [value if value.shape == s.shape else value[tuple(slice(0, n) for n in s.shape)]
-                for value, s in zip(packed, spec)]
+        return [
+            value if value.shape == s.shape else value[tuple(slice(0, n) for n in s.shape)]
+            for value, s in zip(packed, spec)
+        ]
     offsets = {buffer.dtype: 0 for buffer in buffers}
     flat = {buffer.dtype: value for buffer, value in zip(buffers, packed)}
     leaves = []
     for s in spec:
         start, size = offsets[s.dtype], math.prod(s.shape)
-        leaves.append(flat[s.dtype][start:start + size].reshape(s.shape))
+        leaves.append(flat[s.dtype][start : start + size].reshape(s.shape))
         offsets[s.dtype] = start + size
     return leaves
 
@@ -288,9 +303,11 @@ def run_stack(stack: nnx.Module, x: jax.Array, segments: Segments, rows: SlotRow
     def branch(size):
         def run(operands):
             state, x, segments = operands
-            y, _ = nnx.merge(graphdef, state).forward(_truncate(x, size), jax.tree_util.tree_map(
-                lambda v: _truncate(v, size), segments))
+            y, _ = nnx.merge(graphdef, state).forward(
+                _truncate(x, size), jax.tree_util.tree_map(lambda v: _truncate(v, size), segments)
+            )
             return jnp.pad(y, ((0, 0), (0, length - size), (0, 0)))
+
         return run
 
     branches = [branch(size) for size in ladder]
@@ -298,14 +315,16 @@ def run_stack(stack: nnx.Module, x: jax.Array, segments: Segments, rows: SlotRow
     if len(ladder) == 1:
         return branches[0]((state, x, segments))
     groups = RowGroups.by_count(rows.counts, rows.groups)
-    grouped_counts = groups.split(rows.counts)                       # (G, B / G)
-    index = ladder_index(jnp.max(grouped_counts, axis=1), ladder)   # (G,)
+    grouped_counts = groups.split(rows.counts)  # (G, B / G)
+    index = ladder_index(jnp.max(grouped_counts, axis=1), ladder)  # (G,)
     xs = groups.split(x)
     segment_groups = jax.tree_util.tree_map(groups.split, segments)
     if groups.groups == 1:
-        out = switch_keeping_taken_residuals(index[0], branches, (state, xs[0], jax.tree_util.tree_map(
-            lambda v: v[0], segment_groups)), names)[None]
+        out = switch_keeping_taken_residuals(
+            index[0], branches, (state, xs[0], jax.tree_util.tree_map(lambda v: v[0], segment_groups)), names
+        )[None]
     else:
+
         def one_group(_, group):
             index_g, x_g, segments_g = group
             x_g = logical_axes.constrain(x_g, logical_axes.RESIDUAL_AXES)
@@ -327,11 +346,10 @@ def slots_computed(rows: SlotRows) -> jax.Array:
     return jnp.sum(lengths * grouped.shape[1])
 
 
-
 def group_lengths(counts, ladder: tuple[int, ...], groups: int) -> list[int]:
     """On the host, for one micro-batch on one device: the ladder length each group of rows runs
     on, given the rows' counts (B,) (what run_stack computes in the step)."""
     counts = sorted((int(c) for c in counts), reverse=True)
     groups = max(g for g in range(1, min(groups, len(counts)) + 1) if len(counts) % g == 0)
     size = len(counts) // groups
-    return [next((n for n in ladder if n >= max(counts[g * size:(g + 1) * size])), ladder[-1]) for g in range(groups)]
+    return [next((n for n in ladder if n >= max(counts[g * size : (g + 1) * size])), ladder[-1]) for g in range(groups)]

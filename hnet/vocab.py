@@ -6,6 +6,6 @@ tokenizer; hnet.io.tokenizer always puts <|bos|> first, at TOKEN_BOS_ID.
 """
 
 BYTE_VOCAB_SIZE = 256
-BOS_ID = 254        # 0xFE: put before every document; a position holding it starts a document
-EOS_ID = 255        # 0xFF: the model may emit it to end generation (packing never inserts it)
-TOKEN_BOS_ID = 0    # hnet.io.tokenizer's <|bos|> (its first special token)
+BOS_ID = 254  # 0xFE: put before every document; a position holding it starts a document
+EOS_ID = 255  # 0xFF: the model may emit it to end generation (packing never inserts it)
+TOKEN_BOS_ID = 0  # hnet.io.tokenizer's <|bos|> (its first special token)

@@ -34,7 +34,9 @@ def main() -> int:
     args = parser.parse_args()
     config = load_reference_config(args.config)
     _, abstract = abstract_params(config)
-    shapes = {".".join(map(str, p)): v.shape for p, v in nnx.traversals.flatten_mapping(abstract.to_pure_dict()).items()}
+    shapes = {
+        ".".join(map(str, p)): v.shape for p, v in nnx.traversals.flatten_mapping(abstract.to_pure_dict()).items()
+    }
     rng = np.random.default_rng(0)
     tensors, total = {}, 0
     for i, entry in enumerate(reference.parameter_table(config)):

@@ -68,8 +68,11 @@ def shrink(config: hnet.ModelConfig) -> hnet.ModelConfig:
         d_model=tuple(32 + 16 * s for s in range(n)),
         d_intermediate=tuple(64 if d else 0 for d in config.d_intermediate),
         ssm_cfg=config_lib.SSMConfig(d_state=8, d_conv=4, expand=2, chunk_size=16, head_dim=16),
-        attn_cfg=config_lib.AttnConfig(num_heads=(2,) * n, rotary_emb_dim=(8,) * n,
-                                       window_size=tuple(7 if w > 0 else -1 for w in config.attn_cfg.window_size)),
+        attn_cfg=config_lib.AttnConfig(
+            num_heads=(2,) * n,
+            rotary_emb_dim=(8,) * n,
+            window_size=tuple(7 if w > 0 else -1 for w in config.attn_cfg.window_size),
+        ),
         capacity_multiple=8,
     )
 
@@ -118,6 +121,8 @@ def write_run_folder(run_dir: Path, model, step: int = 3, tokenizer=None) -> Pat
         tokenizer.save(run.tokenizer)
     _, params = nnx.split(model, nnx.Param)
     checkpointer = Checkpointer(run.path)
-    checkpointer.save(step, {"params": params, "nonfinite_total": jnp.zeros((), jnp.int32)}, {"iterator": "{}"}, {"step": step})
+    checkpointer.save(
+        step, {"params": params, "nonfinite_total": jnp.zeros((), jnp.int32)}, {"iterator": "{}"}, {"step": step}
+    )
     checkpointer.close()
     return run.path

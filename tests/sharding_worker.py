@@ -25,8 +25,13 @@ from hnet.training.train_step import make_step_functions  # noqa: E402
 STEPS = 3
 BATCH, SEQ_LEN = 8, 64
 # name -> (data, fsdp, tensor, number of devices used)
-MESHES = {"single": (1, 1, 1, 1), "data8": (8, 1, 1, 8), "fsdp8": (1, 8, 1, 8), "mixed222": (2, 2, 2, 8),
-          "fsdp2": (1, 2, 1, 2)}
+MESHES = {
+    "single": (1, 1, 1, 1),
+    "data8": (8, 1, 1, 8),
+    "fsdp8": (1, 8, 1, 8),
+    "mixed222": (2, 2, 2, 8),
+    "fsdp2": (1, 2, 1, 2),
+}
 
 
 def batches():
@@ -37,7 +42,7 @@ def batches():
     for _ in range(STEPS):
         rows = []
         for _ in range(BATCH):
-            text = b"".join(words[i] for i in rng.integers(0, len(words), SEQ_LEN))[:SEQ_LEN + 1]
+            text = b"".join(words[i] for i in rng.integers(0, len(words), SEQ_LEN))[: SEQ_LEN + 1]
             rows.append(np.frombuffer(text, np.uint8).astype(np.int32))
         windows = np.stack(rows)[None]
         out.append((windows[..., :-1], windows[..., 1:]))
@@ -50,10 +55,12 @@ def shard_shapes(array) -> list:
 
 def main(checkpoint_root: str) -> None:
     config = shrink(tiny_config("hnet_1stage_tiny", **LADDER))
-    run = run_config_from_dict({
-        "model": json.loads(json.dumps(config.to_dict())),
-        "train": {"steps": 100, "batch_size": BATCH, "seq_len": SEQ_LEN, "lr": 3e-3, "warmup_frac": 0.0},
-    })
+    run = run_config_from_dict(
+        {
+            "model": json.loads(json.dumps(config.to_dict())),
+            "train": {"steps": 100, "batch_size": BATCH, "seq_len": SEQ_LEN, "lr": 3e-3, "warmup_frac": 0.0},
+        }
+    )
     data = batches()
     result = {"losses": {}, "shards": {}, "restored": {}}
     steps_by_mesh = {}
@@ -66,8 +73,12 @@ def main(checkpoint_root: str) -> None:
         result["shards"][name] = {
             "lm_head": shard_shapes(kernel.get_value()),
             "lm_head_adam_mu": shard_shapes(state["opt_state"][1].mu["lm_head"]["kernel"].get_value()),
-            "main_mlp_fc1": shard_shapes(state["params"]["backbone"]["inner"]["main"]["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()),
-            "conv_weight": shard_shapes(state["params"]["backbone"]["encoder"]["blocks"][0]["mixer"]["conv_weight"].get_value()),
+            "main_mlp_fc1": shard_shapes(
+                state["params"]["backbone"]["inner"]["main"]["blocks"][0]["mlp"]["fc1"]["kernel"].get_value()
+            ),
+            "conv_weight": shard_shapes(
+                state["params"]["backbone"]["encoder"]["blocks"][0]["mixer"]["conv_weight"].get_value()
+            ),
         }
         losses = []
         for i, (inputs, targets) in enumerate(data):
@@ -93,7 +104,10 @@ def main(checkpoint_root: str) -> None:
         placement = {"devices": len(restored_kernel.sharding.device_set), "lm_head": shard_shapes(restored_kernel)}
         state, metrics = steps.train_step(state, steps.place_train_batch(inputs), steps.place_train_batch(targets))
         result["restored"][f"{source}->{target}"] = {
-            "loss": float(metrics["loss"]), "source_loss": result["losses"][source][-1], **placement}
+            "loss": float(metrics["loss"]),
+            "source_loss": result["losses"][source][-1],
+            **placement,
+        }
     print(json.dumps(result))
 
 

@@ -23,8 +23,14 @@ from tests.conftest import CONFIGS, ROOT
 
 # A BPE Transformer with one small block: its train step compiles in seconds. bench memory and
 # bench train of the same run share one compilation (hnet.perf.bench.compile_train_step's cache).
-TOKEN_RUN = ["train.batch_size=2", "train.seq_len=64", 'model.arch_layout=["T1"]', "model.d_model=[32]",
-             "model.d_intermediate=[64]", 'model.attn_cfg={"num_heads": [2], "rotary_emb_dim": [8], "window_size": [-1]}']
+TOKEN_RUN = [
+    "train.batch_size=2",
+    "train.seq_len=64",
+    'model.arch_layout=["T1"]',
+    "model.d_model=[32]",
+    "model.d_intermediate=[64]",
+    'model.attn_cfg={"num_heads": [2], "rotary_emb_dim": [8], "window_size": [-1]}',
+]
 
 
 def with_sets(overrides):
@@ -50,11 +56,11 @@ def test_matmul_flops_recurses_into_jit_scan_cond_while_and_custom_jvp():
     custom.defjvp(lambda primals, tangents: (custom(*primals), tangents[0] @ w))
 
     def f(x):
-        x = jax.jit(lambda x: x @ w)(x)                                            # 1
-        x, _ = jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)        # 5
-        x = jax.lax.cond(x.sum() > 0, lambda x: (x @ w) @ w, lambda x: x, x)      # the larger branch: 2
-        x = jax.lax.while_loop(lambda c: c.sum() < 0, lambda c: c @ w, x)          # once, noted
-        return custom(x)                                                          # 1
+        x = jax.jit(lambda x: x @ w)(x)  # 1
+        x, _ = jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)  # 5
+        x = jax.lax.cond(x.sum() > 0, lambda x: (x @ w) @ w, lambda x: x, x)  # the larger branch: 2
+        x = jax.lax.while_loop(lambda c: c.sum() < 0, lambda c: c @ w, x)  # once, noted
+        return custom(x)  # 1
 
     count = matmul_flops(jax.make_jaxpr(f)(x))
     assert count.flops == 10 * one and count.dot_generals == 10
@@ -139,20 +145,24 @@ def test_bench_memory_of_a_transformer_agrees_with_hnet_flops(capsys):
     masked_attention = 3 * batch * 2 * (2 * width * masked_keys)
     assert result["executed_matmul_flops_per_step"] == pytest.approx(result["model_flops_per_step"] + masked_attention)
     assert result["executed_over_model_flops"] == pytest.approx(
-        result["executed_matmul_flops_per_step"] / result["model_flops_per_step"])
+        result["executed_matmul_flops_per_step"] / result["model_flops_per_step"]
+    )
     assert result["executed_backward_share"] == pytest.approx(2 / 3)
     assert result["executed_float32_operand_share"] == 1.0  # a float32 run
     assert result["seq_unit"] == "tokens" and result["stage_lengths"] == [64]
     assert result["temp_bytes"] > 0 and result["temp_bytes_per_sequence"] == result["temp_bytes"] / batch
-    assert result["peak_bytes"] == (result["argument_bytes"] + result["output_bytes"] + result["temp_bytes"]
-                                    - result["alias_bytes"])
+    assert result["peak_bytes"] == (
+        result["argument_bytes"] + result["output_bytes"] + result["temp_bytes"] - result["alias_bytes"]
+    )
     assert result["argument_bytes"] > 3 * 4 * result["params"]  # float32 params and two Adam moments
 
 
 # A 1-stage H-Net small enough to run a forward in seconds (bench chunks).
-SMALL_HNET = ['model={"config": "hnet_1stage_tiny.json", "arch_layout": ["m1", ["T1"], "m1"], "d_model": [32, 48], '
-              '"d_intermediate": [0, 96], "attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [8, 8], '
-              '"window_size": [-1, -1]}, "dtype": "float32"}']
+SMALL_HNET = [
+    'model={"config": "hnet_1stage_tiny.json", "arch_layout": ["m1", ["T1"], "m1"], "d_model": [32, 48], '
+    '"d_intermediate": [0, 96], "attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [8, 8], '
+    '"window_size": [-1, -1]}, "dtype": "float32"}'
+]
 
 
 def test_bench_chunks_counts_the_chunks_kept_and_the_slots_the_ladder_computes(capsys):
@@ -181,25 +191,44 @@ def test_rematerialisation_lowers_the_compiled_steps_temporaries_on_cpu():
     merges the recomputed forward back into the first one and the temporaries stay those of
     remat=none."""
     run = ["train.batch_size=2", "train.seq_len=256", 'model.arch_layout=["T4"]', *TOKEN_RUN[3:]]
-    temp = {remat: bench.bench_memory(str(CONFIGS / "run_bpe_tiny.json"), [*run, f"train.remat={remat}"])["temp_bytes"]
-            for remat in ("none", "block")}
+    temp = {
+        remat: bench.bench_memory(str(CONFIGS / "run_bpe_tiny.json"), [*run, f"train.remat={remat}"])["temp_bytes"]
+        for remat in ("none", "block")
+    }
     assert temp["block"] < 0.7 * temp["none"]
 
 
 def test_remat_auto_picks_by_model_size_and_length():
     from hnet.training.train_step import remat_policy
 
-    picks = {name: remat_policy("auto", hnet.load_config(CONFIGS / f"{name}.json"), 8192)
-             for name in ("hnet_1stage_tiny", "transformer_byte_S", "transformer_byte_M", "hnet_1stage_S", "hnet_2stage_M")}
-    assert picks == {"hnet_1stage_tiny": "none", "transformer_byte_S": "dots", "transformer_byte_M": "dots",
-                     "hnet_1stage_S": "block", "hnet_2stage_M": "block"}
+    picks = {
+        name: remat_policy("auto", hnet.load_config(CONFIGS / f"{name}.json"), 8192)
+        for name in ("hnet_1stage_tiny", "transformer_byte_S", "transformer_byte_M", "hnet_1stage_S", "hnet_2stage_M")
+    }
+    assert picks == {
+        "hnet_1stage_tiny": "none",
+        "transformer_byte_S": "dots",
+        "transformer_byte_M": "dots",
+        "hnet_1stage_S": "block",
+        "hnet_2stage_M": "block",
+    }
     assert remat_policy("auto", hnet.load_config(CONFIGS / "transformer_bpe_S.json"), 2083) == "dots"
     assert remat_policy("none", hnet.load_config(CONFIGS / "hnet_2stage_M.json"), 8192) == "none"
 
 
 def test_bench_train_of_a_token_run_reports_bytes_per_second(capsys):
-    argv = ["train", "--config", str(CONFIGS / "run_bpe_tiny.json"), *with_sets(TOKEN_RUN), "--steps", "2",
-            "--warmup", "0", "--peak-tflops", "1"]
+    argv = [
+        "train",
+        "--config",
+        str(CONFIGS / "run_bpe_tiny.json"),
+        *with_sets(TOKEN_RUN),
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--peak-tflops",
+        "1",
+    ]
     result = bench.main([*argv, "--json"])
     assert json.loads(capsys.readouterr().out) == result
     assert result["tokens_per_sec"] > 0 and result["bytes_per_token"] == 3.488
@@ -213,12 +242,15 @@ def test_bench_train_of_a_token_run_reports_bytes_per_second(capsys):
     assert "bytes/token (--bytes-per-token)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["memory", "--set", 'model={"config": "hnet_space_tiny.json"}'], "'space' routing"),
-    (["memory", "--bytes-per-chunk", "2", "3"], "expected 1 entries"),
-    (["train", "--bytes-per-token", "3"], "for token runs"),
-    (["memory", "--set", "train.batch_size=0"], "train.batch_size"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["memory", "--set", 'model={"config": "hnet_space_tiny.json"}'], "'space' routing"),
+        (["memory", "--bytes-per-chunk", "2", "3"], "expected 1 entries"),
+        (["train", "--bytes-per-token", "3"], "for token runs"),
+        (["memory", "--set", "train.batch_size=0"], "train.batch_size"),
+    ],
+)
 def test_bench_bad_input_is_one_error_line(capsys, argv, message):
     """Rejected before anything compiles."""
     assert bench.main(argv) is None
@@ -228,9 +260,11 @@ def test_bench_bad_input_is_one_error_line(capsys, argv, message):
 
 def test_bench_needs_no_grain():
     """The benchmarks' import paths (train step, decode, components) work where grain is missing."""
-    code = ("import sys; sys.modules['grain'] = None\n"  # `import grain` now raises ImportError
-            "import hnet.perf.bench, hnet.perf.bench_components, hnet.training.train_step, hnet.inference.decode, hnet.training.run_config\n"
-            "print('ok')")
+    code = (
+        "import sys; sys.modules['grain'] = None\n"  # `import grain` now raises ImportError
+        "import hnet.perf.bench, hnet.perf.bench_components, hnet.training.train_step, hnet.inference.decode, hnet.training.run_config\n"
+        "print('ok')"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
@@ -238,8 +272,9 @@ def test_bench_needs_no_grain():
 def run_gpu_check(out, **env):
     """SMOKE=1 scripts/gpu_check.sh into `out` -> (its JSON report, its markdown table)."""
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable, **env}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text()
 
@@ -281,8 +316,9 @@ def test_gpu_check_takes_the_largest_micro_batch_under_the_limit(smoke_check, tm
     """With a device limit just below micro-batch 2's estimate, 4 and 2 are skipped unrun and 1 is timed."""
     report, _ = smoke_check
     (bpe_at_2,) = [row for row in report["memory"] if row["run"] == "bpe"]
-    report, table = run_gpu_check(tmp_path, RUNS="bpe", MICRO_BATCHES="4 2 1",
-                                  DEVICE_BYTES_LIMIT=str(bpe_at_2["peak_bytes"] - 1))
+    report, table = run_gpu_check(
+        tmp_path, RUNS="bpe", MICRO_BATCHES="4 2 1", DEVICE_BYTES_LIMIT=str(bpe_at_2["peak_bytes"] - 1)
+    )
     assert report["failures"] == []
     assert [(row["run"], row["micro_batch"]) for row in report["train"]] == [("bpe", 1)]
     skipped = {row["item"]: row["reason"] for row in report["skipped"]}

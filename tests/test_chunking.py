@@ -173,7 +173,9 @@ def test_ratio_loss_is_one_at_target_and_grows_away(target):
         n_selected = int(round(fraction * length))
         mask = (jnp.arange(length) < n_selected)[None]
         loss, selected, mean_prob = chunking.ratio_loss(mask, jnp.full((1, length), n_selected / length), valid, target)
-        assert float(selected) == pytest.approx(n_selected / length) and float(mean_prob) == pytest.approx(n_selected / length)
+        assert float(selected) == pytest.approx(n_selected / length) and float(mean_prob) == pytest.approx(
+            n_selected / length
+        )
         return float(loss)
 
     assert loss_at(1 / target) == pytest.approx(1.0, abs=1e-5)

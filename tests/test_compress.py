@@ -19,6 +19,7 @@ def decompress(name: str, blob: bytes) -> bytes:
     """Independent decompression of each format (CLI tools for gzip/zstd, Python modules else)."""
     if name == "gzip -9":
         import gzip
+
         return gzip.decompress(blob)
     if name == "bzip2 -9":
         return bz2.decompress(blob)

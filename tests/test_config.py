@@ -24,6 +24,7 @@ def test_every_config_loads(path):
     data = json.loads(path.read_text())
     if "arch_layout" not in data:  # a run config: it names a model config
         from hnet.training.run_config import load_run_config
+
         config = load_run_config(path).model_config
     else:
         config = hnet.load_config(path)
@@ -33,7 +34,15 @@ def test_every_config_loads(path):
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_published_configs_keep_their_fields(name):
     data = json.loads((CONFIGS / f"{name}.json").read_text())
-    assert set(data) == {"arch_layout", "d_model", "d_intermediate", "vocab_size", "ssm_cfg", "attn_cfg", "tie_embeddings"}
+    assert set(data) == {
+        "arch_layout",
+        "d_model",
+        "d_intermediate",
+        "vocab_size",
+        "ssm_cfg",
+        "attn_cfg",
+        "tie_embeddings",
+    }
     config = hnet.load_config(CONFIGS / f"{name}.json")
     assert list(config.d_model) == data["d_model"]
     assert config.routing == ("learned",) * config.depth
@@ -41,30 +50,38 @@ def test_published_configs_keep_their_fields(name):
 
 
 BASE = {
-    "arch_layout": ["m1", ["T1"], "m1"], "d_model": [64, 96], "d_intermediate": [0, 128],
+    "arch_layout": ["m1", ["T1"], "m1"],
+    "d_model": [64, 96],
+    "d_intermediate": [0, 128],
     "attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [16, 16], "window_size": [15, -1]},
     "ssm_cfg": {"d_state": 8, "chunk_size": 16, "head_dim": 16},
 }
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"arch_layout": ["x1", ["T1"], "m1"]}, "unknown layer letter 'x'"),
-    ({"arch_layout": ["m1", ["T1"]]}, "arch_layout"),
-    ({"arch_layout": ["m1", ["T1"], "m1"], "d_model": [64, 96, 128]}, "d_model: expected 2 entries"),
-    ({"d_intermediate": [0]}, "d_intermediate: expected 2 entries"),
-    ({"d_model": [64, -96]}, "positive integers"),
-    ({"attn_cfg": {"num_heads": [3, 2], "rotary_emb_dim": [16, 16], "window_size": [15, -1]}}, "does not divide"),
-    ({"attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [16], "window_size": [15, -1]}}, "rotary_emb_dim: expected 2"),
-    ({"attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [16, 16], "window_size": [0, -1]}}, "window_size[0]"),
-    ({"ssm_cfg": {"d_state": 0}}, "ssm_cfg"),
-    ({"target_ratio": [6, 3]}, "target_ratio: expected 1"),
-    ({"target_ratio": [1]}, "must be > 1"),
-    ({"routing": ["words"]}, "routing[0]"),
-    ({"routing": ["stride:0"]}, "positive integer K"),
-    ({"d_intermediate": [0, 0]}, "has MLP blocks"),
-    ({"dtype": "float16"}, "dtype"),
-    ({"unknown_field": 1}, "unknown field(s) unknown_field"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"arch_layout": ["x1", ["T1"], "m1"]}, "unknown layer letter 'x'"),
+        ({"arch_layout": ["m1", ["T1"]]}, "arch_layout"),
+        ({"arch_layout": ["m1", ["T1"], "m1"], "d_model": [64, 96, 128]}, "d_model: expected 2 entries"),
+        ({"d_intermediate": [0]}, "d_intermediate: expected 2 entries"),
+        ({"d_model": [64, -96]}, "positive integers"),
+        ({"attn_cfg": {"num_heads": [3, 2], "rotary_emb_dim": [16, 16], "window_size": [15, -1]}}, "does not divide"),
+        (
+            {"attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [16], "window_size": [15, -1]}},
+            "rotary_emb_dim: expected 2",
+        ),
+        ({"attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [16, 16], "window_size": [0, -1]}}, "window_size[0]"),
+        ({"ssm_cfg": {"d_state": 0}}, "ssm_cfg"),
+        ({"target_ratio": [6, 3]}, "target_ratio: expected 1"),
+        ({"target_ratio": [1]}, "must be > 1"),
+        ({"routing": ["words"]}, "routing[0]"),
+        ({"routing": ["stride:0"]}, "positive integer K"),
+        ({"d_intermediate": [0, 0]}, "has MLP blocks"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"unknown_field": 1}, "unknown field(s) unknown_field"),
+    ],
+)
 def test_config_errors_are_clear(tmp_path, change, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({**BASE, **change}))
@@ -110,20 +127,24 @@ def test_capacity_rule():
     assert rule.row_capacity(100) == 100  # never more than the input length
     # The allowance grows by the rate and is the same integer for ints and int32 arrays.
     positions = np.arange(0, 200_000, 997)
-    np.testing.assert_array_equal(np.asarray(rule.allowance(jnp.asarray(positions, jnp.int32))),
-                                  [rule.allowance(int(u)) for u in positions])
+    np.testing.assert_array_equal(
+        np.asarray(rule.allowance(jnp.asarray(positions, jnp.int32))), [rule.allowance(int(u)) for u in positions]
+    )
     assert all(np.diff([rule.allowance(int(u)) for u in positions]) >= 0)
     exact = config_lib.replace(config, capacity_slack="exact")
     assert capacity_is_exact(exact) and CapacityRule.for_stage(exact, 0).row_capacity(8192) == 8192
     assert capacity_is_exact(config_lib.replace(config, capacity_slack=6))
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("capacity_slack", 0.5, "capacity_slack: expected a number >= 1 or 'exact'"),
-    ("capacity_slack", "tight", "capacity_slack: expected a number >= 1 or 'exact'"),
-    ("capacity_burst", -1, "capacity_burst"),
-    ("bos_id", 256, "bos_id: expected an id below vocab_size 256"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("capacity_slack", 0.5, "capacity_slack: expected a number >= 1 or 'exact'"),
+        ("capacity_slack", "tight", "capacity_slack: expected a number >= 1 or 'exact'"),
+        ("capacity_burst", -1, "capacity_burst"),
+        ("bos_id", 256, "bos_id: expected an id below vocab_size 256"),
+    ],
+)
 def test_capacity_and_bos_fields_are_checked(field, value, message):
     config = hnet.load_config(CONFIGS / "hnet_1stage_tiny.json")
     with pytest.raises(config_lib.ConfigError, match=message):
@@ -138,7 +159,9 @@ def test_bos_id_defaults_by_vocabulary():
 def test_run_config_model_override_replaces_the_model_section():
     from hnet.training.run_config import load_run_config
 
-    run = load_run_config(None, ['model={"config": "transformer_bpe_tiny.json"}', 'data.tokenizer={"vocab_size": 4096}'])
+    run = load_run_config(
+        None, ['model={"config": "transformer_bpe_tiny.json"}', 'data.tokenizer={"vocab_size": 4096}']
+    )
     assert run.model_config.vocab_size == 4096 and run.model_config.depth == 0
     assert run.train.seq_len == load_run_config(None).train.seq_len  # the rest of the run config is kept
 
@@ -154,20 +177,29 @@ def test_run_config_overrides_reach_any_depth():
     assert config.attn_cfg.window_size == base.model_config.attn_cfg.window_size
     assert config.ssm_cfg.head_dim == base.model_config.ssm_cfg.head_dim
     # A nested object the config file does not have is created.
-    run = load_run_config(None, ['model={"config": "transformer_bpe_tiny.json"}', 'data.tokenizer={"vocab_size": 4096}',
-                                 "model.ssm_cfg.d_state=16"])
+    run = load_run_config(
+        None,
+        [
+            'model={"config": "transformer_bpe_tiny.json"}',
+            'data.tokenizer={"vocab_size": 4096}',
+            "model.ssm_cfg.d_state=16",
+        ],
+    )
     assert run.model_config.ssm_cfg.d_state == 16
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.attn_cfg.nonsense=1", r"unknown key model\.attn_cfg\.nonsense \(known: num_heads, num_kv_heads"),
-    ("model.ssm_cfg.d_state.x=1", r"model\.ssm_cfg\.d_state is a value, not an object"),
-    ("train.lr.x=1", r"train\.lr is a value"),
-    ("mesh.nonsense.deeper=1", r"unknown key mesh\.nonsense "),
-    ("model.attn_cfg.num_heads=[5,5]", r"attn_cfg\.num_heads\[0\] = 5 does not divide d_model\[0\] = 128"),
-    ("model.ssm_cfg.d_state=0", r"ssm_cfg: expected positive integers"),
-    ("train..lr=1", r"key must be model\.X"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.attn_cfg.nonsense=1", r"unknown key model\.attn_cfg\.nonsense \(known: num_heads, num_kv_heads"),
+        ("model.ssm_cfg.d_state.x=1", r"model\.ssm_cfg\.d_state is a value, not an object"),
+        ("train.lr.x=1", r"train\.lr is a value"),
+        ("mesh.nonsense.deeper=1", r"unknown key mesh\.nonsense "),
+        ("model.attn_cfg.num_heads=[5,5]", r"attn_cfg\.num_heads\[0\] = 5 does not divide d_model\[0\] = 128"),
+        ("model.ssm_cfg.d_state=0", r"ssm_cfg: expected positive integers"),
+        ("train..lr=1", r"key must be model\.X"),
+    ],
+)
 def test_nested_override_errors_name_the_path(override, message):
     from hnet.training.run_config import load_run_config
 

@@ -27,14 +27,19 @@ from tests.conftest import ROOT
 
 # Tiny configs in the reference's JSON format (its Mamba2 heads have 64 dims).
 TINY_1STAGE = {
-    "arch_layout": ["m1", ["T1"], "M1"], "d_model": [64, 96], "d_intermediate": [96, 160], "vocab_size": 256,
+    "arch_layout": ["m1", ["T1"], "M1"],
+    "d_model": [64, 96],
+    "d_intermediate": [96, 160],
+    "vocab_size": 256,
     "ssm_cfg": {"chunk_size": 16, "d_conv": 4, "d_state": 16, "expand": 2},
     "attn_cfg": {"num_heads": [2, 3], "rotary_emb_dim": [16, 16], "window_size": [31, -1]},
     "tie_embeddings": False,
 }
 TINY_2STAGE = {
-    "arch_layout": ["m1", ["T1m1", ["T2"], "m1t1"], "m1"], "d_model": [64, 64, 128],
-    "d_intermediate": [0, 96, 192], "vocab_size": 256,
+    "arch_layout": ["m1", ["T1m1", ["T2"], "m1t1"], "m1"],
+    "d_model": [64, 64, 128],
+    "d_intermediate": [0, 96, 192],
+    "vocab_size": 256,
     "ssm_cfg": {"chunk_size": 16, "d_conv": 4, "d_state": 16, "expand": 2},
     "attn_cfg": {"num_heads": [2, 2, 4], "rotary_emb_dim": [16, 16, 16], "window_size": [31, 31, -1]},
     "tie_embeddings": False,
@@ -105,7 +110,7 @@ def synthetic_state_dict(shapes: dict[str, tuple], dtype=np.float32) -> dict[str
     tensors = {}
     for i, (key, shape) in enumerate(sorted(shapes.items())):
         size = int(np.prod(shape))
-        tensors[key] = (i + 1 + np.arange(size, dtype=np.float64) / 2 ** 20).reshape(shape).astype(dtype)
+        tensors[key] = (i + 1 + np.arange(size, dtype=np.float64) / 2**20).reshape(shape).astype(dtype)
     return tensors
 
 
@@ -120,8 +125,9 @@ def write_case(tmp_path, cfg: dict, name: str, tensors=None):
 
 def flat_params(model) -> dict[str, np.ndarray]:
     state = nnx.state(model, nnx.Param).to_pure_dict()
-    return {".".join(map(str, path)): np.asarray(value)
-            for path, value in nnx.traversals.flatten_mapping(state).items()}
+    return {
+        ".".join(map(str, path)): np.asarray(value) for path, value in nnx.traversals.flatten_mapping(state).items()
+    }
 
 
 @pytest.mark.parametrize("cfg, name", [(TINY_1STAGE, "tiny1"), (TINY_2STAGE, "tiny2")])
@@ -137,27 +143,39 @@ def test_every_tensor_lands_where_it_should(tmp_path, cfg, name):
     # Spot checks of the mapping, written out by hand.
     np.testing.assert_array_equal(params["embedding.embedding"], tensors["embeddings.weight"])
     np.testing.assert_array_equal(params["lm_head.kernel"], tensors["lm_head.weight"].T)
-    np.testing.assert_array_equal(params["backbone.encoder.blocks.0.mixer.conv_weight"],
-                                  tensors["backbone.encoder.layers.0.mixer.conv1d.weight"][:, 0, :].T)
-    np.testing.assert_array_equal(params["backbone.encoder.blocks.0.mixer.in_proj.kernel"],
-                                  tensors["backbone.encoder.layers.0.mixer.in_proj.weight"].T)
-    np.testing.assert_array_equal(params["backbone.encoder.blocks.0.mixer.A_log"],
-                                  tensors["backbone.encoder.layers.0.mixer.A_log"])
+    np.testing.assert_array_equal(
+        params["backbone.encoder.blocks.0.mixer.conv_weight"],
+        tensors["backbone.encoder.layers.0.mixer.conv1d.weight"][:, 0, :].T,
+    )
+    np.testing.assert_array_equal(
+        params["backbone.encoder.blocks.0.mixer.in_proj.kernel"],
+        tensors["backbone.encoder.layers.0.mixer.in_proj.weight"].T,
+    )
+    np.testing.assert_array_equal(
+        params["backbone.encoder.blocks.0.mixer.A_log"], tensors["backbone.encoder.layers.0.mixer.A_log"]
+    )
     np.testing.assert_array_equal(params["backbone.encoder.norm.weight"], tensors["backbone.encoder.rmsnorm.weight"])
-    np.testing.assert_array_equal(params["backbone.routing.q_proj"],
-                                  tensors["backbone.routing_module.q_proj_layer.weight"].T)
+    np.testing.assert_array_equal(
+        params["backbone.routing.q_proj"], tensors["backbone.routing_module.q_proj_layer.weight"].T
+    )
     np.testing.assert_array_equal(params["backbone.residual_proj.bias"], tensors["backbone.residual_proj.bias"])
-    np.testing.assert_array_equal(params["backbone.pad_dimension"] if "backbone.pad_dimension" in params
-                                  else params["backbone.inner.pad_dimension"],
-                                  tensors["backbone.main_network.pad_dimension"]
-                                  if "backbone.main_network.pad_dimension" in tensors
-                                  else tensors["backbone.main_network.main_network.pad_dimension"])
+    np.testing.assert_array_equal(
+        params["backbone.pad_dimension"]
+        if "backbone.pad_dimension" in params
+        else params["backbone.inner.pad_dimension"],
+        tensors["backbone.main_network.pad_dimension"]
+        if "backbone.main_network.pad_dimension" in tensors
+        else tensors["backbone.main_network.main_network.pad_dimension"],
+    )
     inner = "backbone.inner" if name == "tiny1" else "backbone.inner.inner"
     ref_inner = "backbone.main_network" if name == "tiny1" else "backbone.main_network.main_network"
-    np.testing.assert_array_equal(params[f"{inner}.main.blocks.0.mixer.wqkv.kernel"],
-                                  tensors[f"{ref_inner}.main_network.layers.0.mixer.Wqkv.weight"].T)
-    np.testing.assert_array_equal(params[f"{inner}.main.blocks.0.mlp.fc2.kernel"],
-                                  tensors[f"{ref_inner}.main_network.layers.0.mlp.fc2.weight"].T)
+    np.testing.assert_array_equal(
+        params[f"{inner}.main.blocks.0.mixer.wqkv.kernel"],
+        tensors[f"{ref_inner}.main_network.layers.0.mixer.Wqkv.weight"].T,
+    )
+    np.testing.assert_array_equal(
+        params[f"{inner}.main.blocks.0.mlp.fc2.kernel"], tensors[f"{ref_inner}.main_network.layers.0.mlp.fc2.weight"].T
+    )
 
     # Every parameter holds exactly one file tensor (its integer part names which), all its values,
     # and every file tensor went somewhere.
@@ -179,13 +197,20 @@ def test_ours_to_reference_to_ours_is_bit_identical(tmp_path, cfg, name):
     config_path, file, _ = write_case(tmp_path, cfg, name)
     first = convert.convert(file, config_path, tmp_path / "first")
     assert convert.main(["--checkpoint", str(file), "--config", str(config_path), "--out", str(tmp_path / "x")]) == 0
-    assert hnet.inference.export.main(["--checkpoint", str(first), "--out", str(tmp_path / "ref"), "--format", "reference"]) == 0
+    assert (
+        hnet.inference.export.main(
+            ["--checkpoint", str(first), "--out", str(tmp_path / "ref"), "--format", "reference"]
+        )
+        == 0
+    )
     written = load_file(str(tmp_path / "ref" / "model.safetensors"))
     expected = reference_shapes(cfg)
     assert {k: v.shape for k, v in written.items()} == expected
     ref_config = json.loads((tmp_path / "ref" / "config.json").read_text())
     assert ref_config == cfg
-    second = convert.convert(tmp_path / "ref" / "model.safetensors", tmp_path / "ref" / "config.json", tmp_path / "second")
+    second = convert.convert(
+        tmp_path / "ref" / "model.safetensors", tmp_path / "ref" / "config.json", tmp_path / "second"
+    )
     a, b = load_model(first), load_model(second)
     for (path, x), (_, y) in zip(sorted(flat_params(a.model).items()), sorted(flat_params(b.model).items())):
         np.testing.assert_array_equal(x, y, err_msg=path)
@@ -198,10 +223,13 @@ def test_a_trained_model_exports_to_reference_and_back(tmp_path):
     model = hnet.build_model(config, seed=3)
     model.backbone.residual_proj.bias[...] = 0.1 * jax.random.normal(jax.random.key(0), (64,))
     _, params = nnx.split(model, nnx.Param)
-    ours = hnet.inference.export.write_export(tmp_path / "ours", params, config, {"dtype": "float32", "source": "test", "step": 0})
+    ours = hnet.inference.export.write_export(
+        tmp_path / "ours", params, config, {"dtype": "float32", "source": "test", "step": 0}
+    )
     hnet.inference.export.main(["--checkpoint", str(ours), "--out", str(tmp_path / "ref"), "--format", "reference"])
-    back = load_model(convert.convert(tmp_path / "ref" / "model.safetensors", tmp_path / "ref" / "config.json",
-                                      tmp_path / "back"))
+    back = load_model(
+        convert.convert(tmp_path / "ref" / "model.safetensors", tmp_path / "ref" / "config.json", tmp_path / "back")
+    )
     for (path, x), (_, y) in zip(sorted(flat_params(model).items()), sorted(flat_params(back.model).items())):
         np.testing.assert_array_equal(x, y, err_msg=path)
 
@@ -215,14 +243,17 @@ def test_published_sizes_have_the_reference_key_set_and_shapes(name, total):
     assert sum(int(np.prod(s)) for s in expected.values()) == total
     config = convert.load_reference_config(ROOT / "configs" / f"{name}.json")
     _, abstract = hnet.inference.load.abstract_params(config)
-    shapes = {".".join(map(str, p)): v.shape for p, v in nnx.traversals.flatten_mapping(abstract.to_pure_dict()).items()}
+    shapes = {
+        ".".join(map(str, p)): v.shape for p, v in nnx.traversals.flatten_mapping(abstract.to_pure_dict()).items()
+    }
     written = {t.key: reference.reference_shape(shapes[t.path], t.layout) for t in reference.parameter_table(config)}
     assert written == expected
 
 
 def run_convert(*args):
-    return subprocess.run([sys.executable, "-m", "hnet.inference.convert", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "hnet.inference.convert", *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
 
 
 def assert_refused(result, out, *words):
@@ -249,8 +280,9 @@ def test_bad_files_give_one_error_line_and_write_nothing(tmp_path):
     # A wrong shape.
     bad = dict(tensors, **{"backbone.residual_proj.bias": np.zeros(63, np.float32)})
     _, bad_file, _ = write_case(tmp_path, TINY_1STAGE, "badshape", bad)
-    assert_refused(run_convert("--checkpoint", bad_file, "--config", config_path, "--out", out), out,
-                   "backbone.residual_proj.bias")
+    assert_refused(
+        run_convert("--checkpoint", bad_file, "--config", config_path, "--out", out), out, "backbone.residual_proj.bias"
+    )
 
     # An existing destination is refused and left alone.
     out.mkdir()
@@ -283,8 +315,11 @@ def test_a_torch_file_with_pickled_config_objects(tmp_path):
     exec("class DictConfig:\n    def __init__(self, content):\n        self._content = content\n", module.__dict__)
     sys.modules["fake_omegaconf"] = module
     try:
-        saved = {"model": {"module." + k: torch.from_numpy(v) for k, v in tensors.items()},
-                 "config": module.DictConfig({"lr": 1e-3}), "step": 7}
+        saved = {
+            "model": {"module." + k: torch.from_numpy(v) for k, v in tensors.items()},
+            "config": module.DictConfig({"lr": 1e-3}),
+            "step": 7,
+        }
         torch.save(saved, tmp_path / "model.pt")
     finally:
         del sys.modules["fake_omegaconf"]
@@ -302,7 +337,9 @@ def test_an_export_written_before_the_residual_bias_still_loads(tmp_path):
     config = hnet.config.config_from_dict(dict(TINY_1STAGE, capacity_slack="exact"))
     model = hnet.build_model(config, seed=1)
     _, params = nnx.split(model, nnx.Param)
-    out = hnet.inference.export.write_export(tmp_path / "new", params, config, {"dtype": "float32", "source": "test", "step": 0})
+    out = hnet.inference.export.write_export(
+        tmp_path / "new", params, config, {"dtype": "float32", "source": "test", "step": 0}
+    )
     old = tmp_path / "old"
     old.mkdir()
     for name in ("config.json", "export.json"):
@@ -313,5 +350,7 @@ def test_an_export_written_before_the_residual_bias_still_loads(tmp_path):
     loaded = load_model(old)
     assert not np.any(np.asarray(loaded.model.backbone.residual_proj.bias[...]))
     assert hnet.inference.export.main(["--checkpoint", str(old), "--out", str(tmp_path / "renewed")]) == 0
-    np.testing.assert_array_equal(np.asarray(loaded.model.backbone.residual_proj.kernel[...]),
-                                  np.asarray(model.backbone.residual_proj.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(loaded.model.backbone.residual_proj.kernel[...]),
+        np.asarray(model.backbone.residual_proj.kernel[...]),
+    )

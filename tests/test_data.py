@@ -56,8 +56,15 @@ def corpus_dir(tmp_path) -> Path:
 def epoch(corpus, *, shuffle, seed=0, process_index=0, process_count=1, num_epochs=1):
     """All windows of the given epochs as a list of bytes (input_ids + last target)."""
     it = make_dataset(
-        corpus, "train", L, 1, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-        process_index=process_index, process_count=process_count,
+        corpus,
+        "train",
+        L,
+        1,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
     )
     out = []
     for batch in it:
@@ -359,7 +366,9 @@ def test_text_preparer(tmp_path):
     docs = [f"document number {i}\nwith two lines" for i in range(200)]
     big.write_text("\n\n\n".join(docs) + "\n\n\n")
     meta = text_prepare.prepare(
-        [big], tmp_path / "out2", doc_separator=text_prepare.parse_separator("\\n\\n\\n"),
+        [big],
+        tmp_path / "out2",
+        doc_separator=text_prepare.parse_separator("\\n\\n\\n"),
         verbose=False,
     )
     splits = meta["splits"]
@@ -376,8 +385,11 @@ def test_text_preparer(tmp_path):
     assert pieces == big.read_bytes().split(b"\n\n\n")
 
     meta = text_prepare.prepare(
-        [src / "b.txt"], tmp_path / "out3", validation_files=[src / "sub"],
-        test_files=[big], verbose=False,
+        [src / "b.txt"],
+        tmp_path / "out3",
+        validation_files=[src / "sub"],
+        test_files=[big],
+        verbose=False,
     )
     counts = {k: v["num_docs"] for k, v in meta["splits"].items()}
     assert counts == {"train": 1, "validation": 1, "test": 1}
@@ -391,15 +403,11 @@ def test_jsonl_preparer(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(lines[:150]) + "\n")
     with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
         f.write("\n".join(lines[150:]) + "\n")
-    meta = jsonl_prepare.prepare(
-        [tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"], tmp_path / "out", verbose=False
-    )
+    meta = jsonl_prepare.prepare([tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"], tmp_path / "out", verbose=False)
     splits = meta["splits"]
     assert splits["train"]["num_docs"] + splits["validation"]["num_docs"] == 299
     expected_val = sum(
-        split_for_key(str(i), 0.05) == "validation"
-        for i, line in enumerate(lines)
-        if line and json.loads(line)["text"]
+        split_for_key(str(i), 0.05) == "validation" for i, line in enumerate(lines) if line and json.loads(line)["text"]
     )
     assert splits["validation"]["num_docs"] == expected_val
 
@@ -408,8 +416,11 @@ def test_jsonl_preparer(tmp_path):
         jsonl_prepare.prepare([tmp_path / "bad.jsonl"], tmp_path / "out2", verbose=False)
     assert not (tmp_path / "out2").exists()
     meta = jsonl_prepare.prepare(
-        [tmp_path / "bad.jsonl"], tmp_path / "out2", text_field="content",
-        validation_fraction=0.0, verbose=False,
+        [tmp_path / "bad.jsonl"],
+        tmp_path / "out2",
+        text_field="content",
+        validation_fraction=0.0,
+        verbose=False,
     )
     assert meta["splits"]["train"]["num_docs"] == 1
 
@@ -441,9 +452,7 @@ def test_ensure_default_corpus(tmp_path, monkeypatch, capsys):
 
 def test_enwik8_preparer(tmp_path, monkeypatch):
     monkeypatch.setattr(enwik8_prepare, "ENWIK8_BYTES", 1000)
-    monkeypatch.setattr(
-        enwik8_prepare, "SPLITS", (("train", 0, 900), ("validation", 900, 950), ("test", 950, 1000))
-    )
+    monkeypatch.setattr(enwik8_prepare, "SPLITS", (("train", 0, 900), ("validation", 900, 950), ("test", 950, 1000)))
     monkeypatch.setattr(enwik8_prepare, "READ_CHUNK", 64)
     raw = bytes(np.random.default_rng(0).integers(0, 254, 1000, dtype=np.uint8))
     (tmp_path / "enwik8").write_bytes(raw)

@@ -46,9 +46,11 @@ def decode_config(kind: str) -> hnet.ModelConfig:
 
 def text_batch() -> np.ndarray:
     """(3, LENGTH) byte ids: BOS, then different text per row (more documents in rows 1 and 2)."""
-    texts = [b"The quick brown fox jumps over the lazy dog, again and again. " * 2,
-             "Grüße aus Zürich: 東京 and ünïcödé 😀 text! ".encode() * 3,
-             b"def f(x):\n    return x * 2  # double it, then more code\n" * 3]
+    texts = [
+        b"The quick brown fox jumps over the lazy dog, again and again. " * 2,
+        "Grüße aus Zürich: 東京 and ünïcödé 😀 text! ".encode() * 3,
+        b"def f(x):\n    return x * 2  # double it, then more code\n" * 3,
+    ]
     ids = np.zeros((3, LENGTH), np.int32)
     for row, text in enumerate(texts):
         ids[row] = np.frombuffer((b"\xfe" + text)[:LENGTH], np.uint8)
@@ -72,7 +74,8 @@ def test_prefill_then_steps_equal_forward(kind):
     prompt_width = 72
 
     # Caches sized for the row and for more; once suffices for the heuristic and window kinds.
-    for max_length in ((LENGTH, 2 * LENGTH) if kind in ("1stage", "2stage") else (2 * LENGTH,)):
+    for max_length in (LENGTH, 2 * LENGTH) if kind in ("1stage", "2stage") else (2 * LENGTH,):
+
         @jax.jit
         def prefill(params, ids, lengths):
             out, cache = nnx.merge(graphdef, params).prefill(ids, lengths, max_length)
@@ -92,19 +95,27 @@ def test_prefill_then_steps_equal_forward(kind):
             logits, cache, chunks = step(params, jnp.asarray(current), cache)
             for row in range(3):
                 if position[row] < LENGTH:
-                    np.testing.assert_allclose(np.asarray(logits)[row], reference[row, position[row]], atol=1e-4,
-                                               err_msg=f"row {row} position {position[row]} max_length {max_length}")
+                    np.testing.assert_allclose(
+                        np.asarray(logits)[row],
+                        reference[row, position[row]],
+                        atol=1e-4,
+                        err_msg=f"row {row} position {position[row]} max_length {max_length}",
+                    )
                     for s, stage_chunks in enumerate(chunks[:1]):
-                        assert bool(stage_chunks[row]) == bool(np.asarray(full.stages[s].chunk_mask)[row, position[row]])
+                        assert bool(stage_chunks[row]) == bool(
+                            np.asarray(full.stages[s].chunk_mask)[row, position[row]]
+                        )
             step_chunks.append(np.asarray(chunks[0]) if chunks else None)
             position += 1
         if kind != "window":
             marks = np.stack(step_chunks)  # (steps, 3)
-            assert marks.any() and not marks.all()                       # chunks of several bytes
+            assert marks.any() and not marks.all()  # chunks of several bytes
             assert not all((marks[:, 0] == marks[:, r]).all() for r in (1, 2))  # rows differ
         if kind in ("1stage", "2stage"):
             # Past the prompt's own chunk capacity: decoding kept feeding the inner stage.
-            assert np.asarray(full.stages[0].chunk_mask)[2].sum() > chunking.CapacityRule.for_stage(config, 0).row_capacity(prompt_width)
+            assert np.asarray(full.stages[0].chunk_mask)[2].sum() > chunking.CapacityRule.for_stage(
+                config, 0
+            ).row_capacity(prompt_width)
 
 
 @pytest.fixture(scope="module")
@@ -118,14 +129,16 @@ def greedy_by_forward(model, prompt: bytes, new_bytes: int) -> bytes:
     sequence = [hnet.BOS_ID] + list(prompt)
     for _ in range(new_bytes):
         padded = np.zeros((1, 64), np.int32)
-        padded[0, :len(sequence)] = sequence
+        padded[0, : len(sequence)] = sequence
         sequence.append(int(np.argmax(np.asarray(forward(jnp.asarray(padded)).logits)[0, len(sequence) - 1])))
-    return bytes(sequence[len(prompt) + 1:])
+    return bytes(sequence[len(prompt) + 1 :])
 
 
 def test_greedy_generation_equals_forward_argmax(small_model):
     prompts = [b"Hello", "naïve café: ".encode()]
-    result = Generator(small_model, chunk_steps=8).generate(prompts, max_new_bytes=12, sampling=SamplingConfig(temperature=0))
+    result = Generator(small_model, chunk_steps=8).generate(
+        prompts, max_new_bytes=12, sampling=SamplingConfig(temperature=0)
+    )
     for prompt, output, marks in zip(prompts, result.outputs, result.boundaries):
         assert output == greedy_by_forward(small_model, prompt, 12)
         assert marks.shape == (12, 2)
@@ -137,13 +150,17 @@ def test_stop_string_eos_and_sampling_options(small_model):
     reference = generator.generate([b"Hello"], max_new_bytes=12, sampling=greedy).outputs[0]
     # A stop string ends the row right after it; EOS ends it before (and is not emitted).
     stopped = generator.generate([b"Hello"], max_new_bytes=12, sampling=greedy, stop=[reference[3:5]]).outputs[0]
-    assert stopped == reference[:reference.index(reference[3:5]) + 2]
+    assert stopped == reference[: reference.index(reference[3:5]) + 2]
     ended = generator.generate([b"Hello"], max_new_bytes=12, sampling=greedy, eos_id=reference[2]).outputs[0]
-    assert ended == reference[:reference.index(reference[2])]
+    assert ended == reference[: reference.index(reference[2])]
     # Sampling is seeded (the seed does not recompile the loop).
     one = generator.generate([b"Hello"], max_new_bytes=12, sampling=SamplingConfig(temperature=1.0, seed=7)).outputs[0]
-    again = generator.generate([b"Hello"], max_new_bytes=12, sampling=SamplingConfig(temperature=1.0, seed=7)).outputs[0]
-    other = generator.generate([b"Hello"], max_new_bytes=12, sampling=SamplingConfig(temperature=1.0, seed=8)).outputs[0]
+    again = generator.generate([b"Hello"], max_new_bytes=12, sampling=SamplingConfig(temperature=1.0, seed=7)).outputs[
+        0
+    ]
+    other = generator.generate([b"Hello"], max_new_bytes=12, sampling=SamplingConfig(temperature=1.0, seed=8)).outputs[
+        0
+    ]
     assert one == again and one != other
 
 
@@ -163,7 +180,7 @@ def test_sample_respects_top_k_and_top_p():
     draws = np.stack([np.asarray(decode.sample(logits, k, SamplingConfig(top_p=0.5))) for k in keys[50:]])
     for row in range(4):
         cumulative = np.cumsum(probs[row, order[row]])
-        nucleus = set(order[row, :int(np.searchsorted(cumulative, 0.5)) + 1])
+        nucleus = set(order[row, : int(np.searchsorted(cumulative, 0.5)) + 1])
         assert set(draws[:, row]) <= nucleus and len(set(draws[:, row])) > 1
 
 
@@ -171,16 +188,16 @@ def test_row_limit_ends_right_after_a_stop_string_or_at_max_bytes():
     from hnet.inference.decode import RowLimit
 
     def feed(limit, pieces):
-        return b"".join(piece[:limit.keep(piece)] for piece in pieces)
+        return b"".join(piece[: limit.keep(piece)] for piece in pieces)
 
     # A stop string split across updates, and one inside a multi-byte piece (a BPE token).
     assert feed(RowLimit([b"\n\n"], 100), [b"ab\n", b"\ncd", b"ef"]) == b"ab\n\n"
     limit = RowLimit([b"END", b"x"], 100)
     assert feed(limit, [b"abcEN", b"Dxyz"]) == b"abcEND" and limit.done
-    assert feed(RowLimit([b"cd", b"bc"], 100), [b"abcd"]) == b"abc"      # the stop that ends first wins
-    assert feed(RowLimit([b"aa"], 100), [b"a", b"a"]) == b"aa"            # from the tail kept between updates
+    assert feed(RowLimit([b"cd", b"bc"], 100), [b"abcd"]) == b"abc"  # the stop that ends first wins
+    assert feed(RowLimit([b"aa"], 100), [b"a", b"a"]) == b"aa"  # from the tail kept between updates
     limit = RowLimit([], 5)
-    assert feed(limit, [b"abc", b"defg", b"h"]) == b"abcde" and limit.done   # max bytes
+    assert feed(limit, [b"abc", b"defg", b"h"]) == b"abcde" and limit.done  # max bytes
     limit = RowLimit([b"zz"], 100)
     assert feed(limit, [b"abz", b"yz"]) == b"abzyz" and not limit.done
 
@@ -189,19 +206,33 @@ def test_utf8_stream_holds_back_split_characters():
     text = "aé東😀b".encode()
     for split in range(1, 5):  # every feed size splits some multi-byte character
         stream = Utf8Stream()
-        pieces = [stream.feed(text[i:i + split]) for i in range(0, len(text), split)]
+        pieces = [stream.feed(text[i : i + split]) for i in range(0, len(text), split)]
         assert "".join(pieces) + stream.flush() == "aé東😀b"
         assert all(piece == codecs.decode(piece.encode(), "utf-8") for piece in pieces)
     stream = Utf8Stream()
-    assert stream.feed(b"ok\xff\xfe") == "ok\ufffd\ufffd"     # invalid bytes: replacement, no error
-    assert stream.feed(b"\xe6\x9d") == ""                     # held back
-    assert stream.flush() == "\ufffd"                         # an unfinished character at the end
+    assert stream.feed(b"ok\xff\xfe") == "ok\ufffd\ufffd"  # invalid bytes: replacement, no error
+    assert stream.feed(b"\xe6\x9d") == ""  # held back
+    assert stream.flush() == "\ufffd"  # an unfinished character at the end
 
 
 def test_export_generates_like_the_checkpoint(tmp_path, small_model, capsys):
     run_dir = write_run_folder(tmp_path / "run", small_model, step=3)
-    assert generate_cli.main(["--checkpoint", str(run_dir), "--prompt", "Hi", "--max-bytes", "6",
-                              "--temperature", "0", "--show-boundaries"]) == 0
+    assert (
+        generate_cli.main(
+            [
+                "--checkpoint",
+                str(run_dir),
+                "--prompt",
+                "Hi",
+                "--max-bytes",
+                "6",
+                "--temperature",
+                "0",
+                "--show-boundaries",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("Hi")
     assert generate_cli.main(["--checkpoint", str(run_dir), "--prompt", ""]) == 2
     assert "empty prompt" in capsys.readouterr().err
@@ -216,7 +247,10 @@ def test_export_generates_like_the_checkpoint(tmp_path, small_model, capsys):
     from_export = load_model(tmp_path / "export")
     assert from_run.step == from_export.step == 3 and from_export.kind == "export"
     prompts = [b"Hello", b"x = "]
-    assert Generator(from_export.model).generate(prompts, **greedy).outputs == Generator(from_run.model).generate(prompts, **greedy).outputs
+    assert (
+        Generator(from_export.model).generate(prompts, **greedy).outputs
+        == Generator(from_run.model).generate(prompts, **greedy).outputs
+    )
     bf16 = nnx.state(load_model(tmp_path / "export_bf16").model, nnx.Param)
     original = nnx.state(small_model, nnx.Param)
     for a, b in zip(jax.tree_util.tree_leaves(bf16), jax.tree_util.tree_leaves(original)):
@@ -235,7 +269,7 @@ def test_generate_cli_bad_input(tmp_path, capsys):
 def docs_block(path: str, title: str) -> str:
     """The first ```python block after the heading `title` (any level) of the markdown file `path`."""
     text = (ROOT / path).read_text()
-    section = text[re.search(rf"\n#+ {re.escape(title)}\n", text).start():]
+    section = text[re.search(rf"\n#+ {re.escape(title)}\n", text).start() :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -245,17 +279,22 @@ def test_docs_python_generation_example_runs(tmp_path, monkeypatch, capsys):
     write_run_folder(tmp_path / "runs" / "x", model)
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(docs_block("docs/generation.md", "Python generation"), "docs/generation.md", "exec"),
-         namespace)
+    exec(compile(docs_block("docs/generation.md", "Python generation"), "docs/generation.md", "exec"), namespace)
     printed = capsys.readouterr().out
     assert printed.startswith("def main(") and len(printed) > len("def main(")
     texts = namespace["texts"]
     assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
     # The example's greedy batch: the Generator's greedy bytes, cut right after the first stop
     # string, as text; the one-call form takes a folder's path as well.
-    outputs = Generator(load_model("runs/x")).generate([b"import ", b"class "], max_new_bytes=100,
-                                                       sampling=SamplingConfig(temperature=0)).outputs
+    outputs = (
+        Generator(load_model("runs/x"))
+        .generate([b"import ", b"class "], max_new_bytes=100, sampling=SamplingConfig(temperature=0))
+        .outputs
+    )
     cut = [output.find(b"\n\n") for output in outputs]
-    expected = [(o if c < 0 else o[:c + 2]).decode("utf-8", errors="replace") for o, c in zip(outputs, cut)]
-    assert texts == expected == hnet.generate("runs/x", ["import ", "class "], max_new_bytes=100, temperature=0,
-                                              stop="\n\n")
+    expected = [(o if c < 0 else o[: c + 2]).decode("utf-8", errors="replace") for o, c in zip(outputs, cut)]
+    assert (
+        texts
+        == expected
+        == hnet.generate("runs/x", ["import ", "class "], max_new_bytes=100, temperature=0, stop="\n\n")
+    )

@@ -50,16 +50,18 @@ def test_links_and_anchors_resolve():
 
 
 def test_link_check_finds_broken_links(tmp_path):
-    (tmp_path / "a.md").write_text("# Title\n\n## Two words\n\n[ok](#two-words) [ok](a.md#title) "
-                                   "[bad](#nope) [bad](b.md) `[code](c.md)`\n")
+    (tmp_path / "a.md").write_text(
+        "# Title\n\n## Two words\n\n[ok](#two-words) [ok](a.md#title) [bad](#nope) [bad](b.md) `[code](c.md)`\n"
+    )
     assert broken_links(tmp_path / "a.md") == ["#nope (no such heading)", "b.md (no such file)"]
 
 
 def test_readme_has_the_fresh_machine_commands():
     readme = (ROOT / "README.md").read_text()
     assert 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[plot]" && python train.py' in readme
-    tests_command = ('python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test,plot]" '
-                     '&& python -m pytest tests')
+    tests_command = (
+        'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test,plot]" && python -m pytest tests'
+    )
     assert tests_command in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install --quiet -e ".[test,plot]"' in ci and "\npython -m pytest tests\n" in ci
@@ -67,7 +69,7 @@ def test_readme_has_the_fresh_machine_commands():
 
 def test_readme_library_example_runs():
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("\n## Using the library\n"):]
+    section = readme[readme.index("\n## Using the library\n") :]
     example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace = {}
     exec(compile(example, "README.md", "exec"), namespace)

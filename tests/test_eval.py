@@ -50,15 +50,16 @@ def zero_head(model):
 # ---- windows --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_targets,window,stride", [(1, 8, 4), (8, 8, 4), (9, 8, 4), (50, 8, 4), (50, 8, 8),
-                                                       (50, 8, 1), (51, 16, 5)])
+@pytest.mark.parametrize(
+    "num_targets,window,stride", [(1, 8, 4), (8, 8, 4), (9, 8, 4), (50, 8, 4), (50, 8, 8), (50, 8, 1), (51, 16, 5)]
+)
 def test_windows_score_every_target_once(num_targets, window, stride):
     seen = np.zeros(num_targets + 1, int)  # targets are stream positions 1 .. n
     for start, score_from, length in plan_windows(num_targets, window, stride):
         assert length == min(window, num_targets) and start + length <= num_targets
         if start > 0:
             assert score_from >= window - stride  # context inside the window
-        seen[start + score_from + 1:start + length + 1] += 1
+        seen[start + score_from + 1 : start + length + 1] += 1
     assert seen[0] == 0 and np.all(seen[1:] == 1)
 
 
@@ -85,7 +86,7 @@ def test_uniform_byte_model_scores_exactly_8_bits(learned):
 def test_windowed_scoring_matches_one_pass(learned):
     """Each byte is scored once; with a window covering the document the NLL is the model's own
     one-pass NLL, and shorter windows agree with it wherever they see the same context."""
-    doc = TEXT[:WINDOW - 1]
+    doc = TEXT[: WINDOW - 1]
     stream = np.concatenate([[hnet.BOS_ID], np.frombuffer(doc, np.uint8)]).astype(np.int32)
     whole = Scorer(learned, window=WINDOW, batch_size=2)
     windowed = Scorer(learned, window=WINDOW // 2, stride=WINDOW // 4, batch_size=2)
@@ -93,9 +94,9 @@ def test_windowed_scoring_matches_one_pass(learned):
     # Reference: one forward over [BOS] + doc, by hand.
     ids, targets = np.zeros((2, WINDOW), np.int32), np.zeros((2, WINDOW), np.int32)
     ids[0, :WINDOW] = stream[:WINDOW]
-    targets[0, :WINDOW - 1] = stream[1:]
+    targets[0, : WINDOW - 1] = stream[1:]
     nll, _ = hnet.evaluation.evaluate.score_batch(whole._graphdef, whole._state, ids, targets)
-    reference = np.asarray(nll)[0, :WINDOW - 1]
+    reference = np.asarray(nll)[0, : WINDOW - 1]
 
     (one,) = whole.score_streams([stream])
     np.testing.assert_allclose(one.nll, reference, rtol=1e-6, atol=1e-6)
@@ -187,7 +188,7 @@ def test_show_boundaries_marks_the_models_positions(heuristic):
     expected0, expected1 = set(), set()
     for start, score_from, length in plan_windows(len(stream) - 1, WINDOW, WINDOW // 2):
         ids = np.zeros((2, WINDOW), np.int32)
-        ids[0, :length] = stream[start:start + length]
+        ids[0, :length] = stream[start : start + length]
         _, stages = jax.device_get(hnet.evaluation.evaluate.score_batch(scorer._graphdef, scorer._state, ids, ids))
         (_, chunks0, chunk0), (_, chunks1, _) = stages
         for i in np.flatnonzero(chunks0[0]):
@@ -238,17 +239,36 @@ def test_space_routing_boundaries_all_follow_separators(heuristic):
 def write_run(path, model, corpus, steps=(2, 4), bpb=(3.0, 2.5)):
     """A run folder as train.py leaves it: config.json, metrics.jsonl and one checkpoint."""
     path.mkdir()
-    run = {"model": model.config.to_dict(), "data": {"corpus": str(corpus), "train_split": "train", "eval_split": "validation"},
-           "train": {"seq_len": WINDOW, "batch_size": 2, "steps": steps[-1]}}
+    run = {
+        "model": model.config.to_dict(),
+        "data": {"corpus": str(corpus), "train_split": "train", "eval_split": "validation"},
+        "train": {"seq_len": WINDOW, "batch_size": 2, "steps": steps[-1]},
+    }
     (path / "config.json").write_text(json.dumps(run))
     rows = []
     depth = model.config.depth
     for step in range(1, steps[-1] + 1):
-        rows.append({"step": step, "bytes_seen": 64 * step, "loss": 3.0, "bpb": 4.0,
-                     **{f"stage{s}_bytes_per_chunk": 2.0 + s for s in range(depth)}})
+        rows.append(
+            {
+                "step": step,
+                "bytes_seen": 64 * step,
+                "loss": 3.0,
+                "bpb": 4.0,
+                **{f"stage{s}_bytes_per_chunk": 2.0 + s for s in range(depth)},
+            }
+        )
         if step in steps:
-            rows.append({"step": step, "bytes_seen": 64 * step, "split": "validation", "eval_bpb": bpb[steps.index(step)],
-                         "eval_bytes": 4096, "eval_tokens": 4096, **{f"eval_stage{s}_bytes_per_chunk": 3.0 + s for s in range(depth)}})
+            rows.append(
+                {
+                    "step": step,
+                    "bytes_seen": 64 * step,
+                    "split": "validation",
+                    "eval_bpb": bpb[steps.index(step)],
+                    "eval_bytes": 4096,
+                    "eval_tokens": 4096,
+                    **{f"eval_stage{s}_bytes_per_chunk": 3.0 + s for s in range(depth)},
+                }
+            )
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     checkpointer = Checkpointer(path, async_save=False)
     checkpointer.save(steps[-1], {"params": nnx.state(model, nnx.Param)}, {}, {"step": steps[-1]})
@@ -260,9 +280,11 @@ def write_run(path, model, corpus, steps=(2, 4), bpb=(3.0, 2.5)):
 def runs(tmp_path_factory, learned, heuristic, bpe):
     _, corpus = bpe
     root = tmp_path_factory.mktemp("runs")
-    return {"learned": write_run(root / "learned", learned, corpus),
-            "uniform": write_run(root / "uniform", zero_head(learned), corpus, bpb=(8.0, 8.0)),
-            "heuristic": write_run(root / "heuristic", heuristic, corpus, bpb=(3.5, 2.0))}
+    return {
+        "learned": write_run(root / "learned", learned, corpus),
+        "uniform": write_run(root / "uniform", zero_head(learned), corpus, bpb=(8.0, 8.0)),
+        "heuristic": write_run(root / "heuristic", heuristic, corpus, bpb=(3.5, 2.0)),
+    }
 
 
 def cli(args, capsys):
@@ -272,8 +294,21 @@ def cli(args, capsys):
 
 
 def test_eval_cli_on_the_runs_own_data(runs, capsys):
-    code, out, err = cli(["--checkpoint", runs["uniform"], "--checkpoint", runs["learned"], "--window", WINDOW,
-                          "--batch-size", 2, "--no-compressors", "--json"], capsys)
+    code, out, err = cli(
+        [
+            "--checkpoint",
+            runs["uniform"],
+            "--checkpoint",
+            runs["learned"],
+            "--window",
+            WINDOW,
+            "--batch-size",
+            2,
+            "--no-compressors",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = json.loads(out)
     assert "split 'validation'" in result["data"] and result["bytes"] > 0
@@ -281,20 +316,54 @@ def test_eval_cli_on_the_runs_own_data(runs, capsys):
     assert abs(uniform["bpb"] - 8.0) < 1e-5 and uniform["bytes"] == learned["bytes"] == result["bytes"]
     assert len(learned["stages"]) == 1 and learned["stages"][0]["bytes_per_chunk"] >= 1.0
     assert learned["capacity_slack"] == learned["trained_capacity_slack"] == 2.0  # the model's own rule
-    assert learned["stages"][0]["dropped_rate"] == learned["stages"][0]["dropped"] / (learned["stages"][0]["chunks"] + learned["stages"][0]["dropped"])
-    code, out, err = cli(["--checkpoint", runs["learned"], "--window", WINDOW, "--batch-size", 2, "--capacity-slack", "exact",
-                          "--max-bytes", 40], capsys)
+    assert learned["stages"][0]["dropped_rate"] == learned["stages"][0]["dropped"] / (
+        learned["stages"][0]["chunks"] + learned["stages"][0]["dropped"]
+    )
+    code, out, err = cli(
+        [
+            "--checkpoint",
+            runs["learned"],
+            "--window",
+            WINDOW,
+            "--batch-size",
+            2,
+            "--capacity-slack",
+            "exact",
+            "--max-bytes",
+            40,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "scoring 40 bytes" in out and "bits per byte" in out and "stage 0:" in out and "chunk lengths" in out
     assert "capacity slack exact (overridden: trained with 2.0)" in out and "dropped boundaries 0.00%" in out
     assert "compressors on the same 40 bytes, each of the 1 documents alone (bits per byte): gzip -9 " in out
-    assert "compressors on the same 40 bytes, the documents concatenated (bits per byte): gzip -9 " in out and "xz -9e" in out
+    assert (
+        "compressors on the same 40 bytes, the documents concatenated (bits per byte): gzip -9 " in out
+        and "xz -9e" in out
+    )
 
 
 def test_show_boundaries_cli_side_by_side(runs, tmp_path, capsys):
     page = tmp_path / "b.html"
-    code, out, err = cli(["--checkpoint", runs["learned"], "--checkpoint", runs["heuristic"], "--show-boundaries",
-                          "--text", "Hello, wörld! 日本", "--html", page, "--window", WINDOW, "--batch-size", 2], capsys)
+    code, out, err = cli(
+        [
+            "--checkpoint",
+            runs["learned"],
+            "--checkpoint",
+            runs["heuristic"],
+            "--show-boundaries",
+            "--text",
+            "Hello, wörld! 日本",
+            "--html",
+            page,
+            "--window",
+            WINDOW,
+            "--batch-size",
+            2,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "stage 0 (learned)" in out and "stage 0 (space)" in out and "stage 1 (stride:2)" in out
     assert "Hello, |wörld! |日本" in out  # not a tty: plain markers; space routing
@@ -302,9 +371,27 @@ def test_show_boundaries_cli_side_by_side(runs, tmp_path, capsys):
 
 
 def test_robustness_table(runs, capsys):
-    code, out, err = cli(["--robustness", "--checkpoint", runs["uniform"], "--checkpoint", runs["heuristic"],
-                          "--kinds", "drop,case", "--rates", "0.1", "--max-bytes", 300, "--window", WINDOW,
-                          "--batch-size", 2, "--json"], capsys)
+    code, out, err = cli(
+        [
+            "--robustness",
+            "--checkpoint",
+            runs["uniform"],
+            "--checkpoint",
+            runs["heuristic"],
+            "--kinds",
+            "drop,case",
+            "--rates",
+            "0.1",
+            "--max-bytes",
+            300,
+            "--window",
+            WINDOW,
+            "--batch-size",
+            2,
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     rows = json.loads(out)["rows"]
     assert [(r["kind"], r["rate"]) for r in rows] == [("clean", 0.0), ("drop", 0.1), ("case", 0.1)]
@@ -312,8 +399,24 @@ def test_robustness_table(runs, capsys):
     for row in rows:  # a uniform model scores 8 bits on any bytes
         assert abs(row["bpb"]["uniform"] - 8.0) < 1e-5 and abs(row["ratio"]["uniform"] - 1.0) < 1e-5
     assert rows[0]["ratio"]["heuristic"] == 1.0 and rows[2]["bpb"]["heuristic"] != rows[0]["bpb"]["heuristic"]
-    code, out, err = cli(["--robustness", "--checkpoint", runs["uniform"], "--kinds", "drop", "--rates", "0.1",
-                          "--max-bytes", 100, "--window", WINDOW, "--batch-size", 2], capsys)
+    code, out, err = cli(
+        [
+            "--robustness",
+            "--checkpoint",
+            runs["uniform"],
+            "--kinds",
+            "drop",
+            "--rates",
+            "0.1",
+            "--max-bytes",
+            100,
+            "--window",
+            WINDOW,
+            "--batch-size",
+            2,
+        ],
+        capsys,
+    )
     assert code == 0 and "| drop | 0.1 |" in out and "uniform bpb" in out
 
 
@@ -321,8 +424,11 @@ def test_compare_report(runs, tmp_path, capsys):
     code, out, err = cli(["--compare", runs["learned"], runs["heuristic"], "--out", tmp_path / "cmp"], capsys)
     assert code == 0, err
     table = (tmp_path / "cmp" / "compare.md").read_text()
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
-            if line.startswith(("| heuristic", "| learned"))]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith(("| heuristic", "| learned"))
+    ]
     # run | model | final eval bpb | step | bytes seen | params | training FLOPs/byte; best bpb first.
     assert [row[0] for row in rows] == ["heuristic", "learned"] and [row[2] for row in rows] == ["2.0000", "2.5000"]
     assert all(row[3] == "4" and row[4] == "256" for row in rows)
@@ -332,11 +438,13 @@ def test_compare_report(runs, tmp_path, capsys):
 
 
 def test_bad_input_is_one_line_error(runs, tmp_path, capsys):
-    for args in (["--checkpoint", tmp_path / "absent"],
-                 ["--checkpoint", runs["learned"], "--data", tmp_path / "absent.txt"],
-                 ["--checkpoint", runs["learned"], "--stride", 0],
-                 ["--checkpoint", runs["learned"], "--robustness", "--kinds", "nonsense"],
-                 ["--compare", tmp_path],
-                 []):
+    for args in (
+        ["--checkpoint", tmp_path / "absent"],
+        ["--checkpoint", runs["learned"], "--data", tmp_path / "absent.txt"],
+        ["--checkpoint", runs["learned"], "--stride", 0],
+        ["--checkpoint", runs["learned"], "--robustness", "--kinds", "nonsense"],
+        ["--compare", tmp_path],
+        [],
+    ):
         code, out, err = cli(args, capsys)
         assert code == 2 and err.startswith("error:") and "\n" not in err, (args, err)

@@ -62,15 +62,17 @@ def test_plain_transformer_agrees_with_6n_plus_attention():
 def test_linear_flops_are_two_per_weight_per_position(name):
     """Each component's matmul FLOPs = 2 x its real matmul weights x its stage's length."""
     if name == "transformer_gqa":
-        config = tiny_config("transformer_byte_tiny", attn_cfg=config_lib.AttnConfig(
-            num_heads=(3,), rotary_emb_dim=(16,), window_size=(-1,), num_kv_heads=(1,)))
+        config = tiny_config(
+            "transformer_byte_tiny",
+            attn_cfg=config_lib.AttnConfig(num_heads=(3,), rotary_emb_dim=(16,), window_size=(-1,), num_kv_heads=(1,)),
+        )
     else:
         config = tiny_config(name)
     weights = kernel_params_by_component(config)
     report = flops.flops_per_byte(config, 512)
     lengths = report.stage_lengths
     for component, ops in report.forward.items():
-        stage = int(component.split(".")[0][len("stage"):]) if component.startswith("stage") else 0
+        stage = int(component.split(".")[0][len("stage") :]) if component.startswith("stage") else 0
         expected = 2 * lengths[stage] * weights.get(component, 0)
         assert ops["linear"] == pytest.approx(expected), component
     assert set(weights) <= set(report.forward)
@@ -92,8 +94,13 @@ def test_ssd_count_matches_the_scan_as_implemented(length, chunk):
     dropping the state terms, misses by more than 15%.
     """
     heads, head_dim, d_state = 4, 16, 8
-    args = (jnp.zeros((1, length, heads, head_dim)), jnp.zeros((1, length, heads)), jnp.zeros((heads,)),
-            jnp.zeros((1, length, d_state)), jnp.zeros((1, length, d_state)))
+    args = (
+        jnp.zeros((1, length, heads, head_dim)),
+        jnp.zeros((1, length, heads)),
+        jnp.zeros((heads,)),
+        jnp.zeros((1, length, d_state)),
+        jnp.zeros((1, length, d_state)),
+    )
     traced = matmul_flops(jax.make_jaxpr(lambda *a: ssd_scan(*a, chunk))(*args)).flops  # remat bodies included
     assert flops.ssd_scan_flops(length, chunk, heads, head_dim, d_state) == pytest.approx(traced, rel=0.03)
 
@@ -145,14 +152,22 @@ def test_cli_table_json_and_errors(capsys):
     out = capsys.readouterr().out
     for row in ("stage0.encoder", "stage1.routing", "stage2.main", "stage0.dechunk", "lm_head", "training per byte"):
         assert row in out
-    assert flops.main([str(CONFIGS / "hnet_1stage_tiny.json"), "--seq-len", "512", "--bytes-per-chunk", "5", "--json"]) == 0
+    assert (
+        flops.main([str(CONFIGS / "hnet_1stage_tiny.json"), "--seq-len", "512", "--bytes-per-chunk", "5", "--json"])
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["stage_lengths"] == pytest.approx([512, 102.4])
     assert report["training_per_byte"] == pytest.approx(3 * report["forward_per_byte"])
     assert flops.main(["--family", "tiny"]) == 0
     assert "transformer_bpe_tiny.json" in capsys.readouterr().out
-    for argv in ([str(CONFIGS / "transformer_bpe_tiny.json")], [str(CONFIGS / "hnet_space_tiny.json")],
-                 [str(CONFIGS / "absent.json")], ["--family", "nope"], []):
+    for argv in (
+        [str(CONFIGS / "transformer_bpe_tiny.json")],
+        [str(CONFIGS / "hnet_space_tiny.json")],
+        [str(CONFIGS / "absent.json")],
+        ["--family", "nope"],
+        [],
+    ):
         assert flops.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, argv

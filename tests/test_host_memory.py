@@ -7,15 +7,18 @@ import sys
 from hnet import host_memory
 from tests.conftest import ROOT
 
-PROBE = ("from hnet.host_memory import use_huge_pages; use_huge_pages(); "
-         "import os, sys; print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
+PROBE = (
+    "from hnet.host_memory import use_huge_pages; use_huge_pages(); "
+    "import os, sys; print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])"
+)
 
 
 def probe(**env_changes) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "HNET_HUGE_PAGES")}
     env.update(env_changes)
-    out = subprocess.run([sys.executable, "-c", PROBE, "--an", "argument"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, "--an", "argument"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout
     return out.split(maxsplit=1)
 
 

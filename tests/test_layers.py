@@ -102,8 +102,9 @@ def test_bfloat16_ssd_scan_stays_within_tolerance_of_the_float32_recurrence():
         return jnp.sum(y * cotangent), (y, state)
 
     def loop_loss(x, dt, B, C):
-        y, state = recurrence(*(t.astype(jnp.float32) for t in (x, dt)), A, B.astype(jnp.float32),
-                              C.astype(jnp.float32), segments.start)
+        y, state = recurrence(
+            *(t.astype(jnp.float32) for t in (x, dt)), A, B.astype(jnp.float32), C.astype(jnp.float32), segments.start
+        )
         return jnp.sum(y * cotangent), (y, state)
 
     def relative_error(got, want):
@@ -143,7 +144,9 @@ def test_causal_conv_matches_a_per_document_loop():
 
 
 def test_mamba2_is_causal():
-    layer = Mamba2(32, SSMConfig(d_state=8, chunk_size=8, head_dim=16), dtype=jnp.float32, out_scale=1.0, rngs=nnx.Rngs(0))
+    layer = Mamba2(
+        32, SSMConfig(d_state=8, chunk_size=8, head_dim=16), dtype=jnp.float32, out_scale=1.0, rngs=nnx.Rngs(0)
+    )
     x = jax.random.normal(jax.random.key(0), (1, 20, 32))
     x2 = x.at[:, 12:].set(jax.random.normal(jax.random.key(1), (1, 8, 32)))
     forward = nnx.jit(lambda layer, t: layer.forward(t, Segments.from_starts(jnp.zeros((1, 20), bool)))[0])
@@ -200,8 +203,12 @@ def test_blockwise_attention_equals_the_plain_path_in_values_and_gradients(windo
     def blockwise(q, k, v):
         return jnp.sum(causal_attention(q, k, v, segments.index, window, block_size=block) * cotangent)
 
-    np.testing.assert_allclose(causal_attention(q, k, v, segments.index, window, block_size=block),
-                               naive_attention(q, k, v, window, segments.index), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        causal_attention(q, k, v, segments.index, window, block_size=block),
+        naive_attention(q, k, v, window, segments.index),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     gradients = [jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v) for f in (plain, blockwise)]
     for expected, got in zip(*gradients):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -220,8 +227,11 @@ def test_blockwise_attention_executes_only_the_blocks_its_window_reaches():
     kv = jnp.zeros((1, blocks * block, 2, head_dim))
     segments = jnp.zeros((1, blocks * block), jnp.int32)
     matmul = 2 * block * block * heads * head_dim
-    for window, visited, pairs in ((-1, blocks * (blocks + 1) // 2, blocks * (blocks + 1) // 2),
-                                   (8, blocks * 2, blocks * 2 - 1), (20, blocks * 4, blocks * 4 - 6)):
+    for window, visited, pairs in (
+        (-1, blocks * (blocks + 1) // 2, blocks * (blocks + 1) // 2),
+        (8, blocks * 2, blocks * 2 - 1),
+        (20, blocks * 4, blocks * 4 - 6),
+    ):
         attention = lambda q, k, v: blockwise_attention(q, k, v, segments, window, block)
         assert matmul_flops(jax.make_jaxpr(attention)(q, kv, kv)).flops == visited * 2 * matmul, window
         grads = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(attention(*a)), argnums=(0, 1, 2)))(q, kv, kv)
@@ -246,8 +256,12 @@ def test_pallas_attention_equals_the_plain_path_in_interpret_mode():
     def pallas(q, k, v):
         return jnp.sum(pallas_causal_attention(q, k, v, segments.index, block=16, interpret=True) * cotangent)
 
-    np.testing.assert_allclose(pallas_causal_attention(q, k, v, segments.index, block=16, interpret=True),
-                               naive_attention(q, k, v, -1, segments.index), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        pallas_causal_attention(q, k, v, segments.index, block=16, interpret=True),
+        naive_attention(q, k, v, -1, segments.index),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     for want, got in zip(jax.grad(plain, argnums=(0, 1, 2))(q, k, v), jax.grad(pallas, argnums=(0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 

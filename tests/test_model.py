@@ -83,11 +83,11 @@ def test_causality(models, depth, routing):
     if routing == "few":
         assert fraction < 0.3
     for t in (10, LENGTH // 2 + 3, LENGTH - 2):
-        changed = ids.at[:, t + 1:].set(byte_batch(t + 1)[:, t + 1:])
+        changed = ids.at[:, t + 1 :].set(byte_batch(t + 1)[:, t + 1 :])
         out = forward(changed)
-        np.testing.assert_allclose(out.logits[:, :t + 1], base.logits[:, :t + 1], rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(out.stages[0].boundary_mask[:, :t + 1], base.stages[0].boundary_mask[:, :t + 1])
-        assert not np.allclose(out.logits[:, t + 1:], base.logits[:, t + 1:])
+        np.testing.assert_allclose(out.logits[:, : t + 1], base.logits[:, : t + 1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out.stages[0].boundary_mask[:, : t + 1], base.stages[0].boundary_mask[:, : t + 1])
+        assert not np.allclose(out.logits[:, t + 1 :], base.logits[:, t + 1 :])
     set_routing(model, "fresh", ids)
 
 
@@ -107,8 +107,8 @@ def test_dropped_boundaries_are_counted_and_causal():
     assert not np.any(np.asarray(stage.chunk_mask) & ~np.asarray(stage.boundary_mask))
     assert stage.chunk_position.shape == (2, chunking.CapacityRule.for_stage(config, 0).row_capacity(LENGTH))
     for t in (5, 40, 80):
-        changed = ids.at[:, t + 1:].set(byte_batch(t)[:, t + 1:])
-        np.testing.assert_allclose(forward(changed).logits[:, :t + 1], base.logits[:, :t + 1], rtol=1e-5, atol=1e-5)
+        changed = ids.at[:, t + 1 :].set(byte_batch(t)[:, t + 1 :])
+        np.testing.assert_allclose(forward(changed).logits[:, : t + 1], base.logits[:, : t + 1], rtol=1e-5, atol=1e-5)
     set_routing(model, "fresh", ids)
 
 
@@ -135,12 +135,12 @@ def packed_rows(config, seed: int, length: int = 64):
         tokens = []
         for doc_length in rng.choice([1, 1, 2, 5, 13, 22], size=rng.integers(1, 4)):
             tokens += [bos] + list(rng.integers(low, high, doc_length - 1))
-        tokens = tokens[:length - 8]
+        tokens = tokens[: length - 8]
         b_start.append(len(tokens))
         b = [bos] + list(rng.integers(low, high, length - len(tokens) - 1))
         packed[row] = tokens + b
-        alone[row, :len(b)] = b
-        alone[row, len(b):] = rng.integers(low, high, length - len(b))  # right padding (ignored)
+        alone[row, : len(b)] = b
+        alone[row, len(b) :] = rng.integers(low, high, length - len(b))  # right padding (ignored)
     return jnp.asarray(packed), jnp.asarray(alone), b_start
 
 
@@ -203,7 +203,9 @@ def test_public_api_shapes(models, config_2stage):
         assert stage.boundary_prob.shape == (2, length)
         assert np.isfinite(float(stage.ratio_loss))
     # Document starts are always boundaries, with probability 1.
-    assert bool(out.stages[0].boundary_mask[0, LENGTH // 2]) and float(out.stages[0].boundary_prob[0, LENGTH // 2]) == 1.0
+    assert (
+        bool(out.stages[0].boundary_mask[0, LENGTH // 2]) and float(out.stages[0].boundary_prob[0, LENGTH // 2]) == 1.0
+    )
     assert bool(jnp.all(out.stages[0].boundary_mask[:, 0]))
 
 
@@ -223,6 +225,7 @@ def ce_loss_and_router_grads(model, ids):
         def loss(params):
             out = nnx.merge(graphdef, params, rest)(ids)
             return hnet.cross_entropy(out.logits[:, :-1], ids[:, 1:]).mean()
+
         return jax.grad(loss)(params)
 
     routing = grads(params)["backbone"]["routing"]
@@ -243,7 +246,9 @@ def test_gradients_reach_router_through_ste_and_ema_paths(monkeypatch, config_1s
 
     # STE path only: no gradient through the smoothing probabilities.
     original = chunking.dechunk
-    monkeypatch.setattr(chunking, "dechunk", lambda v, p, start, layout: original(v, jax.lax.stop_gradient(p), start, layout))
+    monkeypatch.setattr(
+        chunking, "dechunk", lambda v, p, start, layout: original(v, jax.lax.stop_gradient(p), start, layout)
+    )
     ste_only = ce_loss_and_router_grads(model, ids)
     assert min(ste_only) > 0
     assert ste_only != pytest.approx(both) and ema_only != pytest.approx(both)
@@ -292,7 +297,11 @@ def test_heuristic_routing_runs_without_ratio_loss(config_1stage):
         ids = jnp.asarray([list(b"def f(x):\n    return x + 1\n" * 3)[:64]], jnp.int32)
         stage = jit_forward(model)(ids).stages[0]
         assert float(stage.ratio_loss) == 0.0
-        expected = chunking.space_boundaries(ids) if mode == "space" else chunking.stride_boundaries(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), 4)
+        expected = (
+            chunking.space_boundaries(ids)
+            if mode == "space"
+            else chunking.stride_boundaries(jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape), 4)
+        )
         np.testing.assert_array_equal(stage.boundary_mask, expected)
 
 
@@ -301,20 +310,25 @@ def test_causality_with_heuristic_routing(config_1stage, mode):
     model = hnet.build_model(replace(config_1stage, routing=(mode,)))
     perturb_residual_proj(model)
     forward = jit_forward(model)
-    ids = jnp.asarray([list(b"for word in text.split(): print(word, len(word))  # a comment\n" * 2)[:LENGTH]] * 2, jnp.int32)
+    ids = jnp.asarray(
+        [list(b"for word in text.split(): print(word, len(word))  # a comment\n" * 2)[:LENGTH]] * 2, jnp.int32
+    )
     base = forward(ids)
     for t in (7, 50, 90):
-        changed = ids.at[:, t + 1:].set(byte_batch(t)[:, t + 1:])
+        changed = ids.at[:, t + 1 :].set(byte_batch(t)[:, t + 1 :])
         out = forward(changed)
-        np.testing.assert_allclose(out.logits[:, :t + 1], base.logits[:, :t + 1], rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(out.stages[0].boundary_mask[:, :t + 1], base.stages[0].boundary_mask[:, :t + 1])
+        np.testing.assert_allclose(out.logits[:, : t + 1], base.logits[:, : t + 1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(out.stages[0].boundary_mask[:, : t + 1], base.stages[0].boundary_mask[:, : t + 1])
 
 
 def test_three_stage_hierarchy_runs_and_is_causal(config_2stage):
     config = replace(
         shrink(config_2stage),
         arch_layout=("m1", ("m1", ("m1", ("T1",), "m1"), "m1"), "m1"),
-        d_model=(32, 32, 48, 64), d_intermediate=(0, 0, 0, 64), target_ratio=(2, 2, 2), routing=None,
+        d_model=(32, 32, 48, 64),
+        d_intermediate=(0, 0, 0, 64),
+        target_ratio=(2, 2, 2),
+        routing=None,
         attn_cfg=AttnConfig(num_heads=(2,) * 4, rotary_emb_dim=(8,) * 4, window_size=(-1,) * 4),
     )
     model = hnet.build_model(config)
@@ -340,9 +354,10 @@ def test_rematerialised_blocks_give_the_same_gradients(config_1stage, monkeypatc
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 65)), jnp.int32).at[:, 0].set(254)
     results = {}
     for remat in ("none", "block"):  # block: what train.remat=auto picks for the S models
-        step = jax.jit(lambda p, x, y, remat=remat: micro_grads(p, x, y, graphdef=graphdef, ratio_loss_weight=0.03,
-                                                                remat=remat),
-                       compiler_options=step_compiler_options(remat, jax.devices()[0].platform))  # as the train step
+        step = jax.jit(
+            lambda p, x, y, remat=remat: micro_grads(p, x, y, graphdef=graphdef, ratio_loss_weight=0.03, remat=remat),
+            compiler_options=step_compiler_options(remat, jax.devices()[0].platform),
+        )  # as the train step
         results[remat] = step(params, tokens[:, :-1], tokens[:, 1:])
     for want, got in zip(jax.tree_util.tree_leaves(results["none"]), jax.tree_util.tree_leaves(results["block"])):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -28,16 +28,19 @@ from test_train import losses, run_cli, small_run, write_run
 RESTART = ["--resume", "--no-progress"]
 SPEC = small_run(steps=8, checkpoint_every=4, log_every=1)  # every test's run: saves at steps 4 and 8
 # train.py on a disk that refuses files over LIMIT bytes (EFBIG), set in the child itself.
-LIMITED = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-           "limit = int(sys.argv.pop(1)); resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
-           "sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')")
+LIMITED = (
+    "import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "limit = int(sys.argv.pop(1)); resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+    "sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')"
+)
 
 
 def launch(args: list[str], file_size_limit: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = ["train.py"] if file_size_limit is None else ["-c", LIMITED, str(file_size_limit)]
-    return subprocess.Popen([sys.executable, *command, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, *command, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +61,19 @@ def dead_pid() -> int:
 def write_lock(run_dir: Path, **holder) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = RunDir(run_dir).lock
-    path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                                "process_start": run_lock._process_start(os.getpid()), "boot_id": run_lock._boot_id(),
-                                "token": "t", **holder}))
+    path.write_text(
+        json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": time.time(),
+                "process_start": run_lock._process_start(os.getpid()),
+                "boot_id": run_lock._boot_id(),
+                "token": "t",
+                **holder,
+            }
+        )
+    )
     return path
 
 
@@ -125,10 +138,12 @@ def test_a_second_job_on_a_live_run_folder_is_refused_and_writes_nothing(tmp_pat
 def test_a_lock_whose_holder_is_gone_is_taken_over(tmp_path):
     path = RunDir(tmp_path / "run").lock
     warnings = []
-    for holder in ({"pid": dead_pid()},                                  # no such process here
-                   {"process_start": "1"},                               # this pid, but another process
-                   {"boot_id": "another boot"},                          # before a reboot
-                   {"host": "elsewhere", "pid": 1}):                     # another host, heartbeat stale
+    for holder in (
+        {"pid": dead_pid()},  # no such process here
+        {"process_start": "1"},  # this pid, but another process
+        {"boot_id": "another boot"},  # before a reboot
+        {"host": "elsewhere", "pid": 1},
+    ):  # another host, heartbeat stale
         write_lock(path.parent, **holder)
         if holder.get("host") == "elsewhere":
             os.utime(path, (time.time() - run_lock.STALE_S - 5,) * 2)
@@ -179,19 +194,26 @@ def test_tensorboard_events_the_disk_refuses_are_one_error_line(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     os.symlink(os.devnull, run_dir / "metrics.jsonl")
-    code = ("import resource, signal, sys; from pathlib import Path; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
-            "from hnet.errors import RunWriteError; from hnet.io.run_dir import RunDir; from hnet.training.train_loop import MetricsLog\n"
-            "try:\n"
-            "    with MetricsLog(RunDir(sys.argv[1]), enabled=True, first_step=1) as log:\n"
-            "        for step in range(1, 200):\n"
-            "            log.write([{'step': step, 'loss': 1.0, 'bpb': 2.0, 'lr': 0.1}])\n"
-            "except RunWriteError as err:\n"
-            "    print(err)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    code = (
+        "import resource, signal, sys; from pathlib import Path; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+        "from hnet.errors import RunWriteError; from hnet.io.run_dir import RunDir; from hnet.training.train_loop import MetricsLog\n"
+        "try:\n"
+        "    with MetricsLog(RunDir(sys.argv[1]), enabled=True, first_step=1) as log:\n"
+        "        for step in range(1, 200):\n"
+        "            log.write([{'step': step, 'loss': 1.0, 'bpb': 2.0, 'lr': 0.1}])\n"
+        "except RunWriteError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and out.stderr == "", out.stderr
-    assert re.fullmatch(r"writing .*tensorboard failed: File too large; the rows written before are kept; "
-                        r"make room and resume with the same command\n", out.stdout), out.stdout
+    assert re.fullmatch(
+        r"writing .*tensorboard failed: File too large; the rows written before are kept; "
+        r"make room and resume with the same command\n",
+        out.stdout,
+    ), out.stdout
 
 
 def test_random_kills_from_the_first_second_end_in_the_uninterrupted_losses(straight, tmp_path):

@@ -6,8 +6,9 @@ import pytest
 from hnet.evaluation.perturb import PERTURBATIONS, has_other_case, perturb
 
 # Mixed text: ASCII, accented letters, CJK, emoji (4-byte UTF-8), tabs and newlines.
-TEXT = ("The quick brown fox jumps over the lazy dog.\tÉlan vital — naïve façade!\n"
-        "数据压缩 and 🙂 emoji; ÀÉÎÕÜ àéîõü ß.\n") * 20
+TEXT = (
+    "The quick brown fox jumps over the lazy dog.\tÉlan vital — naïve façade!\n数据压缩 and 🙂 emoji; ÀÉÎÕÜ àéîõü ß.\n"
+) * 20
 RATES = (0.01, 0.05, 0.2, 0.5)
 # No two adjacent characters equal, so repeats and swaps are visible where they happen.
 DISTINCT_NEIGHBOURS = "".join(np.random.default_rng(0).permutation(list("abcdefghijklmnopqrstuvwxyz数据压缩🙂é"))) * 40
@@ -80,9 +81,13 @@ def test_whitespace_noise_only_touches_whitespace(rate):
     assert strip(out) == strip(TEXT)
     # Without whitespace every chosen character gets a space; with only whitespace each is deleted.
     no_space = strip(TEXT)
-    assert len(chars_of(perturb(no_space.encode(), "whitespace", rate, seed=0))) - len(no_space) == round(rate * len(no_space))
+    assert len(chars_of(perturb(no_space.encode(), "whitespace", rate, seed=0))) - len(no_space) == round(
+        rate * len(no_space)
+    )
     spaces = " \t\n" * 100
-    assert len(spaces) - len(chars_of(perturb(spaces.encode(), "whitespace", rate, seed=0))) == round(rate * len(spaces))
+    assert len(spaces) - len(chars_of(perturb(spaces.encode(), "whitespace", rate, seed=0))) == round(
+        rate * len(spaces)
+    )
 
 
 def test_invalid_utf8_bytes_are_kept_as_they_are():

@@ -25,11 +25,16 @@ def test_output_projections_are_scaled_by_the_residual_count_as_the_reference():
     model = hnet.build_model(config, seed=0)
     stage0, stage1 = model.backbone, model.backbone.inner
     main = stage1.inner.main
-    n_stage0 = 2 + 2              # m2 encoder, m2 decoder
-    n_stage1 = n_stage0 + 1 + 1   # t1 encoder, t1 decoder
-    n_main = n_stage1 + 2 * 2     # T2: a mixer and an MLP per block
-    for stack, n in [(stage0.encoder, n_stage0), (stage0.decoder, n_stage0),
-                     (stage1.encoder, n_stage1), (stage1.decoder, n_stage1), (main, n_main)]:
+    n_stage0 = 2 + 2  # m2 encoder, m2 decoder
+    n_stage1 = n_stage0 + 1 + 1  # t1 encoder, t1 decoder
+    n_main = n_stage1 + 2 * 2  # T2: a mixer and an MLP per block
+    for stack, n in [
+        (stage0.encoder, n_stage0),
+        (stage0.decoder, n_stage0),
+        (stage1.encoder, n_stage1),
+        (stage1.decoder, n_stage1),
+        (main, n_main),
+    ]:
         assert stack_std(stack, "out_proj") == pytest.approx(0.02 / np.sqrt(n), rel=0.04)
     assert stack_std(main, "fc2") == pytest.approx(0.02 / np.sqrt(n_main), rel=0.04)
     # Every other linear weight: std 0.02; the residual projection starts at zero, bias included.

@@ -40,32 +40,42 @@ LOSS_ATOL = 2e-5
 
 
 def subprocess_env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
-            "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 # ---- Mesh and rules (in process) ----
 
 
-@pytest.mark.parametrize("sizes, params, expected", [
-    ((-1, -1, 1), 10**6, (8, 1, 1)),                       # default: all devices on data
-    ((-1, -1, 1), sharding.AUTO_FSDP_MIN_PARAMS, (1, 8, 1)),  # large model: all on fsdp
-    ((-1, 8, 1), 10**6, (1, 8, 1)),                        # --set mesh.fsdp=8
-    ((-1, 4, 1), 10**6, (2, 4, 1)),
-    ((-1, -1, 2), 10**6, (4, 1, 2)),
-    ((2, 2, 2), 10**6, (2, 2, 2)),
-    ((2, 2, -1), 10**6, (2, 2, 2)),
-])
+@pytest.mark.parametrize(
+    "sizes, params, expected",
+    [
+        ((-1, -1, 1), 10**6, (8, 1, 1)),  # default: all devices on data
+        ((-1, -1, 1), sharding.AUTO_FSDP_MIN_PARAMS, (1, 8, 1)),  # large model: all on fsdp
+        ((-1, 8, 1), 10**6, (1, 8, 1)),  # --set mesh.fsdp=8
+        ((-1, 4, 1), 10**6, (2, 4, 1)),
+        ((-1, -1, 2), 10**6, (4, 1, 2)),
+        ((2, 2, 2), 10**6, (2, 2, 2)),
+        ((2, 2, -1), 10**6, (2, 2, 2)),
+    ],
+)
 def test_mesh_shape(sizes, params, expected):
     assert sharding.mesh_shape(*sizes, device_count=8, param_count=params) == expected
 
 
-@pytest.mark.parametrize("sizes, message", [
-    ((3, -1, 1), "does not divide the 8 devices"),
-    ((2, 2, 1), "needs 4 devices, but 8 are available"),
-    ((-1, 2, -1), "only one of data, tensor may be -1"),
-    ((0, -1, 1), "mesh.data: expected a positive size"),
-])
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        ((3, -1, 1), "does not divide the 8 devices"),
+        ((2, 2, 1), "needs 4 devices, but 8 are available"),
+        ((-1, 2, -1), "only one of data, tensor may be -1"),
+        ((0, -1, 1), "mesh.data: expected a positive size"),
+    ],
+)
 def test_mesh_shape_errors_are_one_line(sizes, message):
     with pytest.raises(ConfigError, match=message) as info:
         sharding.mesh_shape(*sizes, device_count=8, param_count=0)
@@ -82,7 +92,9 @@ def test_rules_split_divisible_dimensions_and_replicate_the_rest():
     assert logical_axes.logical_to_spec(("mamba_in", "embed"), (148, 32), fsdp8) == P(None, "fsdp")
     assert logical_axes.logical_to_spec(logical_axes.BATCH_AXES, (8, 64), mixed) == P(("data", "fsdp"), None)
     assert logical_axes.logical_to_spec(logical_axes.BATCH_AXES, (6, 64), mixed) == P(None, None)  # 6 % 4: replicated
-    assert logical_axes.logical_to_spec(logical_axes.HEADS_AXES, (8, 64, 3, 16), mixed) == P(("data", "fsdp"), None, None, None)
+    assert logical_axes.logical_to_spec(logical_axes.HEADS_AXES, (8, 64, 3, 16), mixed) == P(
+        ("data", "fsdp"), None, None, None
+    )
     with pytest.raises(ValueError, match="no rule"):
         logical_axes.logical_to_spec(("nonsense",), (8,), mixed)
 
@@ -136,8 +148,14 @@ def test_bad_mesh_is_a_one_line_error_before_the_run_folder_is_made(tmp_path, ca
 def mesh_results(tmp_path_factory):
     """tests/sharding_worker.py's report: losses, shard shapes and restores on several meshes."""
     checkpoints = tmp_path_factory.mktemp("mesh_checkpoints")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), str(checkpoints)],
-                          cwd=ROOT, env=subprocess_env(8), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sharding_worker.py"), str(checkpoints)],
+        cwd=ROOT,
+        env=subprocess_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -155,11 +173,11 @@ def test_parameters_and_optimizer_state_are_sharded(mesh_results):
     """Per-device shard shapes: lm_head (embed 32, vocab 256), main-network fc1 (48, 2 x 128),
     Mamba conv (4, 80) which has no split axis and stays whole."""
     shards = mesh_results["shards"]
-    assert shards["data8"]["lm_head"] == [[32, 256]]                 # data parallel: replicated
-    assert shards["fsdp8"]["lm_head"] == [[4, 256]]                  # embed over 8
+    assert shards["data8"]["lm_head"] == [[32, 256]]  # data parallel: replicated
+    assert shards["fsdp8"]["lm_head"] == [[4, 256]]  # embed over 8
     assert shards["fsdp8"]["main_mlp_fc1"] == [[6, 256]]
-    assert shards["mixed222"]["lm_head"] == [[16, 128]]              # embed over fsdp 2, vocab over tensor 2
-    assert shards["mixed222"]["main_mlp_fc1"] == [[24, 128]]         # MLP hidden over tensor
+    assert shards["mixed222"]["lm_head"] == [[16, 128]]  # embed over fsdp 2, vocab over tensor 2
+    assert shards["mixed222"]["main_mlp_fc1"] == [[24, 128]]  # MLP hidden over tensor
     for name in ("fsdp8", "mixed222", "fsdp2"):
         assert shards[name]["lm_head_adam_mu"] == shards[name]["lm_head"]  # Adam moments follow the params
         assert shards[name]["conv_weight"] == [[4, 80]]
@@ -189,9 +207,14 @@ def metric_rows(run_dir: Path) -> list[dict]:
 
 def launch(args: list[str], devices: int, **env) -> subprocess.Popen:
     """train.py in a subprocess on `devices` simulated CPU devices; output captured."""
-    return subprocess.Popen([sys.executable, "train.py", "--no-progress", *args], cwd=ROOT,
-                            env={**subprocess_env(devices), **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "train.py", "--no-progress", *args],
+        cwd=ROOT,
+        env={**subprocess_env(devices), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
@@ -209,9 +232,21 @@ def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
 
 def test_two_processes_train_and_checkpoint_then_one_process_resumes(tmp_path):
     config = shrink(tiny_config("hnet_1stage_tiny", **LADDER))
-    run = {"model": json.loads(json.dumps(config.to_dict())), "data": {"corpus": "default"},
-           "train": {"steps": 6, "batch_size": 8, "seq_len": 64, "lr": 3e-3, "warmup_frac": 0.0, "log_every": 2,
-                     "eval_every": 4, "eval_batches": 2, "checkpoint_every": 100}}
+    run = {
+        "model": json.loads(json.dumps(config.to_dict())),
+        "data": {"corpus": "default"},
+        "train": {
+            "steps": 6,
+            "batch_size": 8,
+            "seq_len": 64,
+            "lr": 3e-3,
+            "warmup_frac": 0.0,
+            "log_every": 2,
+            "eval_every": 4,
+            "eval_batches": 2,
+            "checkpoint_every": 100,
+        },
+    }
     config_path = write_json(tmp_path / "run.json", run)
     ensure_default_corpus(verbose=False)  # prepared once here, not raced by the subprocesses
 
@@ -219,9 +254,26 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(tmp_path):
     # weight. Beside them, the reference: one process, one device, uninterrupted.
     run_dir, port = tmp_path / "two", free_port()
     cluster = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--distributed-timeout", "60"]
-    procs = [launch(["--config", config_path, "--workdir", str(run_dir), "--max-steps", "4", "--set", "mesh.fsdp=4",
-                     *cluster, "--process-id", str(i)], devices=2, JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}")
-             for i in range(2)]
+    procs = [
+        launch(
+            [
+                "--config",
+                config_path,
+                "--workdir",
+                str(run_dir),
+                "--max-steps",
+                "4",
+                "--set",
+                "mesh.fsdp=4",
+                *cluster,
+                "--process-id",
+                str(i),
+            ],
+            devices=2,
+            JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
+        )
+        for i in range(2)
+    ]
     procs.append(launch(["--config", config_path, "--workdir", str(tmp_path / "straight")], devices=1))
     outputs = finish(procs)
     assert "mesh: data=1 fsdp=4 tensor=1 (4 devices, 2 processes)" in outputs[0]
@@ -236,11 +288,15 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(tmp_path):
     straight, resumed = metric_rows(tmp_path / "straight"), metric_rows(run_dir)
     assert [row["step"] for row in resumed] == [1, 2, 3, 4, 5, 6]  # process 0 alone wrote the rows
     # Same global batches (each process read its own rows), so the same losses, up to summation order.
-    np.testing.assert_allclose([row["loss"] for row in resumed], [row["loss"] for row in straight],
-                               rtol=0, atol=LOSS_ATOL)
+    np.testing.assert_allclose(
+        [row["loss"] for row in resumed], [row["loss"] for row in straight], rtol=0, atol=LOSS_ATOL
+    )
     assert [row["bytes_seen"] for row in resumed] == [row["bytes_seen"] for row in straight]
     # Evaluation at step 4 ran on the 2-process mesh, at step 6 on one device.
-    evals = [{row["step"]: row["eval_bpb"] for row in rows} for rows in (eval_rows(run_dir), eval_rows(tmp_path / "straight"))]
+    evals = [
+        {row["step"]: row["eval_bpb"] for row in rows}
+        for rows in (eval_rows(run_dir), eval_rows(tmp_path / "straight"))
+    ]
     assert set(evals[0]) == set(evals[1]) == {4, 6}
     for step in (4, 6):
         assert abs(evals[0][step] - evals[1][step]) <= LOSS_ATOL
@@ -249,10 +305,17 @@ def test_two_processes_train_and_checkpoint_then_one_process_resumes(tmp_path):
 def test_a_lost_process_is_one_error_line_on_the_others():
     """Process 1 dies; process 0 says so in one line and exits 3 before JAX's heartbeat abort."""
     port, timeout_s = free_port(), 10
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "peer_loss_worker.py"), str(i), str(port), str(timeout_s)],
-                              cwd=ROOT, env={**subprocess_env(1), "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "peer_loss_worker.py"), str(i), str(port), str(timeout_s)],
+            cwd=ROOT,
+            env={**subprocess_env(1), "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         (out, err), _ = procs[0].communicate(timeout=120), procs[1].communicate(timeout=120)
     finally:

@@ -60,11 +60,15 @@ def _switch_pieces(length=64):
             h = jnp.tanh(x[:, :size] @ w[0])
             y = jnp.tanh(h @ w[1]) @ w[2]
             return jnp.pad(y, ((0, 0), (0, length - size), (0, 0)))
+
         return run
 
     key = jax.random.split(jax.random.PRNGKey(0), 4)
-    w = [jax.random.normal(key[0], (8, 32)) / 3, jax.random.normal(key[1], (32, 32)) / 6,
-         jax.random.normal(key[2], (32, 8)) / 6]
+    w = [
+        jax.random.normal(key[0], (8, 32)) / 3,
+        jax.random.normal(key[1], (32, 32)) / 6,
+        jax.random.normal(key[2], (32, 8)) / 6,
+    ]
     x = jax.random.normal(key[3], (4, length, 8))
     return [branch(size) for size in sizes], w, x
 
@@ -76,8 +80,9 @@ def test_switch_keeping_taken_residuals_gives_the_switch_values_and_gradients():
         return jnp.sum(jnp.sin(switch(index, branches, (w, x))))
 
     plain = jax.jit(jax.value_and_grad(lambda i, w, x: loss(jax.lax.switch, i, w, x), argnums=(1, 2)))
-    shared = jax.jit(jax.value_and_grad(lambda i, w, x: loss(slots.switch_keeping_taken_residuals, i, w, x),
-                                        argnums=(1, 2)))
+    shared = jax.jit(
+        jax.value_and_grad(lambda i, w, x: loss(slots.switch_keeping_taken_residuals, i, w, x), argnums=(1, 2))
+    )
     for index in range(3):
         (value, grads), (value_s, grads_s) = plain(index, w, x), shared(index, w, x)
         assert float(value_s) == pytest.approx(float(value), rel=1e-6)
@@ -102,8 +107,15 @@ def test_switch_keeping_taken_residuals_keeps_one_branch_of_residuals():
 @pytest.fixture(scope="module")
 def stack_and_rows():
     config = shrink(tiny_config("hnet_1stage_tiny"))  # stage 1: T (attention + MLP) at width 48
-    stack = Isotropic("T1m1", config_lib.replace(config, ssm_cfg=config_lib.SSMConfig(
-        d_state=8, d_conv=4, expand=2, chunk_size=8, head_dim=16)), 1, 2, nnx.Rngs(params=1))
+    stack = Isotropic(
+        "T1m1",
+        config_lib.replace(
+            config, ssm_cfg=config_lib.SSMConfig(d_state=8, d_conv=4, expand=2, chunk_size=8, head_dim=16)
+        ),
+        1,
+        2,
+        nnx.Rngs(params=1),
+    )
     counts = np.array([5, 30, 17, 40, 2, 33], np.int32)
     length = 40
     rng = np.random.default_rng(0)

@@ -55,7 +55,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node], _ = "open", path.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (cycle := visit(target)):
                 return cycle
         state[node], _ = "done", path.pop()
@@ -81,8 +81,9 @@ def test_find_cycle_finds_one():
 
 def test_data_never_imports_hnet():
     graph = import_graph()
-    offenders = sorted(f"{m} -> {t}" for m, targets in graph.items() if m.startswith("data")
-                       for t in targets if t.startswith("hnet"))
+    offenders = sorted(
+        f"{m} -> {t}" for m, targets in graph.items() if m.startswith("data") for t in targets if t.startswith("hnet")
+    )
     assert not offenders, offenders
 
 
@@ -99,16 +100,20 @@ ALLOWED_IMPORTS = {
 
 
 def part_of(module: str) -> str:
-    """"hnet.training.train_step" -> "training"; "hnet.model", "hnet.layers.attention" -> "core"."""
+    """ "hnet.training.train_step" -> "training"; "hnet.model", "hnet.layers.attention" -> "core"."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[1] in ALLOWED_IMPORTS else "core"
 
 
 def forbidden_imports(graph: dict[str, set[str]]) -> list[str]:
     """The imports between modules of hnet that the table does not allow, as "a -> b" lines."""
-    return sorted(f"{module} -> {target}" for module, targets in graph.items() if module.startswith("hnet")
-                  for target in targets
-                  if target.startswith("hnet") and part_of(target) not in ALLOWED_IMPORTS[part_of(module)])
+    return sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if module.startswith("hnet")
+        for target in targets
+        if target.startswith("hnet") and part_of(target) not in ALLOWED_IMPORTS[part_of(module)]
+    )
 
 
 def test_parts_import_only_downwards():
@@ -124,6 +129,7 @@ def test_parts_import_only_downwards():
 
 def test_forbidden_imports_finds_one():
     assert forbidden_imports({"hnet.inference.decode": {"hnet.training.train_step", "hnet.model"}}) == [
-        "hnet.inference.decode -> hnet.training.train_step"]
+        "hnet.inference.decode -> hnet.training.train_step"
+    ]
     assert forbidden_imports({"hnet.model": {"hnet.parallel.sharding"}}) == ["hnet.model -> hnet.parallel.sharding"]
     assert forbidden_imports({"hnet.perf.bench": {"hnet.training.train_step"}}) == []

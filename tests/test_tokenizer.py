@@ -29,11 +29,11 @@ SAMPLES = [
 ]
 
 INVALID = [
-    b"\xff\xfe lone bytes",          # never valid in UTF-8
-    b"cut \xe6\x97 short",           # truncated 3-byte sequence
-    b"\x80 continuation first",      # stray continuation byte
-    b"surrogate \xed\xa0\x80 end",   # UTF-8-encoded surrogate (invalid)
-    b"caf\xc3",                      # truncated at the very end
+    b"\xff\xfe lone bytes",  # never valid in UTF-8
+    b"cut \xe6\x97 short",  # truncated 3-byte sequence
+    b"\x80 continuation first",  # stray continuation byte
+    b"surrogate \xed\xa0\x80 end",  # UTF-8-encoded surrogate (invalid)
+    b"caf\xc3",  # truncated at the very end
 ]
 
 
@@ -118,8 +118,13 @@ def test_tokenizer_command_trains_measures_and_never_overwrites(corpus, tokenize
     assert BPETokenizer.load(out).sha256 == tokenizer.sha256  # the recipe train.py uses
     num_bytes = sum(len(d) for d in documents(60))
     num_tokens = sum(len(tokenizer.encode(d)) for d in documents(60))
-    assert f"train: {num_bytes:,d} bytes / {num_tokens:,d} tokens = {num_bytes / num_tokens:.3f} bytes per token" in printed
-    assert tokenizer_lib.main(["--corpus", str(corpus.path), "--load", str(out), "--measure", "validation", "--json"]) == 0
+    assert (
+        f"train: {num_bytes:,d} bytes / {num_tokens:,d} tokens = {num_bytes / num_tokens:.3f} bytes per token"
+        in printed
+    )
+    assert (
+        tokenizer_lib.main(["--corpus", str(corpus.path), "--load", str(out), "--measure", "validation", "--json"]) == 0
+    )
     report = json.loads(capsys.readouterr().out)
     valid = report["splits"]["validation"]
     assert set(report["splits"]) == {"validation"} and valid["bytes"] == sum(len(d) for d in documents(68)[60:])
@@ -147,10 +152,25 @@ def test_token_corpus_holds_the_documents(tokenizer, corpus, tmp_path, monkeypat
 
 
 def token_run(corpus_path, vocab=VOCAB, **train_overrides) -> dict:
-    model = {"arch_layout": ["T1"], "d_model": [32], "d_intermediate": [64], "vocab_size": vocab,
-             "attn_cfg": {"num_heads": [2], "rotary_emb_dim": [8], "window_size": [-1]}, "dtype": "float32"}
-    train = {"steps": 4, "batch_size": 4, "seq_len": 16, "lr": 3e-3, "log_every": 1, "eval_every": 4,
-             "eval_batches": 2, "checkpoint_every": 2, **train_overrides}
+    model = {
+        "arch_layout": ["T1"],
+        "d_model": [32],
+        "d_intermediate": [64],
+        "vocab_size": vocab,
+        "attn_cfg": {"num_heads": [2], "rotary_emb_dim": [8], "window_size": [-1]},
+        "dtype": "float32",
+    }
+    train = {
+        "steps": 4,
+        "batch_size": 4,
+        "seq_len": 16,
+        "lr": 3e-3,
+        "log_every": 1,
+        "eval_every": 4,
+        "eval_batches": 2,
+        "checkpoint_every": 2,
+        **train_overrides,
+    }
     return {"model": model, "data": {"corpus": str(corpus_path), "tokenizer": {"vocab_size": VOCAB}}, "train": train}
 
 
@@ -188,7 +208,9 @@ def test_token_run_trains_resumes_and_counts_bytes(corpus, tmp_path, monkeypatch
     # Speed: tokens/s counts the targets, bytes/s the text bytes they cover (one step per window here).
     previous_bytes = 0
     for row in (r for r in straight_rows if "loss" in r):
-        assert row["bytes_per_sec"] / row["tokens_per_sec"] == pytest.approx((row["bytes_seen"] - previous_bytes) / (4 * 16))
+        assert row["bytes_per_sec"] / row["tokens_per_sec"] == pytest.approx(
+            (row["bytes_seen"] - previous_bytes) / (4 * 16)
+        )
         previous_bytes = row["bytes_seen"]
 
     evals = [r for r in straight_rows if "eval_bpb" in r]
@@ -222,7 +244,9 @@ def test_vocab_mismatch_is_a_clear_error(corpus, tokenizer, tmp_path, capsys, mo
     bytes_run["model"]["vocab_size"] = 256
     bytes_run["data"]["corpus"] = str(tokenize_corpus(corpus, tokenizer, verbose=False).path)
     (tmp_path / "bytes.json").write_text(json.dumps(bytes_run))
-    code = train_cli.main(["--config", str(tmp_path / "bytes.json"), "--workdir", str(tmp_path / "r2"), "--no-progress"])
+    code = train_cli.main(
+        ["--config", str(tmp_path / "bytes.json"), "--workdir", str(tmp_path / "r2"), "--no-progress"]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "holds tokens" in err and "\n" not in err
 
@@ -247,12 +271,12 @@ def greedy_tokens_by_forward(model, prompt_ids: list[int], new_tokens: int) -> l
     sequence = list(prompt_ids)
     for _ in range(new_tokens):
         padded = np.zeros((1, 64), np.int32)
-        padded[0, :len(sequence)] = sequence
+        padded[0, : len(sequence)] = sequence
         token = int(np.argmax(np.asarray(forward(jax.numpy.asarray(padded)).logits)[0, len(sequence) - 1]))
         if token == model.config.bos_id:
             break
         sequence.append(token)
-    return sequence[len(prompt_ids):]
+    return sequence[len(prompt_ids) :]
 
 
 def test_token_generation_equals_forward_argmax_and_stops_on_bytes(token_model, tokenizer):
@@ -290,10 +314,19 @@ def test_token_run_folder_generates_from_the_command_line(token_model, tokenizer
     from conftest import write_run_folder
 
     run_dir = write_run_folder(tmp_path / "run", token_model, tokenizer=tokenizer)
-    expected = tokenizer.decode(greedy_tokens_by_forward(token_model, [tokenizer.bos_id] + tokenizer.encode(b"alpha").tolist(), 16))[:16]
-    assert generate_cli.main(["--checkpoint", str(run_dir), "--prompt", "alpha", "--max-bytes", "16", "--temperature", "0"]) == 0
+    expected = tokenizer.decode(
+        greedy_tokens_by_forward(token_model, [tokenizer.bos_id] + tokenizer.encode(b"alpha").tolist(), 16)
+    )[:16]
+    assert (
+        generate_cli.main(
+            ["--checkpoint", str(run_dir), "--prompt", "alpha", "--max-bytes", "16", "--temperature", "0"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == "alpha" + expected.decode("utf-8", errors="replace") + "\n"
-    assert hnet.generate(str(run_dir), "alpha", max_new_bytes=16, temperature=0) == expected.decode("utf-8", errors="replace")
+    assert hnet.generate(str(run_dir), "alpha", max_new_bytes=16, temperature=0) == expected.decode(
+        "utf-8", errors="replace"
+    )
     (run_dir / "tokenizer.json").unlink()
     assert generate_cli.main(["--checkpoint", str(run_dir), "--prompt", "alpha"]) == 2
     err = capsys.readouterr().err.strip()

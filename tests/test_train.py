@@ -22,17 +22,30 @@ from hnet.errors import RunError
 
 # A very small H-Net so each run compiles in seconds.
 SMALL_MODEL = {
-    "arch_layout": ["m1", ["T1"], "m1"], "d_model": [48, 64], "d_intermediate": [0, 128],
+    "arch_layout": ["m1", ["T1"], "m1"],
+    "d_model": [48, 64],
+    "d_intermediate": [0, 128],
     "ssm_cfg": {"d_state": 8, "chunk_size": 32, "head_dim": 16, "expand": 2, "d_conv": 4},
     "attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [8, 16], "window_size": [31, -1]},
-    "target_ratio": [4], "capacity_multiple": 16, "dtype": "float32",
+    "target_ratio": [4],
+    "capacity_multiple": 16,
+    "dtype": "float32",
     "slot_ladder": [1.25],  # one rung below the cap: the ladder's switch, two branches to compile
 }
 
 
 def small_run(**train_overrides) -> dict:
-    train = {"steps": 8, "batch_size": 4, "seq_len": 64, "lr": 3e-3, "log_every": 2, "eval_every": 100,
-             "eval_batches": 2, "checkpoint_every": 4, **train_overrides}
+    train = {
+        "steps": 8,
+        "batch_size": 4,
+        "seq_len": 64,
+        "lr": 3e-3,
+        "log_every": 2,
+        "eval_every": 100,
+        "eval_batches": 2,
+        "checkpoint_every": 4,
+        **train_overrides,
+    }
     return {"model": SMALL_MODEL, "data": {"corpus": "default"}, "train": train}
 
 
@@ -80,11 +93,12 @@ def check_speed_fields(run, run_dir: Path, peak_flops: float | None) -> None:
         assert row["step_time_s"] > 0 and row["bytes_per_sec"] > 0 and "tokens_per_sec" not in row  # bytes: no tokens
         assert "peak_memory_bytes" not in row  # the CPU backend reports no memory statistics
         bytes_per_chunk = [row[f"stage{s}_bytes_per_chunk"] for s in range(config.depth)]
-        assert row["model_flops_per_step"] == training_flops_per_step(config, train_cfg.batch_size, train_cfg.seq_len,
-                                                                      bytes_per_chunk)
+        assert row["model_flops_per_step"] == training_flops_per_step(
+            config, train_cfg.batch_size, train_cfg.seq_len, bytes_per_chunk
+        )
     step_bytes = train_cfg.batch_size * train_cfg.seq_len
     for start in range(0, len(rows), train_cfg.log_every):  # flushed (and timed) every log_every steps
-        window = rows[start:start + train_cfg.log_every]
+        window = rows[start : start + train_cfg.log_every]
         step_time = window[0]["step_time_s"]
         assert all(row["step_time_s"] == step_time for row in window)
         assert window[0]["bytes_per_sec"] == pytest.approx(len(window) * step_bytes / (step_time * len(window)))
@@ -103,8 +117,17 @@ def test_progress_bar_shows_speed():
 
     bar = _progress_bar(10, 0, enabled=True)
     bar.fp = io.StringIO()
-    row = {"loss": 2.0, "bpb": 3.0, "bytes_per_sec": 12345.0, "tokens_per_sec": 3000.0, "step_time_s": 0.0421,
-           "mfu": 0.375, "peak_memory_bytes": 3 * 2**30, "stage0_bytes_per_chunk": 4.5, "stage0_dropped_rate": 0.0}
+    row = {
+        "loss": 2.0,
+        "bpb": 3.0,
+        "bytes_per_sec": 12345.0,
+        "tokens_per_sec": 3000.0,
+        "step_time_s": 0.0421,
+        "mfu": 0.375,
+        "peak_memory_bytes": 3 * 2**30,
+        "stage0_bytes_per_chunk": 4.5,
+        "stage0_dropped_rate": 0.0,
+    }
     _update_bar(bar, row, 2)
     postfix = bar.postfix
     assert "B/s=12,345" in postfix and "tok/s=3,000" in postfix and "step=42ms" in postfix
@@ -122,17 +145,21 @@ def read_event_file(path: Path) -> list:
 
     data, position, events = path.read_bytes(), 0, []
     while position < len(data):
-        (length,) = struct.unpack("<Q", data[position:position + 8])
+        (length,) = struct.unpack("<Q", data[position : position + 8])
         position += 12
-        events.append(Event.FromString(data[position:position + length]))
+        events.append(Event.FromString(data[position : position + length]))
         position += length + 4
     return events
 
 
 def logged_scalars(events) -> dict[tuple[str, int], float]:
     """(tag, step) -> value of the scalar summaries among `events`."""
-    return {(value.tag, event.step): value.simple_value for event in events if event.HasField("summary")
-            for value in event.summary.value}
+    return {
+        (value.tag, event.step): value.simple_value
+        for event in events
+        if event.HasField("summary")
+        for value in event.summary.value
+    }
 
 
 def test_tensorboard_events_match_metrics_and_resume_purges(tmp_path):
@@ -145,8 +172,12 @@ def test_tensorboard_events_match_metrics_and_resume_purges(tmp_path):
     # As if the run had died after logging step 8 but before its checkpoint: resume from step 4.
     shutil.rmtree(run_dir / "checkpoints" / "8")
     train(None, run_dir, resume=True, progress=False, verbose=False)
-    first, resumed = (read_event_file(p) for p in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"),
-                                                              key=lambda p: int(p.name.rsplit(".step", 1)[1])))
+    first, resumed = (
+        read_event_file(p)
+        for p in sorted(
+            (run_dir / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: int(p.name.rsplit(".step", 1)[1])
+        )
+    )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [*range(1, 9), 8]  # steps, then the evaluation row
 
@@ -154,21 +185,38 @@ def test_tensorboard_events_match_metrics_and_resume_purges(tmp_path):
     starts = [event for event in resumed if event.HasField("session_log")]
     assert len(starts) == 1 and starts[0].session_log.status == starts[0].session_log.START and starts[0].step == 5
     first_scalars, resumed_scalars = logged_scalars(first), logged_scalars(resumed)
-    assert {step for _, step in first_scalars} == set(range(1, 9)) and {step for _, step in resumed_scalars} == {5, 6, 7, 8}
+    assert {step for _, step in first_scalars} == set(range(1, 9)) and {step for _, step in resumed_scalars} == {
+        5,
+        6,
+        7,
+        8,
+    }
     seen = {**{key: v for key, v in first_scalars.items() if key[1] < 5}, **resumed_scalars}
     expected = {(tag, row["step"]): value for row in rows for tag, value in tensorboard.scalars(row).items()}
     assert seen.keys() == expected.keys()
     for key, value in expected.items():
         assert seen[key] == pytest.approx(value, rel=1e-6), key  # stored as float32
     tags = {tag for tag, _ in expected}
-    assert {"train/loss", "train/bpb", "train/ratio_loss", "train/lr", "train/stage0_bytes_per_chunk",
-            "train/stage0_dropped_rate", "speed/step_time_s", "speed/bytes_per_sec", "eval/bpb",
-            "eval/stage0_bytes_per_chunk"} <= tags
+    assert {
+        "train/loss",
+        "train/bpb",
+        "train/ratio_loss",
+        "train/lr",
+        "train/stage0_bytes_per_chunk",
+        "train/stage0_dropped_rate",
+        "speed/step_time_s",
+        "speed/bytes_per_sec",
+        "eval/bpb",
+        "eval/stage0_bytes_per_chunk",
+    } <= tags
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
-    run = run_config_from_dict(small_run(steps=30, lr=1e30, log_every=1, checkpoint_every=1, max_nonfinite_steps=3,
-                                         warmup_frac=0.0, grad_clip=1e30))
+    run = run_config_from_dict(
+        small_run(
+            steps=30, lr=1e30, log_every=1, checkpoint_every=1, max_nonfinite_steps=3, warmup_frac=0.0, grad_clip=1e30
+        )
+    )
     with pytest.raises(RunError, match="non-finite steps in a row .* last good checkpoint"):
         train(run, tmp_path / "run", progress=False, verbose=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -202,6 +250,7 @@ def test_missing_and_corrupt_data_are_one_line_errors(tmp_path, capsys):
     assert code == 2 and err.startswith("error:") and "\n" not in err
 
     from data.text import prepare as text_prepare
+
     docs = tmp_path / "docs"
     docs.mkdir()
     for i in range(30):
@@ -225,7 +274,9 @@ def test_run_folder_is_never_overwritten_and_resume_checks_model(tmp_path, capsy
     assert code == 2 and "already holds a run" in err
     other = small_run()
     other["model"] = {**SMALL_MODEL, "d_model": [48, 80]}
-    code, err = run_cli(["--config", write_run(tmp_path, other, "other.json"), "--workdir", str(run_dir), "--resume"], capsys)
+    code, err = run_cli(
+        ["--config", write_run(tmp_path, other, "other.json"), "--workdir", str(run_dir), "--resume"], capsys
+    )
     assert code == 2 and "different model config" in err and "d_model" in err
     code, err = run_cli(["--workdir", str(tmp_path / "empty"), "--resume"], capsys)
     assert code == 2 and "holds no run" in err
@@ -236,14 +287,21 @@ def test_profile_traces_the_chosen_steps(tmp_path, capsys):
     import gzip
 
     config = write_run(tmp_path, small_run(steps=2))  # the run config of the test above: compiled steps cached
-    code, err = run_cli(["--config", config, "--workdir", str(tmp_path / "run"), "--profile", "2:2", "--no-progress"], capsys)
+    code, err = run_cli(
+        ["--config", config, "--workdir", str(tmp_path / "run"), "--profile", "2:2", "--no-progress"], capsys
+    )
     assert code == 0, err
     (trace_dir,) = (tmp_path / "run" / "profile" / "plugins" / "profile").iterdir()
     assert [p.stat().st_size > 0 for p in trace_dir.glob("*.xplane.pb")] == [True]
     events = json.loads(gzip.decompress((trace_dir / "perfetto_trace.json.gz").read_bytes()))["traceEvents"]
     assert [e["args"]["step_num"] for e in events if e.get("name") == "train"] == ["2"]  # step 2 only
-    for spec, message in [("2-3", "expected START:STOP"), ("3:2", "1 <= START <= STOP"), ("0:1", "1 <= START <= STOP"),
-                          ("a:b", "expected START:STOP"), ("5:6", r"START must be a step this call runs \(1 to 2\)")]:
+    for spec, message in [
+        ("2-3", "expected START:STOP"),
+        ("3:2", "1 <= START <= STOP"),
+        ("0:1", "1 <= START <= STOP"),
+        ("a:b", "expected START:STOP"),
+        ("5:6", r"START must be a step this call runs \(1 to 2\)"),
+    ]:
         code, err = run_cli(["--config", config, "--workdir", str(tmp_path / "bad"), "--profile", spec], capsys)
         assert code == 2 and err.startswith("error: --profile") and "\n" not in err and re.search(message, err), err
         assert not (tmp_path / "bad").exists()  # checked before the run folder is made
@@ -253,8 +311,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     config = write_run(tmp_path, small_run(steps=100000, log_every=1, checkpoint_every=100000))
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", "--config", config, "--workdir", str(run_dir), "--no-progress"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "--config", config, "--workdir", str(run_dir), "--no-progress"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):

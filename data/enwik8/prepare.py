@@ -64,9 +64,7 @@ def open_enwik8(path: Path) -> Iterator[IO[bytes]]:
 
 def _check_size(path: Path, size: int) -> None:
     if size != ENWIK8_BYTES:
-        raise PrepareError(
-            f"{path}: enwik8 must be exactly {ENWIK8_BYTES:,d} bytes, got {size:,d}"
-        )
+        raise PrepareError(f"{path}: enwik8 must be exactly {ENWIK8_BYTES:,d} bytes, got {size:,d}")
 
 
 def _read_exactly(f: IO[bytes], n: int) -> Iterator[bytes]:
@@ -90,13 +88,16 @@ def prepare(
     """Write the enwik8 corpus (train/validation/test, one document each) to `out`."""
     input_path = Path(input).expanduser()
     check_destination(out, overwrite)
-    with open_enwik8(input_path) as f, CorpusWriter(
-        out,
-        source=f"enwik8:{input_path}",
-        splits=[name for name, _, _ in SPLITS],
-        shard_bytes=shard_bytes,
-        overwrite=overwrite,
-    ) as writer:
+    with (
+        open_enwik8(input_path) as f,
+        CorpusWriter(
+            out,
+            source=f"enwik8:{input_path}",
+            splits=[name for name, _, _ in SPLITS],
+            shard_bytes=shard_bytes,
+            overwrite=overwrite,
+        ) as writer,
+    ):
         for name, begin, end in SPLITS:
             writer.add_chunks(name, _read_exactly(f, end - begin), end - begin)
     if verbose:
@@ -105,9 +106,7 @@ def prepare(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--input", required=True, help="path to enwik8 (100,000,000 bytes) or enwik8.zip"
-    )
+    parser.add_argument("--input", required=True, help="path to enwik8 (100,000,000 bytes) or enwik8.zip")
     add_common_arguments(parser)
     parser.set_defaults(prepare=prepare)
 

@@ -72,8 +72,7 @@ def iter_texts(path: Path, text_field: str) -> Iterator[str]:
                 text = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
                     raise PrepareError(
-                        f"{path}:{lineno}: no string field '{text_field}' "
-                        "(choose one with --text-field)"
+                        f"{path}:{lineno}: no string field '{text_field}' (choose one with --text-field)"
                     )
                 yield text
     except (UnicodeDecodeError, OSError, EOFError, lzma.LZMAError) as e:
@@ -110,17 +109,20 @@ def prepare(
                 yield split, text.encode("utf-8", "surrogatepass")
 
     return write_corpus(
-        out, documents(), source=f"jsonl:{','.join(str(i) for i in inputs)}:{text_field}",
-        splits=fraction_splits(validation_fraction, test_fraction), shard_bytes=shard_bytes,
-        overwrite=overwrite, verbose=verbose)
+        out,
+        documents(),
+        source=f"jsonl:{','.join(str(i) for i in inputs)}:{text_field}",
+        splits=fraction_splits(validation_fraction, test_fraction),
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="JSON Lines files (.gz/.xz ok) or folders")
     add_common_arguments(parser)
-    parser.add_argument(
-        "--text-field", default="text", help="JSON field holding the document (default 'text')"
-    )
+    parser.add_argument("--text-field", default="text", help="JSON field holding the document (default 'text')")
     add_fraction_arguments(parser, "lines")
     parser.set_defaults(prepare=prepare)
 

@@ -41,9 +41,7 @@ def import_pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise PrepareError(
-            "reading Parquet needs pyarrow, which is not installed: pip install pyarrow"
-        ) from None
+        raise PrepareError("reading Parquet needs pyarrow, which is not installed: pip install pyarrow") from None
     return pq
 
 
@@ -88,17 +86,20 @@ def prepare(
                 print(f"[{n}/{len(files)}] {path}: {row_index:,d} rows so far", flush=True)
 
     return write_corpus(
-        out, documents(), source=f"parquet:{','.join(str(i) for i in inputs)}:{text_column}",
-        splits=fraction_splits(validation_fraction, test_fraction), shard_bytes=shard_bytes,
-        overwrite=overwrite, verbose=verbose)
+        out,
+        documents(),
+        source=f"parquet:{','.join(str(i) for i in inputs)}:{text_column}",
+        splits=fraction_splits(validation_fraction, test_fraction),
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="Parquet files or folders (read recursively)")
     add_common_arguments(parser)
-    parser.add_argument(
-        "--text-column", default="text", help="column holding the document (default 'text')"
-    )
+    parser.add_argument("--text-column", default="text", help="column holding the document (default 'text')")
     add_fraction_arguments(parser, "rows")
     parser.set_defaults(prepare=prepare)
 

@@ -30,9 +30,7 @@ from data.shards import (
     write_corpus,
 )
 
-EXCLUDED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-)
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
 
 def stdlib_dir() -> Path:
@@ -80,16 +78,22 @@ def prepare(
     source = f"stdlib:python{platform.python_version()}:{root}"
     # Each file goes to the split its path hashes to, so adding a file moves no other file.
     documents = ((split_for_key(rel, 0.05, buckets=100), (root / rel).read_bytes()) for rel in files)
-    return write_corpus(out, documents, source=source, splits=("train", "validation"),
-                        shard_bytes=shard_bytes, overwrite=overwrite, verbose=verbose)
+    return write_corpus(
+        out,
+        documents,
+        source=source,
+        splits=("train", "validation"),
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(
         parser,
         out_required=False,
-        out_help="destination folder (default: $HNET_DATA_DIR or ~/.cache/hnet-jax, "
-        "then stdlib-pyX.Y)",
+        out_help="destination folder (default: $HNET_DATA_DIR or ~/.cache/hnet-jax, then stdlib-pyX.Y)",
     )
     parser.set_defaults(prepare=prepare)
 

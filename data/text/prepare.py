@@ -126,8 +126,14 @@ def prepare(
                 yield split, doc
 
     return write_corpus(
-        out, documents(), source=f"text:{','.join(str(i) for i in inputs)}", splits=splits,
-        shard_bytes=shard_bytes, overwrite=overwrite, verbose=verbose)
+        out,
+        documents(),
+        source=f"text:{','.join(str(i) for i in inputs)}",
+        splits=splits,
+        shard_bytes=shard_bytes,
+        overwrite=overwrite,
+        verbose=verbose,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,12 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument(
         "--doc-separator",
-        help="split each file into documents on this string (escapes like \\n allowed); "
-        "default: one document per file",
+        help="split each file into documents on this string (escapes like \\n allowed); default: one document per file",
     )
-    parser.add_argument(
-        "--glob", default="*", help="file-name pattern for files inside folders (default '*')"
-    )
+    parser.add_argument("--glob", default="*", help="file-name pattern for files inside folders (default '*')")
     parser.add_argument(
         "--validation",
         dest="validation_files",
@@ -161,8 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--validation-fraction",
         type=float,
         default=None,
-        help="fraction of documents hashed into 'validation' (default 0.05; "
-        "not with --validation/--test)",
+        help="fraction of documents hashed into 'validation' (default 0.05; not with --validation/--test)",
     )
     parser.add_argument(
         "--test-fraction",

@@ -95,10 +95,10 @@ def chunk_lengths(boundary: np.ndarray) -> np.ndarray:
 class BoundaryStats:
     """Running chunk statistics of one chunking stage over whole documents."""
 
-    positions: int = 0         # input positions seen (bytes; a document's BOS counts as one)
-    chunks: int = 0            # chunk starts
-    dropped: int = 0           # boundaries the router chose that did not become chunks
-    chosen: int = 0            # chunk starts not forced by a document or window start
+    positions: int = 0  # input positions seen (bytes; a document's BOS counts as one)
+    chunks: int = 0  # chunk starts
+    dropped: int = 0  # boundaries the router chose that did not become chunks
+    chosen: int = 0  # chunk starts not forced by a document or window start
     chosen_after_separator: int = 0
     chosen_on_separator: int = 0  # the chunk begins with the separator (a GPT-2 style " word" cut)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(HIST_MAX + 1, np.int64))
@@ -256,13 +256,17 @@ def render_html(text: bytes, models: list[ShownModel]) -> str:
         )
         parts = [f"<h2>{html.escape(model.name)}</h2><p>{html.escape(model.description)}</p>"]
         if rows:
-            parts.append("<table><tr><th>stage</th><th>chunks</th><th>bytes/chunk</th>"
-                         "<th>after whitespace/punctuation</th><th>at whitespace/punctuation</th></tr>" + rows + "</table>")
+            parts.append(
+                "<table><tr><th>stage</th><th>chunks</th><th>bytes/chunk</th>"
+                "<th>after whitespace/punctuation</th><th>at whitespace/punctuation</th></tr>" + rows + "</table>"
+            )
         else:
             parts.append("<p>No chunking stages (a flat byte model).</p>")
         for label, positions in zip(model.labels, model.positions):
-            spans = "".join(f'<span class="c{i % 2}">{html.escape(chunk)}</span>'
-                            for i, chunk in enumerate(split_chunks(text, positions)))
+            spans = "".join(
+                f'<span class="c{i % 2}">{html.escape(chunk)}</span>'
+                for i, chunk in enumerate(split_chunks(text, positions))
+            )
             parts.append(f"<h3>{html.escape(label)}</h3><pre>{spans}</pre>")
         sections.append("\n".join(parts))
     return _PAGE.format(nbytes=len(text), sections="\n".join(sections))
@@ -274,5 +278,7 @@ def _percent(value: float) -> str:
 
 def format_separator_shares(stats: BoundaryStats) -> str:
     """'X% of boundaries after whitespace/punctuation, Y% at one' (nan shares shown as '-')."""
-    return (f"{_percent(stats.share_after_separator)} of boundaries after whitespace/punctuation, "
-            f"{_percent(stats.share_on_separator)} at one")
+    return (
+        f"{_percent(stats.share_after_separator)} of boundaries after whitespace/punctuation, "
+        f"{_percent(stats.share_on_separator)} at one"
+    )

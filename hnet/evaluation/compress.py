@@ -91,7 +91,9 @@ def format_bpb(results: dict[str, float | None]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hnet.evaluation.compress", description="Bits per byte of standard compressors on a file.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hnet.evaluation.compress", description="Bits per byte of standard compressors on a file."
+    )
     parser.add_argument("file", help="file whose bytes are compressed")
     args = parser.parse_args(argv)
     try:

@@ -56,7 +56,7 @@ from hnet.evaluation.boundaries import BoundaryStats, byte_boundaries
 from hnet.io.data import PreparedCorpus
 from hnet.model import bits_per_byte, build_model, cross_entropy
 
-PAD_ID = 0                 # right padding of short windows (never scored, never seen by real positions)
+PAD_ID = 0  # right padding of short windows (never scored, never seen by real positions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,13 +187,23 @@ class Scorer:
     or "exact"), recorded in the result.
     """
 
-    def __init__(self, model, *, window: int, stride: int | None = None, batch_size: int = 8,
-                 tokenizer=None, capacity_slack: float | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        window: int,
+        stride: int | None = None,
+        batch_size: int = 8,
+        tokenizer=None,
+        capacity_slack: float | None = None,
+    ):
         config = model.config
         if not config.is_byte_model and tokenizer is None:
             raise EvalError(f"a token model (vocab_size {config.vocab_size}) needs its tokenizer (tokenizer.json)")
         if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
-            raise EvalError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}")
+            raise EvalError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}"
+            )
         if window < 1 or batch_size < 1:
             raise EvalError(f"window and batch size must be positive, got {window} and {batch_size}")
         if tokenizer is not None and tokenizer.bos_id != config.bos_id:
@@ -221,8 +231,7 @@ class Scorer:
 
     def stream(self, doc: bytes) -> np.ndarray:
         """int32 [BOS] + the document's bytes or tokens."""
-        ids = (self.tokenizer.encode(bytes(doc)) if self.tokenizer is not None
-               else np.frombuffer(bytes(doc), np.uint8))
+        ids = self.tokenizer.encode(bytes(doc)) if self.tokenizer is not None else np.frombuffer(bytes(doc), np.uint8)
         return np.concatenate([[self.bos_id], ids]).astype(np.int32)
 
     def score_streams(self, streams: Iterable[np.ndarray]) -> Iterator[DocumentScores]:
@@ -233,8 +242,10 @@ class Scorer:
             n = len(stream) - 1
             plan = plan_windows(n, self.window, self.stride)
             scores = DocumentScores(
-                stream=np.asarray(stream, np.int32), nll=np.zeros(n, np.float32),
-                chunk_starts=np.zeros((self.depth, n), bool), dropped=np.zeros((self.depth, n), bool),
+                stream=np.asarray(stream, np.int32),
+                nll=np.zeros(n, np.float32),
+                chunk_starts=np.zeros((self.depth, n), bool),
+                dropped=np.zeros((self.depth, n), bool),
                 forced=np.zeros((self.depth, n), bool),
             )
             pending[doc] = [scores, len(plan)]
@@ -255,8 +266,8 @@ class Scorer:
         targets = np.zeros((rows, width), np.int32)
         for r, (doc, (start, _, length)) in enumerate(batch):
             stream = pending[doc][0].stream
-            input_ids[r, :length] = stream[start:start + length]
-            targets[r, :length] = stream[start + 1:start + length + 1]
+            input_ids[r, :length] = stream[start : start + length]
+            targets[r, :length] = stream[start + 1 : start + length + 1]
         nll, stages = jax.device_get(score_batch(self._graphdef, self._state, input_ids, targets))
         chunk_starts, dropped = byte_boundaries(stages) if stages else (None, None)
         for r, (doc, (start, score_from, length)) in enumerate(batch):
@@ -273,8 +284,13 @@ class Scorer:
     def evaluate(self, documents: Documents | list, progress=None) -> "EvalResult":
         """Score every document; bits per byte and chunk statistics over all of them."""
         docs = documents.docs if isinstance(documents, Documents) else list(documents)
-        result = EvalResult(window=self.window, stride=self.stride, capacity_slack=self.config.capacity_slack if self.depth else None,
-                            trained_capacity_slack=self.trained_capacity_slack, stages=[BoundaryStats() for _ in range(self.depth)])
+        result = EvalResult(
+            window=self.window,
+            stride=self.stride,
+            capacity_slack=self.config.capacity_slack if self.depth else None,
+            trained_capacity_slack=self.trained_capacity_slack,
+            stages=[BoundaryStats() for _ in range(self.depth)],
+        )
         began = time.perf_counter()
         streams = (self.stream(doc) for doc in docs)
         for doc, scores in zip(docs, self.score_streams(streams)):
@@ -339,8 +355,8 @@ class EvalResult:
 
     window: int
     stride: int
-    capacity_slack: float | str | None           # the capacity slack evaluated with (H-Nets)
-    trained_capacity_slack: float | str | None   # the model's own; differs when overridden
+    capacity_slack: float | str | None  # the capacity slack evaluated with (H-Nets)
+    trained_capacity_slack: float | str | None  # the model's own; differs when overridden
     nll: float = 0.0
     bytes: int = 0
     positions: int = 0
@@ -359,14 +375,20 @@ class EvalResult:
     @property
     def perplexity(self) -> float:
         """Per-byte perplexity, 2 ** bpb."""
-        return 2.0 ** self.bpb
+        return 2.0**self.bpb
 
     def to_dict(self) -> dict:
         out = {
-            "bpb": self.bpb, "perplexity": self.perplexity, "nats_per_byte": self.nats_per_byte,
-            "bytes": self.bytes, "documents": self.documents, "positions": self.positions,
+            "bpb": self.bpb,
+            "perplexity": self.perplexity,
+            "nats_per_byte": self.nats_per_byte,
+            "bytes": self.bytes,
+            "documents": self.documents,
+            "positions": self.positions,
             "bytes_per_position": self.bytes / max(self.positions, 1),
-            "window": self.window, "stride": self.stride, "capacity_slack": self.capacity_slack,
+            "window": self.window,
+            "stride": self.stride,
+            "capacity_slack": self.capacity_slack,
             "trained_capacity_slack": self.trained_capacity_slack,
             "seconds": self.seconds,
         }

@@ -58,7 +58,7 @@ def smooth(values: list[float], window: int | None = None) -> list[float]:
     half = window // 2
     out = []
     for i in range(len(values)):
-        part = values[max(0, i - half): i + half + 1]
+        part = values[max(0, i - half) : i + half + 1]
         out.append(sum(part) / len(part))
     return out
 
@@ -68,7 +68,7 @@ def _stages(rows: list[dict], prefix: str = "") -> list[int]:
     found = set()
     for row in rows:
         for key in row:
-            match = _STAGE_KEY.match(key[len(prefix):]) if key.startswith(prefix) else None
+            match = _STAGE_KEY.match(key[len(prefix) :]) if key.startswith(prefix) else None
             if match:
                 found.add(int(match.group(1)))
     return sorted(found)
@@ -187,7 +187,9 @@ def plot_compare(summaries, path: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hnet.evaluation.plot", description="Write PNG curves of a run's metrics.jsonl.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hnet.evaluation.plot", description="Write PNG curves of a run's metrics.jsonl."
+    )
     parser.add_argument("run_dir", help="a run folder holding metrics.jsonl")
     args = parser.parse_args(argv)
     try:

@@ -89,7 +89,9 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
         key = tuple(round(c, 3) for c in chunks) if chunks else None  # rows with equal chunking cost the same
         if key not in cache:
             try:
-                cache[key] = flops_per_byte(config, seq_len, bytes_per_chunk=chunks, bytes_per_token=bytes_per_token).training_per_byte
+                cache[key] = flops_per_byte(
+                    config, seq_len, bytes_per_chunk=chunks, bytes_per_token=bytes_per_token
+                ).training_per_byte
             except FlopsError:
                 cache[key] = None
         return cache[key]
@@ -110,10 +112,13 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     routing = ", ".join(config.routing) if config.depth else ("BPE tokens" if token_model else "bytes")
     description = f"depth {config.depth}, d_model {list(config.d_model)}, {routing}"
     return RunSummary(
-        name=path.resolve().name, path=path, description=description,
+        name=path.resolve().name,
+        path=path,
+        description=description,
         params=sum(parameter_counts(config).values()),
         final_bpb=None if last_eval is None else last_eval["eval_bpb"],
-        final_step=last_row["step"], bytes_seen=last_row["bytes_seen"],
+        final_step=last_row["step"],
+        bytes_seen=last_row["bytes_seen"],
         flops_per_byte=None if last_eval is None else per_byte(last_eval, "eval_"),
         curve=curve,
     )
@@ -126,11 +131,15 @@ def _number(value, fmt: str) -> str:
 def compare_table(summaries: list[RunSummary]) -> str:
     """A markdown table, one row per run, best final bpb first."""
     ordered = sorted(summaries, key=lambda s: (s.final_bpb is None, s.final_bpb or 0.0))
-    lines = ["| run | model | final eval bpb | step | bytes seen | params | training FLOPs/byte |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | model | final eval bpb | step | bytes seen | params | training FLOPs/byte |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for s in ordered:
-        lines.append(f"| {s.name} | {s.description} | {_number(s.final_bpb, '.4f')} | {s.final_step} | "
-                     f"{s.bytes_seen:,d} | {s.params:,d} | {_number(s.flops_per_byte, '.3g')} |")
+        lines.append(
+            f"| {s.name} | {s.description} | {_number(s.final_bpb, '.4f')} | {s.final_step} | "
+            f"{s.bytes_seen:,d} | {s.params:,d} | {_number(s.flops_per_byte, '.3g')} |"
+        )
     return "\n".join(lines)
 
 
@@ -146,8 +155,9 @@ def write_compare(run_dirs: list, out_dir: str | Path) -> tuple[str, list[Path]]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = out_dir / "compare.md"
-    markdown.write_text("# Run comparison\n\n" + table + "\n\nRuns: " +
-                        ", ".join(f"{s.name} = {s.path}" for s in summaries) + "\n")
+    markdown.write_text(
+        "# Run comparison\n\n" + table + "\n\nRuns: " + ", ".join(f"{s.name} = {s.path}" for s in summaries) + "\n"
+    )
     plot = plot_compare(summaries, out_dir / "compare.png")
     return table, [markdown, plot]
 
@@ -173,8 +183,15 @@ def robustness(scorers: dict, documents: list, kinds, rates, seed: int = 0) -> l
         docs = [doc for doc in docs if doc]
         bpb = {name: scorer.evaluate(docs).bpb for name, scorer in scorers.items()}
         clean = rows[0]["bpb"] if rows else bpb
-        rows.append({"kind": kind, "rate": rate, "bytes": sum(len(d) for d in docs), "bpb": bpb,
-                     "ratio": {name: bpb[name] / clean[name] for name in bpb}})
+        rows.append(
+            {
+                "kind": kind,
+                "rate": rate,
+                "bytes": sum(len(d) for d in docs),
+                "bpb": bpb,
+                "ratio": {name: bpb[name] / clean[name] for name in bpb},
+            }
+        )
     return rows
 
 

@@ -66,7 +66,7 @@ def _strip_wrapper_prefix(keys) -> dict[str, str]:
     keys = list(keys)
     for prefix in WRAPPER_PREFIXES:
         if keys and all(k.startswith(prefix) for k in keys):
-            return {k[len(prefix):]: k for k in keys}
+            return {k[len(prefix) :]: k for k in keys}
     return {k: k for k in keys}
 
 
@@ -129,8 +129,10 @@ def read_torch(path: Path) -> StateDictFile:
     try:
         import torch
     except ImportError:
-        raise ConvertError(f"reading {path.name} needs PyTorch: pip install 'hnet-jax[torch]' "
-                           f"(or convert the file to .safetensors elsewhere)") from None
+        raise ConvertError(
+            f"reading {path.name} needs PyTorch: pip install 'hnet-jax[torch]' "
+            f"(or convert the file to .safetensors elsewhere)"
+        ) from None
     is_zip = zipfile.is_zipfile(path)
     try:
         # Everything the weights-only unpickler does not know becomes an inert stub.
@@ -161,7 +163,9 @@ def read_state_dict(path: str | Path) -> StateDictFile:
         return read_safetensors(path)
     if path.suffix in TORCH_SUFFIXES:
         return read_torch(path)
-    raise ConvertError(f"{path}: unknown checkpoint format; expected .safetensors or a torch file ({', '.join(TORCH_SUFFIXES)})")
+    raise ConvertError(
+        f"{path}: unknown checkpoint format; expected .safetensors or a torch file ({', '.join(TORCH_SUFFIXES)})"
+    )
 
 
 def load_reference_config(path: str | Path) -> ModelConfig:
@@ -199,25 +203,38 @@ def convert(checkpoint: str | Path, config_path: str | Path, out: str | Path, *,
         path = paths[entry.path]
         if entry.tied:
             if not bool(jnp.array_equal(array, values[path])):
-                raise ConvertError(f"{checkpoint.name}: {entry.key} differs from the parameter it is tied to ({entry.path})")
+                raise ConvertError(
+                    f"{checkpoint.name}: {entry.key} differs from the parameter it is tied to ({entry.path})"
+                )
             continue
         values[path] = array
     nnx.replace_by_pure_dict(params, nnx.traversals.unflatten_mapping(values))
 
     with open(checkpoint, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    info = {"dtype": jnp.dtype(stored).name, "source": checkpoint.name, "source_sha256": sha256, "step": None,
-            "converted_from": SOURCE_DESCRIPTION}
+    info = {
+        "dtype": jnp.dtype(stored).name,
+        "source": checkpoint.name,
+        "source_sha256": sha256,
+        "step": None,
+        "converted_from": SOURCE_DESCRIPTION,
+    }
     return write_export(out, params, config, info)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hnet.inference.convert",
-                                     description="Convert a published H-Net checkpoint (goombalab/hnet) into an export folder.")
-    parser.add_argument("--checkpoint", required=True, help="reference state_dict: .safetensors, or .pt/.bin (needs torch)")
+    parser = argparse.ArgumentParser(
+        prog="python -m hnet.inference.convert",
+        description="Convert a published H-Net checkpoint (goombalab/hnet) into an export folder.",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="reference state_dict: .safetensors, or .pt/.bin (needs torch)"
+    )
     parser.add_argument("--config", required=True, help="the reference JSON config, e.g. configs/hnet_2stage_XL.json")
     parser.add_argument("--out", required=True, help="export folder to create (must not exist)")
-    parser.add_argument("--dtype", default="float32", help="parameter dtype of the export: float32 (default) or bfloat16")
+    parser.add_argument(
+        "--dtype", default="float32", help="parameter dtype of the export: float32 (default) or bfloat16"
+    )
     args = parser.parse_args(argv)
     try:
         print(f"wrote {convert(args.checkpoint, args.config, args.out, dtype=args.dtype)}")

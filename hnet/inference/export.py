@@ -124,15 +124,20 @@ def export_reference(checkpoint: str | Path, out: str | Path, *, step: int | Non
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hnet.inference.export",
-                                     description="Export a training checkpoint's parameters for inference.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hnet.inference.export", description="Export a training checkpoint's parameters for inference."
+    )
     parser.add_argument("--checkpoint", required=True, help="training run folder (or an export folder)")
     parser.add_argument("--out", required=True, help="export folder to create (must not exist)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     parser.add_argument("--dtype", default="fp32", help="parameter dtype: fp32 (default) or bf16")
-    parser.add_argument("--format", choices=("hnet", "reference"), default="hnet",
-                        help="hnet: an export folder (default); reference: model.safetensors + config.json "
-                             "in the names and layouts of goombalab/hnet")
+    parser.add_argument(
+        "--format",
+        choices=("hnet", "reference"),
+        default="hnet",
+        help="hnet: an export folder (default); reference: model.safetensors + config.json "
+        "in the names and layouts of goombalab/hnet",
+    )
     args = parser.parse_args(argv)
     try:
         if args.format == "reference":

@@ -42,10 +42,10 @@ class LoadedModel:
 
     model: LanguageModel
     config: ModelConfig
-    kind: str                 # "run" or "export"
+    kind: str  # "run" or "export"
     path: Path
-    step: int | None          # training step of the parameters
-    tokenizer_path: Path | None   # tokenizer.json for token models, else None
+    step: int | None  # training step of the parameters
+    tokenizer_path: Path | None  # tokenizer.json for token models, else None
     tokenizer: BPETokenizer | None  # that tokenizer, loaded
 
 
@@ -88,6 +88,7 @@ def _restore_params(directory: Path, abstract, *, partial: bool):
 
 def _restore_run_params(run_dir: Path, abstract, step: int | None):
     """-> (parameters, step) of a run's newest usable checkpoint, or of `step`; warnings on stderr."""
+
     def restore(candidate: int):
         return _restore_params(RunDir(run_dir).checkpoint(candidate) / "state", abstract, partial=True)
 
@@ -125,8 +126,10 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     if is_export:
         info = _read_json(path / "export.json", "export info")
         if info.get("format") != EXPORT_FORMAT or info.get("format_version") != EXPORT_VERSION:
-            raise LoadError(f"{path} is not a {EXPORT_FORMAT} v{EXPORT_VERSION} folder "
-                            f"(found format {info.get('format')!r} v{info.get('format_version')!r})")
+            raise LoadError(
+                f"{path} is not a {EXPORT_FORMAT} v{EXPORT_VERSION} folder "
+                f"(found format {info.get('format')!r} v{info.get('format_version')!r})"
+            )
         model_dict, step = _read_json(path / "config.json", "model config"), info.get("step")
     else:
         model_dict = _read_json(RunDir(path).config, "run config").get("model")
@@ -154,5 +157,12 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
             raise LoadError(str(err)) from None
     elif not config.is_byte_model:
         raise LoadError(f"{path} holds a token model ({config.vocab_size} ids) but no tokenizer.json")
-    return LoadedModel(model=nnx.merge(graphdef, params), config=config, kind="export" if is_export else "run",
-                       path=path, step=step, tokenizer_path=tokenizer_path if tokenizer else None, tokenizer=tokenizer)
+    return LoadedModel(
+        model=nnx.merge(graphdef, params),
+        config=config,
+        kind="export" if is_export else "run",
+        path=path,
+        step=step,
+        tokenizer_path=tokenizer_path if tokenizer else None,
+        tokenizer=tokenizer,
+    )

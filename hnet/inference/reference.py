@@ -52,9 +52,9 @@ import numpy as np
 from hnet.config import ModelConfig, parse_layout
 from hnet.errors import ConvertError
 
-SAME = "same"              # the same array
+SAME = "same"  # the same array
 TRANSPOSED = "transposed"  # (out, in) there, (in, out) here
-CONV = "conv"              # Conv1d weight (C, 1, K) there, (K, C) here
+CONV = "conv"  # Conv1d weight (C, 1, K) there, (K, C) here
 
 # Keys of non-persistent buffers that a file may hold anyway; they are recomputed, never read.
 SKIPPED_SUFFIXES = (".inv_freq",)
@@ -186,7 +186,9 @@ def _first(names, limit: int = 3) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def check_file_keys(table: list[Tensor], file_shapes: dict[str, tuple], model_shapes: dict[str, tuple], what: str) -> None:
+def check_file_keys(
+    table: list[Tensor], file_shapes: dict[str, tuple], model_shapes: dict[str, tuple], what: str
+) -> None:
     """Strict match of a file's keys and shapes with the table: every key used once, every
     parameter filled, every shape as the model expects. Raises one ConvertError, starting with
     `what`, naming the first missing, unexpected and mismatched keys."""
@@ -216,19 +218,28 @@ def check_model_covered(table: list[Tensor], model_shapes: dict[str, tuple]) -> 
     paths = [t.path for t in table if not t.tied]
     uncovered = sorted(set(model_shapes) - set(paths))
     if uncovered or len(paths) != len(set(paths)) or set(paths) - set(model_shapes):
-        raise ConvertError(f"internal: the reference table does not cover the model's parameters (e.g. {_first(uncovered)})")
+        raise ConvertError(
+            f"internal: the reference table does not cover the model's parameters (e.g. {_first(uncovered)})"
+        )
 
 
 def reference_config(config: ModelConfig) -> dict:
     """Our config -> the reference's config.json (its fields only). Raises ConvertError for what
     the reference cannot express."""
     if config.ssm_cfg.head_dim != REFERENCE_SSM_HEAD_DIM and any(
-            letter in "mM" for stage in range(config.depth + 1) for layout in config.stage_layout(stage)
-            for letter, _ in parse_layout(layout)):
-        raise ConvertError(f"the reference's Mamba2 heads have {REFERENCE_SSM_HEAD_DIM} dims; this model's have {config.ssm_cfg.head_dim}")
+        letter in "mM"
+        for stage in range(config.depth + 1)
+        for layout in config.stage_layout(stage)
+        for letter, _ in parse_layout(layout)
+    ):
+        raise ConvertError(
+            f"the reference's Mamba2 heads have {REFERENCE_SSM_HEAD_DIM} dims; this model's have {config.ssm_cfg.head_dim}"
+        )
     attn = config.attn_cfg
     if attn.num_kv_heads is not None and tuple(attn.num_kv_heads) != tuple(attn.num_heads):
-        raise ConvertError(f"the reference has no grouped KV heads; this model has num_kv_heads {list(attn.num_kv_heads)}")
+        raise ConvertError(
+            f"the reference has no grouped KV heads; this model has num_kv_heads {list(attn.num_kv_heads)}"
+        )
     heuristic = [mode for mode in config.routing if mode != "learned"]
     if heuristic:
         raise ConvertError(f"the reference routes with learned boundaries only; this model uses {heuristic[0]!r}")
@@ -239,7 +250,10 @@ def reference_config(config: ModelConfig) -> dict:
         "d_intermediate": list(config.d_intermediate),
         "vocab_size": config.vocab_size,
         "ssm_cfg": {"chunk_size": ssm.chunk_size, "d_conv": ssm.d_conv, "d_state": ssm.d_state, "expand": ssm.expand},
-        "attn_cfg": {"num_heads": list(attn.num_heads), "rotary_emb_dim": list(attn.rotary_emb_dim),
-                     "window_size": list(attn.window_size)},
+        "attn_cfg": {
+            "num_heads": list(attn.num_heads),
+            "rotary_emb_dim": list(attn.rotary_emb_dim),
+            "window_size": list(attn.window_size),
+        },
         "tie_embeddings": config.tie_embeddings,
     }

@@ -133,8 +133,8 @@ class CheckpointStatus:
 
     step: int
     path: Path
-    state: str      # "good", "damaged", "incomplete" or "unverified"
-    reason: str     # why it is damaged, incomplete or unverified; for good: what was checked
+    state: str  # "good", "damaged", "incomplete" or "unverified"
+    reason: str  # why it is damaged, incomplete or unverified; for good: what was checked
 
     @property
     def usable(self) -> bool:
@@ -144,8 +144,9 @@ class CheckpointStatus:
         return f"checkpoint {self.path} is {self.state} ({self.reason})"
 
 
-def check_step(run_dir: str | Path, step: int, steps: list[int] | None = None,
-               hash_files: bool = True) -> CheckpointStatus:
+def check_step(
+    run_dir: str | Path, step: int, steps: list[int] | None = None, hash_files: bool = True
+) -> CheckpointStatus:
     """The status of RUN_DIR/checkpoints/<step>; `steps` (all steps of the run) saves a listing."""
     run = RunDir(run_dir)
     steps = run.checkpoint_steps() if steps is None else steps
@@ -153,15 +154,23 @@ def check_step(run_dir: str | Path, step: int, steps: list[int] | None = None,
     if not (folder / MANIFEST).is_file():
         with_manifest = [s for s in steps if (run.checkpoint(s) / MANIFEST).is_file()]
         if with_manifest and step > max(with_manifest):
-            return CheckpointStatus(step, folder, "incomplete", "no manifest, and saved after the newest checkpoint "
-                                    "that has one: its save was interrupted or is still finishing")
-        return CheckpointStatus(step, folder, "unverified", "no manifest: saved before checkpoint manifests, not checked")
+            return CheckpointStatus(
+                step,
+                folder,
+                "incomplete",
+                "no manifest, and saved after the newest checkpoint "
+                "that has one: its save was interrupted or is still finishing",
+            )
+        return CheckpointStatus(
+            step, folder, "unverified", "no manifest: saved before checkpoint manifests, not checked"
+        )
     problem = check_manifest(folder, hash_files)
     if problem is not None:
         return CheckpointStatus(step, folder, "damaged", problem)
     count = len(json.loads((folder / MANIFEST).read_text())["files"])
-    return CheckpointStatus(step, folder, "good", f"{count} files match the manifest" +
-                            ("" if hash_files else " in size"))
+    return CheckpointStatus(
+        step, folder, "good", f"{count} files match the manifest" + ("" if hash_files else " in size")
+    )
 
 
 def survey(run_dir: str | Path, hash_files: bool = True) -> list[CheckpointStatus]:
@@ -175,14 +184,20 @@ class Restored:
     """What restore_newest found and read."""
 
     step: int
-    value: Any                        # whatever `restore` returned
-    status: CheckpointStatus          # of the restored checkpoint: good or unverified
-    skipped: list[CheckpointStatus]   # newer checkpoints that could not be used, newest first
+    value: Any  # whatever `restore` returned
+    status: CheckpointStatus  # of the restored checkpoint: good or unverified
+    skipped: list[CheckpointStatus]  # newer checkpoints that could not be used, newest first
 
 
-def restore_newest(run_dir: str | Path, restore: Callable[[int], Any], *, step: int | None = None,
-                   hash_files: bool = True, all_agree: Callable[[bool], bool] = lambda ok: ok,
-                   passthrough: tuple[type[BaseException], ...] = ()) -> Restored:
+def restore_newest(
+    run_dir: str | Path,
+    restore: Callable[[int], Any],
+    *,
+    step: int | None = None,
+    hash_files: bool = True,
+    all_agree: Callable[[bool], bool] = lambda ok: ok,
+    passthrough: tuple[type[BaseException], ...] = (),
+) -> Restored:
     """Restore the newest usable checkpoint of a run, or exactly `step`.
 
     restore(step) reads the checkpoint (any exception counts as damage, except the `passthrough`
@@ -197,7 +212,7 @@ def restore_newest(run_dir: str | Path, restore: Callable[[int], Any], *, step: 
     if step is not None and step not in steps:
         raise CheckpointError(f"{run_dir} has no checkpoint at step {step} (have {', '.join(map(str, steps))})")
     skipped = []
-    for candidate in ([step] if step is not None else reversed(steps)):
+    for candidate in [step] if step is not None else reversed(steps):
         status = check_step(run_dir, candidate, steps, hash_files)
         if all_agree(status.usable):
             try:
@@ -208,7 +223,9 @@ def restore_newest(run_dir: str | Path, restore: Callable[[int], Any], *, step: 
                 value, failure = None, f"cannot be restored: {_first_line(err)}"
             if all_agree(failure is None):
                 return Restored(candidate, value, status, skipped)
-            status = CheckpointStatus(candidate, status.path, "damaged", failure or "cannot be restored on another process")
+            status = CheckpointStatus(
+                candidate, status.path, "damaged", failure or "cannot be restored on another process"
+            )
         elif status.usable:
             status = CheckpointStatus(candidate, status.path, "damaged", "found damaged by another process")
         if step is not None:
@@ -304,13 +321,14 @@ class Checkpointer:
         self.primary = jax.process_index() == 0 if primary is None else primary
         # Retention is ours (after the manifest), so that damaged checkpoints never count or go.
         # cleanup_tmp_directories: a save interrupted by a kill left a temporary folder; it goes.
-        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=async_save,
-                                               cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        self._checked: dict[int, str] = {}   # step -> "good"/"damaged", from a manifest written or verified here
+        self._checked: dict[int, str] = {}  # step -> "good"/"damaged", from a manifest written or verified here
         self._lock = threading.Lock()
         self._manifest_thread: threading.Thread | None = None
-        self._saving: int | None = None      # the step of the save in flight (its failure may surface later)
+        self._saving: int | None = None  # the step of the save in flight (its failure may surface later)
         _report_failed_saves_once(self.directory)
         self._failure: BaseException | None = None  # a failed save seen by the manifest thread, for the main thread
 
@@ -345,8 +363,9 @@ class Checkpointer:
         if not self.primary:
             return
         if self.async_save:
-            self._manifest_thread = threading.Thread(target=self._after_commit, args=(step,),
-                                                     name=f"hnet-manifest-{step}", daemon=True)
+            self._manifest_thread = threading.Thread(
+                target=self._after_commit, args=(step,), name=f"hnet-manifest-{step}", daemon=True
+            )
             self._manifest_thread.start()
         else:
             self._after_commit(step)
@@ -471,9 +490,13 @@ class Checkpointer:
             raise RunWriteError(
                 f"saving checkpoint step {step} into {self.directory} failed: {describe_write_failure(err)}"
                 + (f" ({free} free there)" if free else "")
-                + (f"; the checkpoints saved before are intact (newest: step {committed[-1]})" if committed
-                   else "; no checkpoint was saved before it")
-                + "; make room and resume with the same command") from None
+                + (
+                    f"; the checkpoints saved before are intact (newest: step {committed[-1]})"
+                    if committed
+                    else "; no checkpoint was saved before it"
+                )
+                + "; make room and resume with the same command"
+            ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,8 +523,10 @@ def verify_main(run_dir: str) -> int:
     if statuses[0].state == "good":
         return EXIT_GOOD
     if usable:
-        print(f"the newest checkpoint is {statuses[0].state}; a resume would use step {usable[0].step} "
-              f"({usable[0].state})")
+        print(
+            f"the newest checkpoint is {statuses[0].state}; a resume would use step {usable[0].step} "
+            f"({usable[0].state})"
+        )
         return EXIT_FALLBACK
     print("no usable checkpoint")
     return EXIT_NONE_USABLE
@@ -509,12 +534,14 @@ def verify_main(run_dir: str) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hnet.io.checkpoint", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m hnet.io.checkpoint",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Check the checkpoints of a training run against their manifests.",
         epilog="verify RUN_DIR prints each checkpoint (newest first) as good, damaged, incomplete or unverified\n"
-               "with the reason. Exit codes: 0 the newest checkpoint is good; 1 it is not, but an older (or\n"
-               "unverified) one is usable, and a resume falls back to it; 2 bad input (no such folder, no\n"
-               "checkpoints); 3 no checkpoint is usable.")
+        "with the reason. Exit codes: 0 the newest checkpoint is good; 1 it is not, but an older (or\n"
+        "unverified) one is usable, and a resume falls back to it; 2 bad input (no such folder, no\n"
+        "checkpoints); 3 no checkpoint is usable.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="check every checkpoint of a run folder")
     verify.add_argument("run_dir", metavar="RUN_DIR")

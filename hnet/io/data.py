@@ -48,7 +48,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -56,6 +56,9 @@ from data.shards import FORMAT, TOKENS_FORMAT, PrepareError, verify_split
 from data.stdlib import prepare as stdlib_prepare
 from hnet.errors import DataError
 from hnet.vocab import BOS_ID, BYTE_VOCAB_SIZE
+
+if TYPE_CHECKING:  # grain is imported only where the training pipeline is built
+    import grain
 
 TOKEN_DTYPES = ("uint16", "uint32")  # element types a token corpus may use
 
@@ -70,10 +73,10 @@ class SplitInfo:
 
     name: str
     shards: tuple[str, ...]  # .bin file names, in order
-    num_bytes: int           # text bytes of the documents
+    num_bytes: int  # text bytes of the documents
     num_docs: int
-    sha256: str              # of the .bin contents, in order
-    num_tokens: int          # elements in the shards: bytes (= num_bytes), or token ids
+    sha256: str  # of the .bin contents, in order
+    num_tokens: int  # elements in the shards: bytes (= num_bytes), or token ids
     shard_sha256: tuple[str, ...] | None  # of each .bin file; None in corpora prepared before it
 
 
@@ -118,8 +121,10 @@ class PreparedCorpus:
             }
             for name, info in self.splits.items():
                 if info.shard_sha256 is not None and len(info.shard_sha256) != len(info.shards):
-                    raise DataError(f"{meta_path}: split '{name}' lists {len(info.shards)} shards but "
-                                    f"{len(info.shard_sha256)} shard checksums")
+                    raise DataError(
+                        f"{meta_path}: split '{name}' lists {len(info.shards)} shards but "
+                        f"{len(info.shard_sha256)} shard checksums"
+                    )
             if self.is_tokens:
                 if meta["dtype"] not in TOKEN_DTYPES:
                     raise DataError(f"{meta_path}: dtype {meta['dtype']!r} is not one of {TOKEN_DTYPES}")
@@ -132,8 +137,7 @@ class PreparedCorpus:
         self.bytes_per_id = self._load_bytes_per_id()
         # offsets[split][i]: int64 (docs_in_shard + 1,) document start offsets of shard i.
         self._offsets: dict[str, list[np.ndarray]] = {
-            name: [self._load_offsets(name, shard) for shard in info.shards]
-            for name, info in self.splits.items()
+            name: [self._load_offsets(name, shard) for shard in info.shards] for name, info in self.splits.items()
         }
         unit = "tokens" if self.is_tokens else "bytes"
         for name, info in self.splits.items():
@@ -173,9 +177,7 @@ class PreparedCorpus:
         except (ValueError, OSError) as e:
             raise DataError(f"shard index {idx_path} cannot be read ({e})") from None
         if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 2:
-            raise DataError(
-                f"shard index {idx_path} is not a 1-D integer array of >= 2 offsets"
-            )
+            raise DataError(f"shard index {idx_path} is not a 1-D integer array of >= 2 offsets")
         offsets = offsets.astype(np.int64)
         size = bin_path.stat().st_size
         if offsets[0] != 0:
@@ -191,9 +193,7 @@ class PreparedCorpus:
 
     def split_info(self, split: str) -> SplitInfo:
         if split not in self.splits:
-            raise DataError(
-                f"{self.path} has no split '{split}' (has {', '.join(self.splits) or 'none'})"
-            )
+            raise DataError(f"{self.path} has no split '{split}' (has {', '.join(self.splits) or 'none'})")
         return self.splits[split]
 
     def offsets(self, split: str) -> list[np.ndarray]:
@@ -223,7 +223,9 @@ class PreparedCorpus:
         a corpus never does this (it checks sizes and offsets only)."""
         info = self.split_info(split)
         try:
-            verify_split(self.path, split, {"shards": info.shards, "sha256": info.sha256, "shard_sha256": info.shard_sha256})
+            verify_split(
+                self.path, split, {"shards": info.shards, "sha256": info.sha256, "shard_sha256": info.shard_sha256}
+            )
         except PrepareError as err:
             raise DataError(str(err)) from None
 
@@ -264,12 +266,8 @@ class PackedSequences:
             raise DataError(f"{self.corpus.path}: split '{split}' is empty (0 bytes)")
         # Per shard: stream position of each document's BOS, int64 (docs_in_shard,):
         # document d starts at element offsets[d] and is preceded by d earlier BOS elements.
-        self._doc_starts = [
-            o[:-1] + np.arange(len(o) - 1, dtype=np.int64) for o in self.corpus.offsets(split)
-        ]
-        stream_lengths = np.array(
-            [int(o[-1]) + len(o) - 1 for o in self.corpus.offsets(split)], dtype=np.int64
-        )
+        self._doc_starts = [o[:-1] + np.arange(len(o) - 1, dtype=np.int64) for o in self.corpus.offsets(split)]
+        stream_lengths = np.array([int(o[-1]) + len(o) - 1 for o in self.corpus.offsets(split)], dtype=np.int64)
         counts = (stream_lengths - 1) // seq_len  # windows [jL, jL+L+1) fully inside
         self._first = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
         if self._first[-1] == 0:
@@ -293,9 +291,7 @@ class PackedSequences:
         # Number of BOS elements before a stream position = documents starting before it.
         bos_before_begin = int(np.searchsorted(doc_starts, begin, side="left"))
         bos_before_end = int(np.searchsorted(doc_starts, end, side="left"))
-        data = self.corpus.shard_data(self.split, shard)[
-            begin - bos_before_begin : end - bos_before_end
-        ]
+        data = self.corpus.shard_data(self.split, shard)[begin - bos_before_begin : end - bos_before_end]
         window = np.empty(self.seq_len + 1, dtype=self.corpus.dtype)
         is_bos = np.zeros(self.seq_len + 1, dtype=bool)
         is_bos[doc_starts[bos_before_begin:bos_before_end] - begin] = True
@@ -328,7 +324,7 @@ def make_dataset(
     drop_remainder: bool = True,
     num_threads: int = 4,
     prefetch_batches: int = 8,
-) -> "grain.DatasetIterator":
+) -> grain.DatasetIterator:
     """Checkpointable iterator of training batches for this process.
 
     Yields {"input_ids": int32 (batch_size, seq_len), "targets": int32 (batch_size,
@@ -351,8 +347,7 @@ def make_dataset(
     source = PackedSequences(corpus, split, seq_len)
     if len(source) < process_count:
         raise DataError(
-            f"split '{split}' has {len(source)} sequences of length {seq_len}, fewer than "
-            f"the {process_count} processes"
+            f"split '{split}' has {len(source)} sequences of length {seq_len}, fewer than the {process_count} processes"
         )
     ds = grain.MapDataset.source(source)
     if shuffle:

@@ -43,8 +43,8 @@ from hnet.parallel import multihost
 
 BOS_TOKEN = "<|bos|>"
 TOKENIZER_FILE = "tokenizer.json"  # a saved tokenizer's name in a token corpus or an export (runs: RunDir.tokenizer)
-MAX_PIECE_CHARS = 1 << 20              # longest text handed to the encoder at once
-ENCODE_BATCH_CHARS = 1 << 23           # text gathered per call of the (parallel) batch encoder
+MAX_PIECE_CHARS = 1 << 20  # longest text handed to the encoder at once
+ENCODE_BATCH_CHARS = 1 << 23  # text gathered per call of the (parallel) batch encoder
 
 
 def _byte_to_char() -> list[str]:
@@ -77,8 +77,8 @@ def _pieces(data: bytes) -> Iterator[str | bytes]:
             text, invalid = codecs.utf_8_decode(view[start:], "strict", True)[0], b""
             start = len(data)
         except UnicodeDecodeError as err:  # err.start/end: the invalid run, relative to start
-            text = codecs.utf_8_decode(view[start:start + err.start], "strict", True)[0]
-            invalid = bytes(view[start + err.start:start + err.end])
+            text = codecs.utf_8_decode(view[start : start + err.start], "strict", True)[0]
+            invalid = bytes(view[start + err.start : start + err.end])
             start += err.end
         begin = 0
         while len(text) - begin > MAX_PIECE_CHARS:
@@ -146,8 +146,12 @@ class BPETokenizer:
         texts = [p for pieces in docs for p in pieces if isinstance(p, str)]
         encoded = iter(self._hf.encode_batch(texts, add_special_tokens=False))
         for pieces in docs:
-            parts = [np.asarray(next(encoded).ids, dtype=np.int32) if isinstance(p, str)
-                     else self._byte_ids[np.frombuffer(p, dtype=np.uint8)] for p in pieces]
+            parts = [
+                np.asarray(next(encoded).ids, dtype=np.int32)
+                if isinstance(p, str)
+                else self._byte_ids[np.frombuffer(p, dtype=np.uint8)]
+                for p in pieces
+            ]
             yield np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
     def decode(self, ids: Iterable[int]) -> bytes:
@@ -183,15 +187,23 @@ class BPETokenizer:
         try:
             hf = Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises plain Exception
-            raise DataError(f"tokenizer file {path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise DataError(
+                f"tokenizer file {path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            ) from None
         return cls(hf)
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id})"
 
 
-def train_tokenizer(corpus: PreparedCorpus | str | os.PathLike, split: str, vocab_size: int, *,
-                    min_frequency: int = 2, verbose: bool = False) -> BPETokenizer:
+def train_tokenizer(
+    corpus: PreparedCorpus | str | os.PathLike,
+    split: str,
+    vocab_size: int,
+    *,
+    min_frequency: int = 2,
+    verbose: bool = False,
+) -> BPETokenizer:
     """Train a byte-level BPE tokenizer of `vocab_size` ids on a byte corpus split.
 
     Documents are streamed from the memory-mapped shards. Raises DataError when the split is
@@ -209,8 +221,11 @@ def train_tokenizer(corpus: PreparedCorpus | str | os.PathLike, split: str, voca
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=verbose,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[BOS_TOKEN],
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=verbose,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[BOS_TOKEN],
     )
     texts = (p for doc in corpus.documents(split) for p in _pieces(bytes(doc)) if isinstance(p, str))
     hf.train_from_iterator(texts, trainer=trainer)
@@ -229,8 +244,13 @@ def load_run_tokenizer(run_dir: str | os.PathLike) -> BPETokenizer | None:
     return BPETokenizer.load(path) if path.exists() else None
 
 
-def setup_run_tokenizer(spec: None | str | dict, run_dir: str | os.PathLike, corpus: PreparedCorpus,
-                        split: str, log: Callable[[str], None] = print) -> BPETokenizer | None:
+def setup_run_tokenizer(
+    spec: None | str | dict,
+    run_dir: str | os.PathLike,
+    corpus: PreparedCorpus,
+    split: str,
+    log: Callable[[str], None] = print,
+) -> BPETokenizer | None:
     """The tokenizer a run trains with, kept as RUN_DIR/tokenizer.json.
 
     spec (data.tokenizer): None -> bytes (returns None); {"vocab_size": V} -> train one on
@@ -282,8 +302,10 @@ def tokenize_corpus(corpus: PreparedCorpus, tokenizer: BPETokenizer, verbose: bo
             shutil.rmtree(tmp, ignore_errors=True)
     tokens = PreparedCorpus(out)
     if verbose:
-        parts = [f"{n} {s.num_tokens:,d} tokens ({s.num_bytes / max(s.num_tokens, 1):.2f} bytes/token)"
-                 for n, s in tokens.splits.items()]
+        parts = [
+            f"{n} {s.num_tokens:,d} tokens ({s.num_bytes / max(s.num_tokens, 1):.2f} bytes/token)"
+            for n, s in tokens.splits.items()
+        ]
         print(f"token corpus {out}: {', '.join(parts)}")
     return tokens
 
@@ -306,13 +328,25 @@ def _write_token_corpus(corpus: PreparedCorpus, tokenizer: BPETokenizer, folder:
             np.save(folder / (shard.removesuffix(".bin") + ".idx.npy"), np.asarray(offsets, dtype=np.int64))
             num_tokens += offsets[-1]
             shard_names.append(shard)
-        splits[name] = {"shards": shard_names, "num_tokens": num_tokens, "num_bytes": info.num_bytes,
-                        "num_docs": info.num_docs, "sha256": hasher.hexdigest(), "shard_sha256": shard_sha256,
-                        "source_sha256": info.sha256}
+        splits[name] = {
+            "shards": shard_names,
+            "num_tokens": num_tokens,
+            "num_bytes": info.num_bytes,
+            "num_docs": info.num_docs,
+            "sha256": hasher.hexdigest(),
+            "shard_sha256": shard_sha256,
+            "source_sha256": info.sha256,
+        }
     np.save(folder / "token_bytes.npy", tokenizer.byte_lengths)
     tokenizer.save(folder / TOKENIZER_FILE)  # provenance
-    meta = {"format": TOKENS_FORMAT, "source": f"{corpus.path} tokenized (key {key})",
-            "dtype": dtype.name, "bos_id": tokenizer.bos_id, "vocab_size": tokenizer.vocab_size, "splits": splits}
+    meta = {
+        "format": TOKENS_FORMAT,
+        "source": f"{corpus.path} tokenized (key {key})",
+        "dtype": dtype.name,
+        "bos_id": tokenizer.bos_id,
+        "vocab_size": tokenizer.vocab_size,
+        "splits": splits,
+    }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -338,14 +372,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m hnet.io.tokenizer",
         description="Train the byte-level BPE tokenizer a token run uses (the recipe train.py applies for "
-                    "data.tokenizer = {\"vocab_size\": V}) and print bytes per token on corpus splits.")
+        'data.tokenizer = {"vocab_size": V}) and print bytes per token on corpus splits.',
+    )
     parser.add_argument("--corpus", required=True, help="prepared byte corpus folder")
     parser.add_argument("--split", default="train", help="split to train on (default: train)")
     parser.add_argument("--vocab-size", type=int, help="ids, BOS included; omit with --load to only measure")
     parser.add_argument("--out", help="where to write tokenizer.json (an existing file is not overwritten)")
     parser.add_argument("--load", help="measure this tokenizer.json instead of training one")
-    parser.add_argument("--measure", nargs="*", default=["train", "validation"], metavar="SPLIT",
-                        help="splits to report bytes per token on (default: train validation)")
+    parser.add_argument(
+        "--measure",
+        nargs="*",
+        default=["train", "validation"],
+        metavar="SPLIT",
+        help="splits to report bytes per token on (default: train validation)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     try:
@@ -363,16 +403,20 @@ def main(argv: list[str] | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             tokenizer.save(out)
             if not args.json:
-                print(f"trained {tokenizer.vocab_size} ids on split '{args.split}' of {corpus.path} "
-                      f"in {time.perf_counter() - start:.0f} s -> {out}")
+                print(
+                    f"trained {tokenizer.vocab_size} ids on split '{args.split}' of {corpus.path} "
+                    f"in {time.perf_counter() - start:.0f} s -> {out}"
+                )
         measured = {"tokenizer": args.load or args.out, "vocab_size": tokenizer.vocab_size, "splits": {}}
         for split in args.measure:
             num_bytes, num_tokens = bytes_per_token(tokenizer, corpus, split)
             ratio = num_bytes / max(num_tokens, 1)
             measured["splits"][split] = {"bytes": num_bytes, "tokens": num_tokens, "bytes_per_token": ratio}
             if not args.json:
-                print(f"{split}: {num_bytes:,d} bytes / {num_tokens:,d} tokens = {ratio:.3f} bytes per token "
-                      f"(each document alone, no BOS)")
+                print(
+                    f"{split}: {num_bytes:,d} bytes / {num_tokens:,d} tokens = {ratio:.3f} bytes per token "
+                    f"(each document alone, no BOS)"
+                )
     except DataError as err:
         return report(err)
     if args.json:

@@ -32,8 +32,18 @@ class CausalSelfAttention(nnx.Module):
     positions and itself; -1 = global), output projection D -> D. No biases.
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, rotary_dim: int, window: int,
-                 *, dtype, out_scale: float, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        rotary_dim: int,
+        window: int,
+        *,
+        dtype,
+        out_scale: float,
+        rngs: nnx.Rngs,
+    ):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = d_model // num_heads
         self.rotary_dim, self.window = rotary_dim, window
@@ -47,8 +57,8 @@ class CausalSelfAttention(nnx.Module):
         qkv = self.wqkv(x)
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q = qkv[..., :q_dim].reshape(batch, length, self.num_heads, self.head_dim)
-        k = qkv[..., q_dim:q_dim + kv_dim].reshape(batch, length, self.num_kv_heads, self.head_dim)
-        v = qkv[..., q_dim + kv_dim:].reshape(batch, length, self.num_kv_heads, self.head_dim)
+        k = qkv[..., q_dim : q_dim + kv_dim].reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = qkv[..., q_dim + kv_dim :].reshape(batch, length, self.num_kv_heads, self.head_dim)
         q = rotary_embedding(q, positions, self.rotary_dim)
         k = rotary_embedding(k, positions, self.rotary_dim)
         return q, k, v
@@ -57,7 +67,9 @@ class CausalSelfAttention(nnx.Module):
         """Cache slots C for sequences of up to `max_length` positions."""
         return max_length if self.window < 0 else min(max_length, self.window + 1)
 
-    def forward(self, x: jax.Array, segments: Segments, lengths: jax.Array | None = None, max_length: int | None = None):
+    def forward(
+        self, x: jax.Array, segments: Segments, lengths: jax.Array | None = None, max_length: int | None = None
+    ):
         """Causal attention within each document of x (B, L, D) -> (y (B, L, D), KVCache or None).
 
         RoPE uses positions within the document, so a document attends exactly as it would alone.
@@ -76,11 +88,16 @@ class CausalSelfAttention(nnx.Module):
             return y, None
         slots = self.cache_slots(max_length)
         source = _slot_positions(lengths, slots)  # (B, C)
-        take = lambda t: jnp.where((source >= 0)[..., None, None], jnp.take_along_axis(
-            t, jnp.clip(source, 0, length - 1)[..., None, None], axis=1), 0).astype(t.dtype)
+        take = lambda t: jnp.where(
+            (source >= 0)[..., None, None],
+            jnp.take_along_axis(t, jnp.clip(source, 0, length - 1)[..., None, None], axis=1),
+            0,
+        ).astype(t.dtype)
         last = jnp.maximum(lengths - 1, 0)
         doc_begin = last - at_positions(segments.position, last)
-        return y, KVCache(key=take(k), value=take(v), length=lengths.astype(jnp.int32), doc_begin=doc_begin.astype(jnp.int32))
+        return y, KVCache(
+            key=take(k), value=take(v), length=lengths.astype(jnp.int32), doc_begin=doc_begin.astype(jnp.int32)
+        )
 
     def step(self, x: jax.Array, cache: KVCache, doc_start: jax.Array):
         """One new position per row: x (B, D), doc_start (B,) bool -> (y (B, D), updated KVCache)."""
@@ -89,8 +106,12 @@ class CausalSelfAttention(nnx.Module):
         doc_begin = jnp.where(doc_start, cache.length, cache.doc_begin)
         q, k, v = self.project_qkv(x[:, None], (cache.length - doc_begin)[:, None])
         write = jax.nn.one_hot(cache.length % slots, slots, dtype=bool)[..., None, None]  # (B, C, 1, 1)
-        cache = KVCache(key=jnp.where(write, k, cache.key), value=jnp.where(write, v, cache.value),
-                        length=cache.length + 1, doc_begin=doc_begin)
+        cache = KVCache(
+            key=jnp.where(write, k, cache.key),
+            value=jnp.where(write, v, cache.value),
+            length=cache.length + 1,
+            doc_begin=doc_begin,
+        )
         # Visible: the slots holding this document's positions (a window layer's ring holds exactly
         # the window, so nothing else needs masking).
         mask = (_slot_positions(cache.length, slots) >= doc_begin[:, None])[:, None, :]  # (B, 1, C)

@@ -15,8 +15,17 @@ flax.config.update("flax_always_shard_variable", False)
 INIT_STD = 0.02
 
 
-def linear(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx.Rngs, *,
-           dtype=jnp.float32, std: float = INIT_STD, param_dtype=jnp.float32, bias: bool = False) -> nnx.Linear:
+def linear(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str, str],
+    rngs: nnx.Rngs,
+    *,
+    dtype=jnp.float32,
+    std: float = INIT_STD,
+    param_dtype=jnp.float32,
+    bias: bool = False,
+) -> nnx.Linear:
     """A linear layer with N(0, std) weights of shape (in, out) named `axes`; bias-free unless
     `bias` (a zero-initialised (out,) vector named axes[1]).
 
@@ -24,9 +33,14 @@ def linear(in_features: int, out_features: int, axes: tuple[str, str], rngs: nnx
     """
     init = nnx.initializers.normal(stddev=std)
     return nnx.Linear(
-        in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+        in_features,
+        out_features,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
         kernel_init=nnx.with_partitioning(init, axes),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]), rngs=rngs,
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]),
+        rngs=rngs,
     )
 
 

@@ -32,7 +32,8 @@ REMAT_POLICIES = {
     "none": None,
     "block": _KEEP_ATTENTION,  # keep each block's input (and the attention residuals)
     "dots": jax.checkpoint_policies.save_from_both_policies(  # keep matmul outputs too
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION),
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION
+    ),
 }
 _remat_policy: contextvars.ContextVar[str] = contextvars.ContextVar("remat_policy", default="none")
 
@@ -71,8 +72,14 @@ class Block(nnx.Module):
         if self.is_attention:
             attn = config.attn_cfg
             self.mixer = CausalSelfAttention(
-                d_model, attn.num_heads[stage], config.num_kv_heads(stage), attn.rotary_emb_dim[stage],
-                attn.window_size[stage], dtype=self.dtype, out_scale=out_scale, rngs=rngs,
+                d_model,
+                attn.num_heads[stage],
+                config.num_kv_heads(stage),
+                attn.rotary_emb_dim[stage],
+                attn.window_size[stage],
+                dtype=self.dtype,
+                out_scale=out_scale,
+                rngs=rngs,
             )
         else:
             self.mixer = Mamba2(d_model, config.ssm_cfg, dtype=self.dtype, out_scale=out_scale, rngs=rngs)
@@ -110,10 +117,13 @@ class Isotropic(nnx.Module):
 
     def __init__(self, layout: str, config: ModelConfig, stage: int, n_res: int, rngs: nnx.Rngs):
         out_scale = 1.0 / math.sqrt(n_res)
-        self.blocks = nnx.List([
-            Block(letter, config, stage, out_scale, rngs)
-            for letter, count in parse_layout(layout) for _ in range(count)
-        ])
+        self.blocks = nnx.List(
+            [
+                Block(letter, config, stage, out_scale, rngs)
+                for letter, count in parse_layout(layout)
+                for _ in range(count)
+            ]
+        )
         self.norm = RMSNorm(config.d_model[stage])
 
     def forward(self, x: jax.Array, segments: Segments, lengths=None, max_length=None):

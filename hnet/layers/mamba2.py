@@ -40,30 +40,45 @@ class Mamba2(nnx.Module):
         self.num_heads = self.d_inner // ssm.head_dim
         self.head_dim, self.d_state, self.chunk_size = ssm.head_dim, ssm.d_state, ssm.chunk_size
         conv_dim = self.d_inner + 2 * ssm.d_state
-        self.in_proj = linear(d_model, self.d_inner + conv_dim + self.num_heads, ("embed", "mamba_in"), rngs, dtype=dtype)
+        self.in_proj = linear(
+            d_model, self.d_inner + conv_dim + self.num_heads, ("embed", "mamba_in"), rngs, dtype=dtype
+        )
         # Depthwise conv init as PyTorch's Conv1d default: U(-1/sqrt(K), 1/sqrt(K)).
         bound = 1.0 / math.sqrt(ssm.d_conv)
-        self.conv_weight = param(jax.random.uniform(rngs.params(), (ssm.d_conv, conv_dim), jnp.float32, -bound, bound), ("conv", "mamba_conv"))
-        self.conv_bias = param(jax.random.uniform(rngs.params(), (conv_dim,), jnp.float32, -bound, bound), ("mamba_conv",))
+        self.conv_weight = param(
+            jax.random.uniform(rngs.params(), (ssm.d_conv, conv_dim), jnp.float32, -bound, bound),
+            ("conv", "mamba_conv"),
+        )
+        self.conv_bias = param(
+            jax.random.uniform(rngs.params(), (conv_dim,), jnp.float32, -bound, bound), ("mamba_conv",)
+        )
         # dt in [1e-3, 0.1], log-uniform; dt_bias is its inverse softplus.
         log_dt = jax.random.uniform(rngs.params(), (self.num_heads,), jnp.float32, math.log(1e-3), math.log(0.1))
         dt = jnp.maximum(jnp.exp(log_dt), 1e-4)
         self.dt_bias = param(dt + jnp.log(-jnp.expm1(-dt)), ("ssm_heads",))
-        self.A_log = param(jnp.log(jax.random.uniform(rngs.params(), (self.num_heads,), jnp.float32, 1.0, 16.0)), ("ssm_heads",))
+        self.A_log = param(
+            jnp.log(jax.random.uniform(rngs.params(), (self.num_heads,), jnp.float32, 1.0, 16.0)), ("ssm_heads",)
+        )
         self.D = param(jnp.ones((self.num_heads,), jnp.float32), ("ssm_heads",))
         self.norm = RMSNorm(self.d_inner, axis_name="mamba_inner")
-        self.out_proj = linear(self.d_inner, d_model, ("mamba_inner", "embed"), rngs, dtype=dtype, std=INIT_STD * out_scale)
+        self.out_proj = linear(
+            self.d_inner, d_model, ("mamba_inner", "embed"), rngs, dtype=dtype, std=INIT_STD * out_scale
+        )
 
     def split_projection(self, zxbcdt: jax.Array):
         """in_proj output (..., Di + Di + 2S + H) -> z (..., Di), xBC (..., Di + 2S), dt_raw (..., H)."""
         conv_dim = self.d_inner + 2 * self.d_state
-        return zxbcdt[..., :self.d_inner], zxbcdt[..., self.d_inner:self.d_inner + conv_dim], zxbcdt[..., self.d_inner + conv_dim:]
+        return (
+            zxbcdt[..., : self.d_inner],
+            zxbcdt[..., self.d_inner : self.d_inner + conv_dim],
+            zxbcdt[..., self.d_inner + conv_dim :],
+        )
 
     def ssm_inputs(self, xBC: jax.Array, dt_raw: jax.Array):
         """Conv-activated xBC (..., Di + 2S) and raw dt -> x (..., H, P), dt (..., H), A (H,), B, C (..., S)."""
-        x = xBC[..., :self.d_inner]
-        B = xBC[..., self.d_inner:self.d_inner + self.d_state]
-        C = xBC[..., self.d_inner + self.d_state:]
+        x = xBC[..., : self.d_inner]
+        B = xBC[..., self.d_inner : self.d_inner + self.d_state]
+        C = xBC[..., self.d_inner + self.d_state :]
         x = x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
         dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + self.dt_bias[...])
         A = -jnp.exp(self.A_log[...])
@@ -84,7 +99,9 @@ class Mamba2(nnx.Module):
         for `step` (generation's prefill).
         """
         z, conv_input, dt_raw = self.split_projection(self.in_proj(hidden))
-        xBC = jax.nn.silu(causal_depthwise_conv(conv_input, self.conv_weight[...], self.conv_bias[...], segments.position))
+        xBC = jax.nn.silu(
+            causal_depthwise_conv(conv_input, self.conv_weight[...], self.conv_bias[...], segments.position)
+        )
         x, dt, A, B, C = self.ssm_inputs(xBC, dt_raw)
         if lengths is not None:  # dt = 0 on padding: the state passes through unchanged
             dt = jnp.where(jnp.arange(hidden.shape[1])[None, :, None] < lengths[:, None, None], dt, 0.0)
@@ -136,7 +153,7 @@ def causal_depthwise_conv(x: jax.Array, weight: jax.Array, bias: jax.Array, doc_
     out = 0
     for k in range(kernel):
         reach = kernel - 1 - k  # how many positions back tap k reads
-        tap = padded[:, k:k + length, :]
+        tap = padded[:, k : k + length, :]
         if reach:
             tap = jnp.where((doc_position >= reach)[..., None], tap, 0)
         out = out + tap * weight[k].astype(x.dtype)

@@ -55,8 +55,13 @@ def in_slurm_step() -> bool:
     return all(var in os.environ for var in _SLURM_STEP_VARS) and int(os.environ["SLURM_NTASKS"]) > 1
 
 
-def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, auto: bool = False, timeout_s: int = 300) -> bool:
+def maybe_initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = False,
+    timeout_s: int = 300,
+) -> bool:
     """Initialise jax.distributed when this process is one of several; returns True if it did.
 
     Must run before anything touches a JAX device. Arguments override the environment.
@@ -69,18 +74,24 @@ def maybe_initialize(coordinator: str | None = None, num_processes: int | None =
     num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
     auto = auto or os.environ.get("HNET_DISTRIBUTED", "") not in ("", "0")
-    timeouts = {"initialization_timeout": timeout_s, "heartbeat_timeout_seconds": timeout_s,
-                "shutdown_timeout_seconds": timeout_s}
+    timeouts = {
+        "initialization_timeout": timeout_s,
+        "heartbeat_timeout_seconds": timeout_s,
+        "shutdown_timeout_seconds": timeout_s,
+    }
 
     explicit = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
     if any(value is not None for value in explicit.values()) and not auto:
         missing = [flag for flag, value in explicit.items() if value is None]
         if missing:
-            raise ConfigError(f"multi-process run: also need {', '.join(missing)} (or the JAX_* environment "
-                              f"variables), or --distributed to detect the cluster")
+            raise ConfigError(
+                f"multi-process run: also need {', '.join(missing)} (or the JAX_* environment "
+                f"variables), or --distributed to detect the cluster"
+            )
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ConfigError(f"multi-process run: need 0 <= process id < number of processes, got "
-                              f"{process_id} and {num_processes}")
+            raise ConfigError(
+                f"multi-process run: need 0 <= process id < number of processes, got {process_id} and {num_processes}"
+            )
         if num_processes == 1:
             return False
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
@@ -153,8 +164,9 @@ class PeerWatchdog(threading.Thread):
                     return
                 if now - last_contact > self.silence_s:
                     lines = str(err).strip().splitlines() or [type(err).__name__]
-                    exit_after_lost_process(f"cannot reach the coordinator, process 0, for {now - last_contact:.0f} s "
-                                            f"({lines[0][:160]})")
+                    exit_after_lost_process(
+                        f"cannot reach the coordinator, process 0, for {now - last_contact:.0f} s ({lines[0][:160]})"
+                    )
                 continue
             for process in last_value:
                 value = values.get(str(process))
@@ -163,8 +175,10 @@ class PeerWatchdog(threading.Thread):
                 if value != last_value[process]:
                     last_value[process], last_change[process] = value, now
                 elif now - last_change[process] > self.silence_s:
-                    exit_after_lost_process(f"process {process} sent no heartbeat for {now - last_change[process]:.0f} s "
-                                            f"(it died, was preempted or hangs)")
+                    exit_after_lost_process(
+                        f"process {process} sent no heartbeat for {now - last_change[process]:.0f} s "
+                        f"(it died, was preempted or hangs)"
+                    )
 
     def stop(self) -> None:
         """On a normal exit: stop beating and tell the others this process is done, not dead."""
@@ -186,5 +200,9 @@ def exit_after_lost_process(what: str) -> None:
     state = _cluster_state()
     process = f"process {state.process_id} of {state.num_processes}" if state is not None else "this process"
     sys.stdout.flush()
-    os._exit(report(f"{process}: {what}; restart all processes with --resume to continue from the newest good "
-                    f"checkpoint", EXIT_PROCESS_LOST))
+    os._exit(
+        report(
+            f"{process}: {what}; restart all processes with --resume to continue from the newest good checkpoint",
+            EXIT_PROCESS_LOST,
+        )
+    )

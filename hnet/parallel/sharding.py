@@ -72,10 +72,12 @@ def make_mesh(data: int = -1, fsdp: int = -1, tensor: int = 1, *, param_count: i
 
 
 def describe(mesh: Mesh) -> str:
-    """"data=2 fsdp=2 tensor=2 (8 devices, 2 processes)"."""
+    """ "data=2 fsdp=2 tensor=2 (8 devices, 2 processes)"."""
     axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
     processes = len({device.process_index for device in mesh.devices.flat})
-    return f"{axes} ({mesh.size} device{'s' if mesh.size > 1 else ''}, {processes} process{'es' if processes > 1 else ''})"
+    return (
+        f"{axes} ({mesh.size} device{'s' if mesh.size > 1 else ''}, {processes} process{'es' if processes > 1 else ''})"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,9 +136,11 @@ def check_batch(mesh: Mesh, rows: int, what: str = "train.batch_size / train.gra
     local_rows = {index[0].indices(rows) for index in sharding.addressable_devices_indices_map((rows,)).values()}
     count = sum(len(range(*r)) for r in local_rows)
     if count != rows // processes:
-        raise ConfigError(f"mesh: each of the {processes} processes must feed 1/{processes} of the batch, but "
-                          f"this one holds {count} of {rows} rows; put the devices that span processes on "
-                          f"data or fsdp (keep tensor within a host)")
+        raise ConfigError(
+            f"mesh: each of the {processes} processes must feed 1/{processes} of the batch, but "
+            f"this one holds {count} of {rows} rows; put the devices that span processes on "
+            f"data or fsdp (keep tensor within a host)"
+        )
 
 
 def place_local_batch(local: np.ndarray, sharding: NamedSharding, batch_dim: int) -> jax.Array:

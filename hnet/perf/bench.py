@@ -139,8 +139,11 @@ def compile_train_step(run) -> CompiledStep:
         return _COMPILED_STEPS[key]
     train = run.train
     graphdef, step_fns = make_step_functions(run)
-    batch = jax.ShapeDtypeStruct((train.grad_accum, train.batch_size // train.grad_accum, train.seq_len), jnp.int32,
-                                 sharding=step_fns.micro_batch_sharding)
+    batch = jax.ShapeDtypeStruct(
+        (train.grad_accum, train.batch_size // train.grad_accum, train.seq_len),
+        jnp.int32,
+        sharding=step_fns.micro_batch_sharding,
+    )
     start = time.perf_counter()
     traced = step_fns.train_step.trace(step_fns.abstract_state, batch, batch)
     matmuls = matmul_flops(traced.jaxpr)
@@ -148,7 +151,9 @@ def compile_train_step(run) -> CompiledStep:
     start = time.perf_counter()
     executable = traced.lower().compile()
     compile_s = time.perf_counter() - start
-    compiled = CompiledStep(run, graphdef, step_fns, executable, traced.jaxpr, matmuls, memory_estimate(executable), trace_s, compile_s)
+    compiled = CompiledStep(
+        run, graphdef, step_fns, executable, traced.jaxpr, matmuls, memory_estimate(executable), trace_s, compile_s
+    )
     _COMPILED_STEPS[key] = compiled
     return compiled
 
@@ -161,7 +166,6 @@ def ladder_weights(lengths: dict[int, list[int]]):
 
     def weights(names):
         for stage, taken in lengths.items():
-            scopes = {branch_scope(stage, n): n for n in set(taken)}
             if any(name is not None and name.startswith(f"stage{stage}_slots") for name in names):
                 return [sum(1 for n in taken if branch_scope(stage, n) == name) / len(taken) for name in names]
         return None
@@ -178,7 +182,9 @@ def taken_lengths(compiled: CompiledStep, params, input_ids) -> dict[int, list[i
     from hnet.slots import group_lengths, slot_ladder
 
     config, seq_len = compiled.run.model_config, input_ids.shape[-1]
-    forward = jax.jit(lambda params, ids: [s.chunk_mask.sum(axis=1) for s in nnx.merge(compiled.graphdef, params)(ids).stages])
+    forward = jax.jit(
+        lambda params, ids: [s.chunk_mask.sum(axis=1) for s in nnx.merge(compiled.graphdef, params)(ids).stages]
+    )
     taken: dict[int, list[int]] = {s: [] for s in range(config.depth)}
     for micro in input_ids:
         for s, counts in enumerate(jax.device_get(forward(params, micro))):
@@ -191,8 +197,12 @@ def uniform_lengths(config, seq_len: int, micro_batch: int, stage_lengths_real) 
     hold stage_lengths_real[s + 1] chunks each (hnet.training.throughput.computed_stage_lengths)."""
     from hnet.slots import group_lengths, slot_ladder
 
-    return {s: group_lengths([math.ceil(stage_lengths_real[s + 1])] * micro_batch, slot_ladder(config, s, seq_len),
-                             config.slot_groups) for s in range(config.depth)}
+    return {
+        s: group_lengths(
+            [math.ceil(stage_lengths_real[s + 1])] * micro_batch, slot_ladder(config, s, seq_len), config.slot_groups
+        )
+        for s in range(config.depth)
+    }
 
 
 def describe_device() -> str:
@@ -245,9 +255,13 @@ def bench_memory(config_path: str | None, overrides: list[str], bytes_per_chunk=
         "stage_lengths": lengths,
         "static_stage_lengths": chunking.stage_lengths(config, train.seq_len),
         "slot_lengths": {str(s): n for s, n in taken.items()},
-        "slot_utilisation": [min(1.0, lengths[s + 1] * compiled.micro_batch / sum(n * compiled.micro_batch / len(taken[s])
-                                                                                  for n in taken[s]))
-                             for s in range(config.depth)],
+        "slot_utilisation": [
+            min(
+                1.0,
+                lengths[s + 1] * compiled.micro_batch / sum(n * compiled.micro_batch / len(taken[s]) for n in taken[s]),
+            )
+            for s in range(config.depth)
+        ],
         "executed_matmul_flops_per_step": executed.flops,
         "executed_at_static_cap_flops_per_step": compiled.matmuls.flops,
         "executed_backward_share": executed.backward_flops / max(executed.flops, 1.0),
@@ -260,9 +274,16 @@ def bench_memory(config_path: str | None, overrides: list[str], bytes_per_chunk=
     }
 
 
-def bench_train(config_path: str | None, overrides: list[str], steps: int, warmup: int,
-                peak_tflops: float | None = None, bytes_per_token: float | None = None,
-                checkpoint: str | None = None, data: str | None = None) -> dict:
+def bench_train(
+    config_path: str | None,
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    peak_tflops: float | None = None,
+    bytes_per_token: float | None = None,
+    checkpoint: str | None = None,
+    data: str | None = None,
+) -> dict:
     """Time the training step of a run config; returns a dict of results (see `format_table`).
 
     bytes_per_token: a token run's bytes per token, for bytes/s (default: the measured ratio of
@@ -302,7 +323,9 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     if data is not None:
         if not config.is_byte_model:
             raise FlopsError("--data gives byte rows; a token run's bench uses random token ids")
-        tokens = _corpus_rows(data, int(np.prod(shape[:-1])), train.seq_len, rng).reshape(shape[:-1] + (train.seq_len + 1,))
+        tokens = _corpus_rows(data, int(np.prod(shape[:-1])), train.seq_len, rng).reshape(
+            shape[:-1] + (train.seq_len + 1,)
+        )
     else:
         tokens = rng.integers(0, min(config.vocab_size, 256), size=shape[:-1] + (train.seq_len + 1,), dtype=np.int32)
     place = compiled.step_fns.place_train_batch
@@ -336,8 +359,9 @@ def bench_train(config_path: str | None, overrides: list[str], steps: int, warmu
     if config.depth:  # the ladder lengths this batch's groups ran on (the parameters after the last step)
         from hnet.perf.xla_stats import matmul_flops
 
-        executed = matmul_flops(compiled.jaxpr, ladder_weights(
-            taken_lengths(compiled, state["params"], np.asarray(tokens[..., :-1])))).flops
+        executed = matmul_flops(
+            compiled.jaxpr, ladder_weights(taken_lengths(compiled, state["params"], np.asarray(tokens[..., :-1])))
+        ).flops
     peak_flops = throughput.peak_flops(device, peak_tflops)
     device_flops = step_s * peak_flops * jax.device_count() if peak_flops else None
     positions_per_sec = train.batch_size * train.seq_len / step_s
@@ -427,14 +451,30 @@ def bench_components(config_path: str | None, overrides: list[str], steps: int) 
 
     run = load_run_config(config_path, overrides)
     train = run.train
-    return {"benchmark": "components", "device": describe_device(), "device_count": jax.device_count(),
-            "model_config": model_config_name(config_path, overrides), "dtype": run.model_config.dtype,
-            "micro_batch": train.batch_size // train.grad_accum, "seq_len": train.seq_len, "timed_calls": steps,
-            "rows": time_components(run, steps)}
+    return {
+        "benchmark": "components",
+        "device": describe_device(),
+        "device_count": jax.device_count(),
+        "model_config": model_config_name(config_path, overrides),
+        "dtype": run.model_config.dtype,
+        "micro_batch": train.batch_size // train.grad_accum,
+        "seq_len": train.seq_len,
+        "timed_calls": steps,
+        "rows": time_components(run, steps),
+    }
 
 
-def bench_chunks(checkpoint: str | None, config_path: str | None, overrides: list[str], data: str | None, split: str,
-                 seq_len: int, batch_size: int, batches: int, seed: int = 0) -> dict:
+def bench_chunks(
+    checkpoint: str | None,
+    config_path: str | None,
+    overrides: list[str],
+    data: str | None,
+    split: str,
+    seq_len: int,
+    batch_size: int,
+    batches: int,
+    seed: int = 0,
+) -> dict:
     """Chunks each stage keeps per row and per micro-batch, on real rows of a corpus.
 
     The model is a run or export folder (`checkpoint`, its trained router) or a run config's model
@@ -465,7 +505,9 @@ def bench_chunks(checkpoint: str | None, config_path: str | None, overrides: lis
         from hnet.errors import FlopsError
 
         raise FlopsError("bench chunks needs an H-Net (a model with chunking stages)")
-    corpus = data_lib.ensure_default_corpus(verbose=False) if data in (None, "default") else data_lib.PreparedCorpus(data)
+    corpus = (
+        data_lib.ensure_default_corpus(verbose=False) if data in (None, "default") else data_lib.PreparedCorpus(data)
+    )
     source = data_lib.PackedSequences(corpus, split, seq_len)
     rng = np.random.default_rng(seed)
     from flax import nnx
@@ -485,52 +527,95 @@ def bench_chunks(checkpoint: str | None, config_path: str | None, overrides: lis
     from hnet.slots import group_lengths, model_ladders
 
     ladders = model_ladders(config, seq_len)
-    result = {"benchmark": "chunks", "model": str(checkpoint or model_config_name(config_path, overrides)),
-              "corpus": str(corpus.path), "split": split, "seq_len": seq_len, "batch_size": batch_size,
-              "batches": batches, "stages": []}
+    result = {
+        "benchmark": "chunks",
+        "model": str(checkpoint or model_config_name(config_path, overrides)),
+        "corpus": str(corpus.path),
+        "split": split,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "batches": batches,
+        "stages": [],
+    }
     for s in range(config.depth):
-        rows_kept = np.stack(kept[s]).astype(np.float64)   # (batches, batch_size)
+        rows_kept = np.stack(kept[s]).astype(np.float64)  # (batches, batch_size)
         rows_wanted = np.stack(boundaries[s]).astype(np.float64)
         per_batch_max, per_batch_mean = rows_kept.max(axis=1), rows_kept.mean(axis=1)
         # What the step computes (hnet.slots): each group of similar rows at its ladder length.
-        ladder_slots = sum(sum(group_lengths(row, ladders[s], config.slot_groups)) * batch_size
-                           / len(group_lengths(row, ladders[s], config.slot_groups)) for row in rows_kept)
+        ladder_slots = sum(
+            sum(group_lengths(row, ladders[s], config.slot_groups))
+            * batch_size
+            / len(group_lengths(row, ladders[s], config.slot_groups))
+            for row in rows_kept
+        )
         flat = rows_kept.ravel()
-        result["stages"].append({
-            "stage": s, "static_slots": static[s + 1], "input_length": static[s],
-            "boundaries_per_row_mean": float(rows_wanted.mean()),
-            "kept_per_row": {name: float(np.percentile(flat, q)) for name, q in
-                             (("min", 0), ("p10", 10), ("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
-            "kept_per_row_mean": float(flat.mean()), "kept_per_row_std": float(flat.std()),
-            "dropped_share": float(1.0 - rows_kept.sum() / max(rows_wanted.sum(), 1.0)),
-            "batch_max_over_mean": {name: float(np.percentile(per_batch_max / per_batch_mean, q)) for name, q in
-                                    (("p50", 50), ("p90", 90), ("max", 100))},
-            "batch_max_over_static": {name: float(np.percentile(per_batch_max / static[s + 1], q)) for name, q in
-                                      (("p50", 50), ("p90", 90), ("max", 100))},
-            "static_slot_utilisation": float(flat.mean() / static[s + 1]),
-            "ladder": list(ladders[s]), "slot_groups": config.slot_groups,
-            "ladder_slot_utilisation": float(rows_kept.sum() / ladder_slots),
-            "kept_rows": rows_kept.astype(int).tolist(),
-        })
+        result["stages"].append(
+            {
+                "stage": s,
+                "static_slots": static[s + 1],
+                "input_length": static[s],
+                "boundaries_per_row_mean": float(rows_wanted.mean()),
+                "kept_per_row": {
+                    name: float(np.percentile(flat, q))
+                    for name, q in (("min", 0), ("p10", 10), ("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+                },
+                "kept_per_row_mean": float(flat.mean()),
+                "kept_per_row_std": float(flat.std()),
+                "dropped_share": float(1.0 - rows_kept.sum() / max(rows_wanted.sum(), 1.0)),
+                "batch_max_over_mean": {
+                    name: float(np.percentile(per_batch_max / per_batch_mean, q))
+                    for name, q in (("p50", 50), ("p90", 90), ("max", 100))
+                },
+                "batch_max_over_static": {
+                    name: float(np.percentile(per_batch_max / static[s + 1], q))
+                    for name, q in (("p50", 50), ("p90", 90), ("max", 100))
+                },
+                "static_slot_utilisation": float(flat.mean() / static[s + 1]),
+                "ladder": list(ladders[s]),
+                "slot_groups": config.slot_groups,
+                "ladder_slot_utilisation": float(rows_kept.sum() / ladder_slots),
+                "kept_rows": rows_kept.astype(int).tolist(),
+            }
+        )
     return result
 
 
 def format_chunks_table(result: dict) -> str:
-    rows = [("model", result["model"]), ("rows", f"{result['batches']} x {result['batch_size']} of {result['seq_len']} "
-                                                  f"bytes from {result['corpus']} ({result['split']})")]
+    rows = [
+        ("model", result["model"]),
+        (
+            "rows",
+            f"{result['batches']} x {result['batch_size']} of {result['seq_len']} "
+            f"bytes from {result['corpus']} ({result['split']})",
+        ),
+    ]
     for stage in result["stages"]:
         s, kept = stage["stage"], stage["kept_per_row"]
         rows += [
             (f"stage {s} input / static slots", f"{stage['input_length']} / {stage['static_slots']}"),
-            (f"stage {s} kept per row", f"mean {stage['kept_per_row_mean']:.1f} (std {stage['kept_per_row_std']:.1f}); "
-                                        + ", ".join(f"{k} {v:.0f}" for k, v in kept.items())),
-            (f"stage {s} router boundaries per row", f"mean {stage['boundaries_per_row_mean']:.1f}; "
-                                                     f"dropped {stage['dropped_share']:.2%}"),
-            (f"stage {s} micro-batch max / mean", ", ".join(f"{k} {v:.3f}" for k, v in stage["batch_max_over_mean"].items())),
-            (f"stage {s} micro-batch max / static", ", ".join(f"{k} {v:.3f}" for k, v in stage["batch_max_over_static"].items())),
-            (f"stage {s} slot utilisation", f"{stage['ladder_slot_utilisation']:.3f} on the ladder {stage['ladder']} "
-                                            f"({stage['slot_groups']} groups), {stage['static_slot_utilisation']:.3f} "
-                                            f"on the static cap"),
+            (
+                f"stage {s} kept per row",
+                f"mean {stage['kept_per_row_mean']:.1f} (std {stage['kept_per_row_std']:.1f}); "
+                + ", ".join(f"{k} {v:.0f}" for k, v in kept.items()),
+            ),
+            (
+                f"stage {s} router boundaries per row",
+                f"mean {stage['boundaries_per_row_mean']:.1f}; dropped {stage['dropped_share']:.2%}",
+            ),
+            (
+                f"stage {s} micro-batch max / mean",
+                ", ".join(f"{k} {v:.3f}" for k, v in stage["batch_max_over_mean"].items()),
+            ),
+            (
+                f"stage {s} micro-batch max / static",
+                ", ".join(f"{k} {v:.3f}" for k, v in stage["batch_max_over_static"].items()),
+            ),
+            (
+                f"stage {s} slot utilisation",
+                f"{stage['ladder_slot_utilisation']:.3f} on the ladder {stage['ladder']} "
+                f"({stage['slot_groups']} groups), {stage['static_slot_utilisation']:.3f} "
+                f"on the static cap",
+            ),
         ]
     return format_aligned(rows)
 
@@ -559,8 +644,17 @@ def bench_decode(config_paths: list[str], batch_sizes: list[int], new_bytes: int
             result = run()
             elapsed = time.perf_counter() - start
             generated = sum(len(out) for out in result.outputs)
-            rows.append({"config": Path(path).stem, "dtype": config.dtype, "batch": batch, "new_bytes": new_bytes,
-                         "seconds": elapsed, "bytes_per_sec": generated / elapsed, "compile_s": compile_s})
+            rows.append(
+                {
+                    "config": Path(path).stem,
+                    "dtype": config.dtype,
+                    "batch": batch,
+                    "new_bytes": new_bytes,
+                    "seconds": elapsed,
+                    "bytes_per_sec": generated / elapsed,
+                    "compile_s": compile_s,
+                }
+            )
         # Time to first byte: prefill of a long prompt and one decode step.
         generator = Generator(model, chunk_steps=1)
         prompt = bytes(rng.integers(32, 127, size=prompt_bytes, dtype=np.uint8))
@@ -577,9 +671,15 @@ def format_decode_table(result: dict) -> str:
     header = f"device: {result['device']}\n"
     lines = [f"{'config':<22}{'dtype':<10}{'batch':>6}{'bytes/s':>12}{'compile s':>11}{'time to first byte':>24}"]
     for row in result["rows"]:
-        first = f"{row['time_to_first_byte_s'] * 1e3:.1f} ms ({row['prompt_bytes']} B)" if "time_to_first_byte_s" in row else ""
-        lines.append(f"{row['config']:<22}{row['dtype']:<10}{row['batch']:>6}{row['bytes_per_sec']:>12,.0f}"
-                     f"{row['compile_s']:>11.1f}{first:>24}")
+        first = (
+            f"{row['time_to_first_byte_s'] * 1e3:.1f} ms ({row['prompt_bytes']} B)"
+            if "time_to_first_byte_s" in row
+            else ""
+        )
+        lines.append(
+            f"{row['config']:<22}{row['dtype']:<10}{row['batch']:>6}{row['bytes_per_sec']:>12,.0f}"
+            f"{row['compile_s']:>11.1f}{first:>24}"
+        )
     return header + "\n".join(lines)
 
 
@@ -604,28 +704,55 @@ def format_memory_table(result: dict) -> str:
     rows = [
         ("device", result["device"]),
         ("model config", f"{result['model_config']} ({result['dtype']}), {result['params']:,} parameters"),
-        ("global batch", f"{result['batch_size']} sequences (grad_accum {result['grad_accum']}, "
-                         f"micro-batch {result['micro_batch']})"),
+        (
+            "global batch",
+            f"{result['batch_size']} sequences (grad_accum {result['grad_accum']}, "
+            f"micro-batch {result['micro_batch']})",
+        ),
         ("sequence length", f"{result['seq_len']} {result['seq_unit']}"),
-        ("stage lengths", "computed " + ", ".join(f"{n:.0f}" for n in result["stage_lengths"])
-         + "; static " + ", ".join(str(n) for n in result["static_stage_lengths"])),
+        (
+            "stage lengths",
+            "computed "
+            + ", ".join(f"{n:.0f}" for n in result["stage_lengths"])
+            + "; static "
+            + ", ".join(str(n) for n in result["static_stage_lengths"]),
+        ),
         ("trace / compile", f"{result['trace_s']:.1f} s / {result['compile_s']:.1f} s"),
-        ("arguments", f"{mib(result['argument_bytes'])} (outputs {mib(result['output_bytes'])}, "
-                      f"aliased {mib(result['alias_bytes'])})"),
+        (
+            "arguments",
+            f"{mib(result['argument_bytes'])} (outputs {mib(result['output_bytes'])}, "
+            f"aliased {mib(result['alias_bytes'])})",
+        ),
         ("temporaries", f"{mib(result['temp_bytes'])} ({mib(result['temp_bytes_per_sequence'])} per sequence)"),
         ("peak estimate", mib(result["peak_bytes"])),
-        ("executed matmul FLOPs", f"{human(executed)}FLOP per step (backward {result['executed_backward_share']:.0%}, "
-                                  f"a float32 operand {result['executed_float32_operand_share']:.0%})"),
+        (
+            "executed matmul FLOPs",
+            f"{human(executed)}FLOP per step (backward {result['executed_backward_share']:.0%}, "
+            f"a float32 operand {result['executed_float32_operand_share']:.0%})",
+        ),
         ("matmuls by source", format_sources(result["executed_matmul_by_source"], executed)),
         ("model FLOPs", f"{human(model)}FLOP per step (hnet.flops, training)"),
-        ("executed / model", f"{result['executed_over_model_flops']:.3f}"
-                             + (f" (at the static cap {result['executed_at_static_cap_over_model_flops']:.3f})"
-                                if result["slot_lengths"] else "")),
+        (
+            "executed / model",
+            f"{result['executed_over_model_flops']:.3f}"
+            + (
+                f" (at the static cap {result['executed_at_static_cap_over_model_flops']:.3f})"
+                if result["slot_lengths"]
+                else ""
+            ),
+        ),
     ]
     if result["slot_lengths"]:
-        rows.insert(5, ("chunk slots", "; ".join(
-            f"stage {s}: groups on {', '.join(map(str, lengths))}, utilisation {u:.3f}"
-            for (s, lengths), u in zip(result["slot_lengths"].items(), result["slot_utilisation"]))))
+        rows.insert(
+            5,
+            (
+                "chunk slots",
+                "; ".join(
+                    f"stage {s}: groups on {', '.join(map(str, lengths))}, utilisation {u:.3f}"
+                    for (s, lengths), u in zip(result["slot_lengths"].items(), result["slot_utilisation"])
+                ),
+            ),
+        )
     rows += [("note", note) for note in result["executed_notes"]]
     return format_aligned(rows)
 
@@ -638,32 +765,48 @@ def format_table(result: dict) -> str:
     elif result["tokens_per_sec"] is None:
         speed = f"{result['bytes_per_sec']:,.0f} bytes/s"
     else:
-        speed = (f"{result['tokens_per_sec']:,.0f} tokens/s = {result['bytes_per_sec']:,.0f} bytes/s at "
-                      f"{result['bytes_per_token']:g} bytes/token ({result['bytes_per_token_source']})")
+        speed = (
+            f"{result['tokens_per_sec']:,.0f} tokens/s = {result['bytes_per_sec']:,.0f} bytes/s at "
+            f"{result['bytes_per_token']:g} bytes/token ({result['bytes_per_token_source']})"
+        )
     if result["mfu"] is None:
         mfu = "n/a (unknown device peak; pass --peak-tflops)"
     else:
-        mfu = (f"{100 * result['mfu']:.1f}% of {result['peak_flops'] / 1e12:,.0f} TFLOP/s per device "
-               f"(executed matmuls: {100 * result['executed_flops_utilization']:.1f}%)")
+        mfu = (
+            f"{100 * result['mfu']:.1f}% of {result['peak_flops'] / 1e12:,.0f} TFLOP/s per device "
+            f"(executed matmuls: {100 * result['executed_flops_utilization']:.1f}%)"
+        )
     rows = [
         ("device", result["device"]),
         ("model config", f"{result['model_config']} ({result['dtype']})"),
         ("parameters", f"{result['params']:,}"),
         ("global batch", f"{result['batch_size']} sequences (grad_accum {result['grad_accum']})"),
         ("sequence length", f"{result['seq_len']} {result['seq_unit']}"),
-        ("trace / compile / first step", f"{result['trace_s']:.1f} s / {result['compile_s']:.1f} s / "
-                                         f"{result['first_step_s']:.2f} s"),
-        (f"step time (median of {result['timed_steps']})",
-         f"{result['step_s_median'] * 1e3:.1f} ms (min {result['step_s_min'] * 1e3:.1f}, max {result['step_s_max'] * 1e3:.1f})"),
+        (
+            "trace / compile / first step",
+            f"{result['trace_s']:.1f} s / {result['compile_s']:.1f} s / {result['first_step_s']:.2f} s",
+        ),
+        (
+            f"step time (median of {result['timed_steps']})",
+            f"{result['step_s_median'] * 1e3:.1f} ms (min {result['step_s_min'] * 1e3:.1f}, max {result['step_s_max'] * 1e3:.1f})",
+        ),
         ("throughput", speed),
         ("rows", result["rows"] + (f", parameters from {result['checkpoint']}" if result["checkpoint"] else "")),
         ("bytes per chunk (this step)", ", ".join(f"{b:.2f}" for b in result["bytes_per_chunk"]) or "-"),
         ("slot utilisation (this step)", ", ".join(f"{u:.3f}" for u in result["slot_utilisation"]) or "-"),
-        ("stage lengths", "computed " + ", ".join(f"{n:.0f}" for n in result["stage_lengths"])
-         + "; static " + ", ".join(str(n) for n in result["static_stage_lengths"])),
+        (
+            "stage lengths",
+            "computed "
+            + ", ".join(f"{n:.0f}" for n in result["stage_lengths"])
+            + "; static "
+            + ", ".join(str(n) for n in result["static_stage_lengths"]),
+        ),
         ("model FLOPs per step", f"{human(result['model_flops_per_step'])}FLOP (hnet.flops, training)"),
-        ("executed matmul FLOPs", f"{human(result['executed_matmul_flops_per_step'])}FLOP "
-                                  f"({result['executed_over_model_flops']:.2f} x model)"),
+        (
+            "executed matmul FLOPs",
+            f"{human(result['executed_matmul_flops_per_step'])}FLOP "
+            f"({result['executed_over_model_flops']:.2f} x model)",
+        ),
         ("MFU", mfu),
         ("XLA temporaries", f"{mib(result['xla_temp_bytes'])} (peak estimate {mib(result['xla_peak_bytes'])})"),
         ("peak device memory", "n/a" if peak is None else mib(peak)),
@@ -674,47 +817,76 @@ def format_table(result: dict) -> str:
 def run_arguments(parser) -> None:
     """--config and --set, shared by the commands that build a run's train step."""
     parser.add_argument("--config", help="run config JSON (default: configs/run_tiny.json)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a run-config value, e.g. train.batch_size=16 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a run-config value, e.g. train.batch_size=16 (repeatable)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m hnet.perf.bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="python -m hnet.perf.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser("train", help="time the training step of a run config")
     run_arguments(train)
     train.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     train.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (default: 2)")
-    train.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known bf16 peak, e.g. 989 for H100)")
-    train.add_argument("--bytes-per-token", type=float,
-                       help="a token run's bytes per token, for bytes/s (default: its tokenizer's measured ratio, when known)")
+    train.add_argument(
+        "--peak-tflops", type=float, help="device peak for MFU (default: known bf16 peak, e.g. 989 for H100)"
+    )
+    train.add_argument(
+        "--bytes-per-token",
+        type=float,
+        help="a token run's bytes per token, for bytes/s (default: its tokenizer's measured ratio, when known)",
+    )
     train.add_argument("--checkpoint", help="start from this run or export folder's parameters (a trained router)")
-    train.add_argument("--data", help="training rows of this prepared byte corpus, or 'default' (default: random "
-                                      "bytes; the default corpus with --checkpoint)")
+    train.add_argument(
+        "--data",
+        help="training rows of this prepared byte corpus, or 'default' (default: random "
+        "bytes; the default corpus with --checkpoint)",
+    )
     memory = commands.add_parser("memory", help="compile the training step without running it: memory and FLOPs")
     run_arguments(memory)
-    memory.add_argument("--bytes-per-chunk", type=float, nargs="+",
-                        help="cumulative bytes per chunk, one per chunking stage, for the model FLOPs (default: targets N)")
+    memory.add_argument(
+        "--bytes-per-chunk",
+        type=float,
+        nargs="+",
+        help="cumulative bytes per chunk, one per chunking stage, for the model FLOPs (default: targets N)",
+    )
     components = commands.add_parser("components", help="time the SSD scan, attention and chunking alone")
     run_arguments(components)
     components.add_argument("--steps", type=int, default=10, help="timed calls per piece (default: 10)")
     chunks = commands.add_parser("chunks", help="chunks kept per row and per micro-batch on real rows")
     run_arguments(chunks)
-    chunks.add_argument("--checkpoint", help="run or export folder whose router to use (default: --config's model, untrained)")
+    chunks.add_argument(
+        "--checkpoint", help="run or export folder whose router to use (default: --config's model, untrained)"
+    )
     chunks.add_argument("--data", help="prepared byte corpus folder (default: the default corpus)")
     chunks.add_argument("--split", default="train", help="(default: train)")
     chunks.add_argument("--seq-len", type=int, default=512, help="row length in bytes (default: 512)")
     chunks.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch (default: 8)")
     chunks.add_argument("--batches", type=int, default=50, help="micro-batches to sample (default: 50)")
     decode = commands.add_parser("decode", help="time generation: bytes/s and time to first byte")
-    decode.add_argument("--configs", nargs="+", default=["configs/hnet_1stage_tiny.json", "configs/hnet_1stage_S.json"],
-                        help="model configs (default: the tiny and S 1-stage H-Nets)")
+    decode.add_argument(
+        "--configs",
+        nargs="+",
+        default=["configs/hnet_1stage_tiny.json", "configs/hnet_1stage_S.json"],
+        help="model configs (default: the tiny and S 1-stage H-Nets)",
+    )
     decode.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="(default: 1 32)")
     decode.add_argument("--new-bytes", type=int, default=256, help="bytes generated per row (default: 256)")
-    decode.add_argument("--prompt-bytes", type=int, default=1000, help="prompt length for time to first byte (default: 1000)")
+    decode.add_argument(
+        "--prompt-bytes", type=int, default=1000, help="prompt length for time to first byte (default: 1000)"
+    )
     decode.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if args.command == "train" and (args.steps < 1 or args.warmup < 0):
@@ -731,8 +903,16 @@ def parse_args(argv):
 def run_command(args) -> tuple[dict, str]:
     """-> (result dict, its table) of the parsed command."""
     if args.command == "train":
-        result = bench_train(args.config, args.overrides, args.steps, args.warmup, args.peak_tflops, args.bytes_per_token,
-                             args.checkpoint, args.data)
+        result = bench_train(
+            args.config,
+            args.overrides,
+            args.steps,
+            args.warmup,
+            args.peak_tflops,
+            args.bytes_per_token,
+            args.checkpoint,
+            args.data,
+        )
         return result, format_table(result)
     if args.command == "memory":
         result = bench_memory(args.config, args.overrides, args.bytes_per_chunk)
@@ -743,8 +923,16 @@ def run_command(args) -> tuple[dict, str]:
         result = bench_components(args.config, args.overrides, args.steps)
         return result, format_components_table(result)
     if args.command == "chunks":
-        result = bench_chunks(args.checkpoint, args.config, args.overrides, args.data, args.split, args.seq_len,
-                              args.batch_size, args.batches)
+        result = bench_chunks(
+            args.checkpoint,
+            args.config,
+            args.overrides,
+            args.data,
+            args.split,
+            args.seq_len,
+            args.batch_size,
+            args.batches,
+        )
         return result, format_chunks_table(result)
     result = bench_decode(args.configs, args.batch_sizes, args.new_bytes, args.prompt_bytes)
     return result, format_decode_table(result)

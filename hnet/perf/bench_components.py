@@ -78,16 +78,27 @@ def _attention_piece(config, stage: int, batch: int, length: int, rng):
     from hnet.segments import Segments
 
     attn, d_model = config.attn_cfg, config.d_model[stage]
-    layer = CausalSelfAttention(d_model, attn.num_heads[stage], config.num_kv_heads(stage), attn.rotary_emb_dim[stage],
-                                attn.window_size[stage], dtype=jnp.dtype(config.dtype), out_scale=1.0,
-                                rngs=nnx.Rngs(params=0))
+    layer = CausalSelfAttention(
+        d_model,
+        attn.num_heads[stage],
+        config.num_kv_heads(stage),
+        attn.rotary_emb_dim[stage],
+        attn.window_size[stage],
+        dtype=jnp.dtype(config.dtype),
+        out_scale=1.0,
+        rngs=nnx.Rngs(params=0),
+    )
     segments = Segments.from_starts(jnp.zeros((batch, length), bool))
     x = jnp.asarray(rng.standard_normal((batch, length, d_model)), jnp.dtype(config.dtype))
 
     def piece(x):
         return layer.forward(x, segments)[0]
 
-    return piece, (x,), f"x ({batch}, {length}, {d_model}), {attn.num_heads[stage]} heads, window {attn.window_size[stage]}"
+    return (
+        piece,
+        (x,),
+        f"x ({batch}, {length}, {d_model}), {attn.num_heads[stage]} heads, window {attn.window_size[stage]}",
+    )
 
 
 def _chunking_piece(config, stage: int, batch: int, length: int, rng):
@@ -103,8 +114,9 @@ def _chunking_piece(config, stage: int, batch: int, length: int, rng):
     hidden = jnp.asarray(rng.standard_normal((batch, length, d_model)), jnp.float32)
     # About one boundary (p > 0.5) per N positions, as a trained router.
     selected = rng.random((batch, length)) < 1.0 / config.ratio(stage)
-    prob = jnp.asarray(np.where(selected, rng.uniform(0.5, 1.0, (batch, length)), rng.uniform(0.0, 0.5, (batch, length))),
-                       jnp.float32)
+    prob = jnp.asarray(
+        np.where(selected, rng.uniform(0.5, 1.0, (batch, length)), rng.uniform(0.0, 0.5, (batch, length))), jnp.float32
+    )
 
     def piece(hidden, prob):
         layout = chunking.chunk_layout(chunking.is_boundary(prob), segments, rule, capacity)
@@ -147,18 +159,30 @@ def time_components(run, steps: int) -> list[dict]:
             forward, backward = _forward_and_backward(piece, args)
             forward_first, forward_s = _timed(forward, args, steps)
             backward_first, backward_s = _timed(backward, args, steps)
-            rows.append({"stage": stage, "piece": name, "layers": count, "shapes": shapes,
-                         "forward_s": forward_s, "forward_backward_s": backward_s,
-                         "compile_s": forward_first + backward_first})
+            rows.append(
+                {
+                    "stage": stage,
+                    "piece": name,
+                    "layers": count,
+                    "shapes": shapes,
+                    "forward_s": forward_s,
+                    "forward_backward_s": backward_s,
+                    "compile_s": forward_first + backward_first,
+                }
+            )
     return rows
 
 
 def format_components_table(result: dict) -> str:
-    header = (f"device: {result['device']}\n{result['model_config']} ({result['dtype']}), micro-batch "
-              f"{result['micro_batch']}, seq_len {result['seq_len']}, median of {result['timed_calls']} calls\n")
+    header = (
+        f"device: {result['device']}\n{result['model_config']} ({result['dtype']}), micro-batch "
+        f"{result['micro_batch']}, seq_len {result['seq_len']}, median of {result['timed_calls']} calls\n"
+    )
     lines = [f"{'stage':>5}  {'piece':<10}{'layers':>7}{'fwd ms':>10}{'fwd+bwd ms':>12}{'x layers ms':>13}  shapes"]
     for row in result["rows"]:
-        lines.append(f"{row['stage']:>5}  {row['piece']:<10}{row['layers']:>7}{row['forward_s'] * 1e3:>10.2f}"
-                     f"{row['forward_backward_s'] * 1e3:>12.2f}{row['layers'] * row['forward_backward_s'] * 1e3:>13.1f}"
-                     f"  {row['shapes']}")
+        lines.append(
+            f"{row['stage']:>5}  {row['piece']:<10}{row['layers']:>7}{row['forward_s'] * 1e3:>10.2f}"
+            f"{row['forward_backward_s'] * 1e3:>12.2f}{row['layers'] * row['forward_backward_s'] * 1e3:>13.1f}"
+            f"  {row['shapes']}"
+        )
     return header + "\n".join(lines)

@@ -32,8 +32,21 @@ from pathlib import Path
 
 HNET_DIR = str(Path(__file__).resolve().parents[1])
 # Primitives that call their sub-jaxprs once each, as plain function calls.
-CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-                             "custom_vjp_call_jaxpr", "checkpoint", "remat", "remat2", "custom_lin"})
+CALL_PRIMITIVES = frozenset(
+    {
+        "jit",
+        "pjit",
+        "closed_call",
+        "core_call",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+        "checkpoint",
+        "remat",
+        "remat2",
+        "custom_lin",
+    }
+)
 
 
 @dataclass
@@ -65,10 +78,14 @@ class MatmulCount:
         self.notes |= other.notes
 
     def to_dict(self) -> dict:
-        return {"flops": self.flops, "dot_generals": self.dot_generals, "backward_flops": self.backward_flops,
-                "float32_operand_flops": self.float32_operand_flops,
-                "by_source": dict(sorted(self.by_source.items(), key=lambda item: -item[1])),
-                "notes": sorted(self.notes)}
+        return {
+            "flops": self.flops,
+            "dot_generals": self.dot_generals,
+            "backward_flops": self.backward_flops,
+            "float32_operand_flops": self.float32_operand_flops,
+            "by_source": dict(sorted(self.by_source.items(), key=lambda item: -item[1])),
+            "notes": sorted(self.notes),
+        }
 
 
 def dot_general_flops(lhs_shape, rhs_shape, dimension_numbers) -> float:
@@ -136,14 +153,22 @@ def _count(jaxpr, backward: bool, branch_weights=None) -> MatmulCount:
             lhs, rhs = (var.aval for var in eqn.invars[:2])
             flops = dot_general_flops(lhs.shape, rhs.shape, eqn.params["dimension_numbers"])
             wide = max(lhs.dtype.itemsize, rhs.dtype.itemsize) >= 4
-            count.add(MatmulCount(flops=flops, dot_generals=1, by_source={_source(eqn): flops},
-                                  backward_flops=flops if inside_backward else 0.0,
-                                  float32_operand_flops=flops if wide else 0.0))
+            count.add(
+                MatmulCount(
+                    flops=flops,
+                    dot_generals=1,
+                    by_source={_source(eqn): flops},
+                    backward_flops=flops if inside_backward else 0.0,
+                    float32_operand_flops=flops if wide else 0.0,
+                )
+            )
         elif name == "scan":
             count.add(_count(_open(eqn.params["jaxpr"]), inside_backward, branch_weights), times=eqn.params["length"])
         elif name == "cond":
             branches = [_count(_open(branch), inside_backward, branch_weights) for branch in eqn.params["branches"]]
-            weights = None if branch_weights is None else branch_weights([branch_name(b) for b in eqn.params["branches"]])
+            weights = (
+                None if branch_weights is None else branch_weights([branch_name(b) for b in eqn.params["branches"]])
+            )
             if weights is None:
                 count.add(max(branches, key=lambda branch: branch.flops))
             else:
@@ -159,14 +184,16 @@ def _count(jaxpr, backward: bool, branch_weights=None) -> MatmulCount:
             for sub in _sub_jaxprs(eqn.params):
                 sub_count = _count(sub, inside_backward, branch_weights)
                 if sub_count.flops and name not in CALL_PRIMITIVES:
-                    count.notes.add(f"{name}: its sub-jaxprs are counted once each"
-                                    + (" at per-device shapes" if name == "shard_map" else ""))
+                    count.notes.add(
+                        f"{name}: its sub-jaxprs are counted once each"
+                        + (" at per-device shapes" if name == "shard_map" else "")
+                    )
                 count.add(sub_count)
     return count
 
 
 def _source(eqn) -> str:
-    """"layers/kernels/attention.py:attend": the innermost frame in hnet's code that made the equation."""
+    """ "layers/kernels/attention.py:attend": the innermost frame in hnet's code that made the equation."""
     traceback = getattr(eqn.source_info, "traceback", None)
     for frame in getattr(traceback, "frames", None) or ():
         if frame.file_name.startswith(HNET_DIR) and not frame.file_name.endswith("xla_stats.py"):
@@ -193,7 +220,7 @@ class MemoryEstimate:
     argument_bytes: int
     output_bytes: int
     alias_bytes: int  # outputs that reuse donated argument buffers
-    temp_bytes: int   # activations and other intermediates
+    temp_bytes: int  # activations and other intermediates
 
     @property
     def peak_bytes(self) -> int:
@@ -201,8 +228,13 @@ class MemoryEstimate:
         return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
 
     def to_dict(self) -> dict:
-        return {"argument_bytes": self.argument_bytes, "output_bytes": self.output_bytes,
-                "alias_bytes": self.alias_bytes, "temp_bytes": self.temp_bytes, "peak_bytes": self.peak_bytes}
+        return {
+            "argument_bytes": self.argument_bytes,
+            "output_bytes": self.output_bytes,
+            "alias_bytes": self.alias_bytes,
+            "temp_bytes": self.temp_bytes,
+            "peak_bytes": self.peak_bytes,
+        }
 
 
 def memory_estimate(compiled) -> MemoryEstimate:
@@ -210,5 +242,9 @@ def memory_estimate(compiled) -> MemoryEstimate:
     stats = compiled.memory_analysis()
     if stats is None:
         raise RuntimeError("this backend gives no memory analysis for compiled programs")
-    return MemoryEstimate(argument_bytes=int(stats.argument_size_in_bytes), output_bytes=int(stats.output_size_in_bytes),
-                          alias_bytes=int(stats.alias_size_in_bytes), temp_bytes=int(stats.temp_size_in_bytes))
+    return MemoryEstimate(
+        argument_bytes=int(stats.argument_size_in_bytes),
+        output_bytes=int(stats.output_size_in_bytes),
+        alias_bytes=int(stats.alias_size_in_bytes),
+        temp_bytes=int(stats.temp_size_in_bytes),
+    )

@@ -56,9 +56,7 @@ def stage_of(path) -> int:
 
 def stage_multipliers(params, multipliers):
     """Per-leaf learning-rate multiplier pytree (float32 scalars)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: jnp.float32(multipliers[stage_of(path)]), params
-    )
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: jnp.float32(multipliers[stage_of(path)]), params)
 
 
 def scale_by_tree(factors) -> optax.GradientTransformation:

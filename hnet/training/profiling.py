@@ -31,7 +31,7 @@ class ProfileSteps:
 
     @classmethod
     def parse(cls, text: str) -> ProfileSteps:
-        """"START:STOP" -> ProfileSteps; anything else is a one-line ConfigError."""
+        """ "START:STOP" -> ProfileSteps; anything else is a one-line ConfigError."""
         start, sep, stop = text.partition(":")
         if not sep or not start.strip().isdigit() or not stop.strip().isdigit():
             raise ConfigError(f"--profile {text!r}: expected START:STOP, two step numbers such as 10:20")
@@ -44,8 +44,9 @@ class ProfileSteps:
         """The traced steps must start within the steps this call runs (first_step to last_step);
         a STOP past the end traces to the end. Raises RunError otherwise."""
         if not first_step <= self.first <= last_step:
-            raise RunError(f"--profile {self.first}:{self.last}: START must be a step this call runs "
-                           f"({first_step} to {last_step})")
+            raise RunError(
+                f"--profile {self.first}:{self.last}: START must be a step this call runs ({first_step} to {last_step})"
+            )
 
 
 class StepProfiler:

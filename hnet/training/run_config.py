@@ -43,7 +43,7 @@ SECTIONS = ("model", "data", "train", "mesh")
 
 @dataclass(frozen=True)
 class DataConfig:
-    corpus: str = "default"          # "default" (Python stdlib sources) or a prepared corpus folder
+    corpus: str = "default"  # "default" (Python stdlib sources) or a prepared corpus folder
     train_split: str = "train"
     eval_split: str = "validation"
     tokenizer: None | str | dict = None  # None: bytes; {"vocab_size": V}: train BPE; or a tokenizer.json path
@@ -52,16 +52,16 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 400
-    batch_size: int = 8              # global sequences per optimizer step
-    seq_len: int = 512               # elements per sequence: bytes, or tokens in a token run
-    grad_accum: int = 1              # the batch is split into this many micro-batches
+    batch_size: int = 8  # global sequences per optimizer step
+    seq_len: int = 512  # elements per sequence: bytes, or tokens in a token run
+    grad_accum: int = 1  # the batch is split into this many micro-batches
     seed: int = 0
     # Optimizer: AdamW with global-norm clipping.
     lr: float = 2e-3
-    schedule: str = "wsd"            # warmup-stable-decay, cosine, or constant (after warmup)
+    schedule: str = "wsd"  # warmup-stable-decay, cosine, or constant (after warmup)
     warmup_frac: float = 0.1
-    decay_frac: float = 0.2          # wsd: final fraction of steps decaying linearly to min_lr
-    min_lr_frac: float = 0.0         # final lr as a fraction of lr
+    decay_frac: float = 0.2  # wsd: final fraction of steps decaying linearly to min_lr
+    min_lr_frac: float = 0.0  # final lr as a fraction of lr
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -79,7 +79,7 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
-    max_nonfinite_steps: int = 5     # stop after this many skipped updates in a row
+    max_nonfinite_steps: int = 5  # stop after this many skipped updates in a row
 
 
 @dataclass(frozen=True)
@@ -90,14 +90,14 @@ class MeshConfig:
     (hnet.parallel.sharding.AUTO_FSDP_MIN_PARAMS). E.g. mesh.fsdp=8 on 8 devices is pure FSDP.
     """
 
-    data: int = -1                   # data parallel: parameters replicated, batch split
-    fsdp: int = -1                   # fully sharded data parallel: batch and parameters split
-    tensor: int = 1                  # tensor parallel: heads, MLP hidden and vocabulary split
+    data: int = -1  # data parallel: parameters replicated, batch split
+    fsdp: int = -1  # fully sharded data parallel: batch and parameters split
+    tensor: int = 1  # tensor parallel: heads, MLP hidden and vocabulary split
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: dict                      # the resolved model config dictionary
+    model: dict  # the resolved model config dictionary
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -108,8 +108,12 @@ class RunConfig:
         return config_from_dict(self.model)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train),
-                "mesh": dataclasses.asdict(self.mesh)}
+        return {
+            "model": self.model,
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+            "mesh": dataclasses.asdict(self.mesh),
+        }
 
 
 def _find(path: str, base: Path | None, what: str = "model config") -> Path:
@@ -153,7 +157,7 @@ def _section(cls, data, name):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """"train.lr=3e-4" -> (["train", "lr"], 0.0003); "model.ssm_cfg.d_state=64" -> (["model",
+    """ "train.lr=3e-4" -> (["train", "lr"], 0.0003); "model.ssm_cfg.d_state=64" -> (["model",
     "ssm_cfg", "d_state"], 64). Values are JSON, else plain strings."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
@@ -166,7 +170,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if parts == ["model"]:  # model=PATH or model={"config": PATH, ...}: replaces the whole model section
         return parts, value
     if len(parts) < 2 or parts[0] not in SECTIONS or not all(parts):
-        raise ConfigError(f"--set {text!r}: key must be model.X, data.X, train.X or mesh.X (X may be dotted: model.ssm_cfg.d_state)")
+        raise ConfigError(
+            f"--set {text!r}: key must be model.X, data.X, train.X or mesh.X (X may be dotted: model.ssm_cfg.d_state)"
+        )
     return parts, value
 
 
@@ -184,10 +190,12 @@ def apply_override(sections: dict[str, dict], path: list[str], value, text: str)
     they change. Raises ConfigError naming the full dotted path of an unknown key.
     """
     section, *keys = path
-    target, schema = sections[section], {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-                                         "mesh": MeshConfig}[section]
+    target, schema = (
+        sections[section],
+        {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}[section],
+    )
     for depth, key in enumerate(keys):
-        dotted = ".".join([section, *keys[:depth + 1]])
+        dotted = ".".join([section, *keys[: depth + 1]])
         if schema is None:
             raise ConfigError(f"--set {text!r}: {dotted.rsplit('.', 1)[0]} is a value, not an object with keys")
         known = sorted(f.name for f in dataclasses.fields(schema))
@@ -214,8 +222,12 @@ def run_config_from_dict(data: dict, overrides: list[str] = (), base: Path | Non
         raise ConfigError(f"run config: unknown section(s) {', '.join(unknown)} (known: {', '.join(sorted(SECTIONS))})")
     if "model" not in data:
         raise ConfigError("run config: missing the 'model' section")
-    sections = {"model": _resolve_model(data["model"], base), "data": dict(data.get("data", {})),
-                "train": dict(data.get("train", {})), "mesh": dict(data.get("mesh", {}))}
+    sections = {
+        "model": _resolve_model(data["model"], base),
+        "data": dict(data.get("data", {})),
+        "train": dict(data.get("train", {})),
+        "mesh": dict(data.get("mesh", {})),
+    }
     for text in overrides:
         path, value = parse_override(text)
         if path == ["model"]:
@@ -241,8 +253,18 @@ def validate_run(run: RunConfig, model_config: ModelConfig) -> None:
         if size != -1 and size < 1:
             raise ConfigError(f"mesh.{name}: expected a positive size or -1 (the rest of the devices), got {size}")
     t = run.train
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches",
-                 "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+    for name in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "grad_accum",
+        "log_every",
+        "eval_every",
+        "eval_batches",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
+    ):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
     if t.batch_size % t.grad_accum:
@@ -256,8 +278,10 @@ def validate_run(run: RunConfig, model_config: ModelConfig) -> None:
     if t.lr <= 0 or t.grad_clip <= 0 or t.weight_decay < 0 or t.ratio_loss_weight < 0:
         raise ConfigError("train.lr and train.grad_clip must be > 0; weight_decay and ratio_loss_weight >= 0")
     if t.stage_lr_multipliers is not None and len(t.stage_lr_multipliers) != model_config.depth + 1:
-        raise ConfigError(f"train.stage_lr_multipliers: expected {model_config.depth + 1} entries "
-                          f"(one per stage), got {len(t.stage_lr_multipliers)}")
+        raise ConfigError(
+            f"train.stage_lr_multipliers: expected {model_config.depth + 1} entries "
+            f"(one per stage), got {len(t.stage_lr_multipliers)}"
+        )
     validate_tokenizer_spec(run.data.tokenizer, model_config)
 
 
@@ -266,18 +290,20 @@ def validate_tokenizer_spec(spec, model_config: ModelConfig) -> None:
     vocab = model_config.vocab_size
     if spec is None:
         if not model_config.is_byte_model:
-            raise ConfigError(f"model vocab_size is {vocab} but data.tokenizer is null (bytes need 256); "
-                              f"set data.tokenizer, e.g. {{\"vocab_size\": {vocab}}}")
+            raise ConfigError(
+                f"model vocab_size is {vocab} but data.tokenizer is null (bytes need 256); "
+                f'set data.tokenizer, e.g. {{"vocab_size": {vocab}}}'
+            )
     elif isinstance(spec, dict):
         if set(spec) != {"vocab_size"}:
-            raise ConfigError(f"data.tokenizer: expected {{\"vocab_size\": V}}, got keys {sorted(spec)}")
+            raise ConfigError(f'data.tokenizer: expected {{"vocab_size": V}}, got keys {sorted(spec)}')
         size = spec["vocab_size"]
         if isinstance(size, bool) or not isinstance(size, int) or size < 257:
             raise ConfigError(f"data.tokenizer.vocab_size: expected an integer >= 257 (256 bytes + BOS), got {size!r}")
         if size != vocab:
             raise ConfigError(f"data.tokenizer.vocab_size {size} differs from the model's vocab_size {vocab}")
     elif not isinstance(spec, str):
-        raise ConfigError(f"data.tokenizer: expected null, {{\"vocab_size\": V}} or a tokenizer.json path, got {spec!r}")
+        raise ConfigError(f'data.tokenizer: expected null, {{"vocab_size": V}} or a tokenizer.json path, got {spec!r}')
     elif model_config.is_hierarchical:
         raise ConfigError("data.tokenizer: an H-Net reads bytes; tokenizers are for flat Transformer baselines")
 

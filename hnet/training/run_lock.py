@@ -59,7 +59,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _describe(holder: dict) -> str:
     started = datetime.datetime.fromtimestamp(holder.get("started", 0), datetime.timezone.utc)
-    return (f"pid {holder.get('pid')} on {holder.get('host')}, started {started:%Y-%m-%d %H:%M:%S} UTC")
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {started:%Y-%m-%d %H:%M:%S} UTC"
 
 
 class RunLock:
@@ -76,15 +76,25 @@ class RunLock:
         naming its holder."""
         run_dir = path.parent
         run_dir.mkdir(parents=True, exist_ok=True)
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                  "process_start": _process_start(os.getpid()), "boot_id": _boot_id(), "token": uuid.uuid4().hex}
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "process_start": _process_start(os.getpid()),
+            "boot_id": _boot_id(),
+            "token": uuid.uuid4().hex,
+        }
         lock = cls(path, holder)
         if not lock._create():
             current = lock._read()
             if current is not None and lock._alive(current):
-                raise RunError(f"{run_dir} is in use by another training job ({_describe(current)}; lock {path}); "
-                               f"wait for it to end or stop it")
-            what = "cannot be read" if current is None else f"was held by {_describe(current)}, which is no longer running"
+                raise RunError(
+                    f"{run_dir} is in use by another training job ({_describe(current)}; lock {path}); "
+                    f"wait for it to end or stop it"
+                )
+            what = (
+                "cannot be read" if current is None else f"was held by {_describe(current)}, which is no longer running"
+            )
             warn(f"warning: {path} {what}; taking it over")
             lock._take_over()
         lock._heartbeat.start()
@@ -130,8 +140,10 @@ class RunLock:
         time.sleep(0.2)
         current = self._read()
         if current is None or current.get("token") != self.holder["token"]:
-            raise RunError(f"{self.path.parent} was taken over by another training job at the same moment "
-                           f"({_describe(current or {})}); it holds the run now")
+            raise RunError(
+                f"{self.path.parent} was taken over by another training job at the same moment "
+                f"({_describe(current or {})}); it holds the run now"
+            )
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

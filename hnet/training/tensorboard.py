@@ -25,7 +25,11 @@ from pathlib import Path
 TRAIN_SCALARS = ("loss", "ce", "bpb", "ratio_loss", "grad_norm", "lr")
 SPEED_SCALARS = ("step_time_s", "bytes_per_sec", "tokens_per_sec", "model_flops_per_step", "mfu", "peak_memory_bytes")
 EVAL_SCALARS = ("bpb",)
-STAGE_SUFFIXES = ("_bytes_per_chunk", "_dropped_rate", "_slot_utilisation")  # stage{s}<suffix>, in step and evaluation rows
+STAGE_SUFFIXES = (
+    "_bytes_per_chunk",
+    "_dropped_rate",
+    "_slot_utilisation",
+)  # stage{s}<suffix>, in step and evaluation rows
 
 
 def available() -> bool:
@@ -69,8 +73,9 @@ class TensorBoardLog:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             self._events = EventsWriter(str(Path(log_dir) / "events"), f".step{first_step}")
             if first_step > 1:
-                self._events.write_event(Event(wall_time=time.time(), step=first_step,
-                                               session_log=SessionLog(status=SessionLog.START)))
+                self._events.write_event(
+                    Event(wall_time=time.time(), step=first_step, session_log=SessionLog(status=SessionLog.START))
+                )
             self._events.flush()
 
     def write(self, rows: list[dict]) -> None:

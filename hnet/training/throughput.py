@@ -96,11 +96,11 @@ class TrainingSpeed:
     """
 
     config: ModelConfig
-    batch_size: int          # global sequences per step
-    seq_len: int             # positions per sequence (bytes, or tokens in a token run)
+    batch_size: int  # global sequences per step
+    seq_len: int  # positions per sequence (bytes, or tokens in a token run)
     peak_flops: float | None  # per device; None: MFU is left out
-    devices: tuple           # every device of the run (MFU counts them all)
-    local_devices: tuple     # this process's devices (peak memory)
+    devices: tuple  # every device of the run (MFU counts them all)
+    local_devices: tuple  # this process's devices (peak memory)
 
     def annotate(self, rows: list[dict], window_bytes: int, seconds: float) -> None:
         """Add the speed fields to the rows of a window of len(rows) steps that covered

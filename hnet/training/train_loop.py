@@ -41,9 +41,17 @@ from hnet.training.run_lock import RunLock
 from hnet.training.train_step import StepFunctions, make_step_functions
 
 
-def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, progress: bool = True,
-          max_steps: int | None = None, verbose: bool = True, peak_tflops: float | None = None,
-          profile: ProfileSteps | None = None) -> dict:
+def train(
+    run: RunConfig | None,
+    workdir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    max_steps: int | None = None,
+    verbose: bool = True,
+    peak_tflops: float | None = None,
+    profile: ProfileSteps | None = None,
+) -> dict:
     """Train (or resume) a run in `workdir`. Returns a summary dict.
 
     max_steps: stop after this many steps in this call (checkpointing there), as if preempted.
@@ -64,8 +72,17 @@ def train(run: RunConfig | None, workdir: str | Path, *, resume: bool = False, p
             print(f"--resume: {run_dir.path} holds no run yet; starting it")
     lock = lock_run_folder(run_dir)  # one job per run folder, for the whole run
     try:
-        return _train(run, run_dir, given_steps, resume=resume, progress=progress, max_steps=max_steps, verbose=verbose,
-                      peak_tflops=peak_tflops, profile=profile)
+        return _train(
+            run,
+            run_dir,
+            given_steps,
+            resume=resume,
+            progress=progress,
+            max_steps=max_steps,
+            verbose=verbose,
+            peak_tflops=peak_tflops,
+            profile=profile,
+        )
     finally:
         if lock is not None:
             lock.release()
@@ -87,8 +104,18 @@ def lock_run_folder(run_dir: RunDir) -> RunLock | None:
     return lock
 
 
-def _train(run: RunConfig | None, run_dir: RunDir, steps: StepFunctions | None, *, resume: bool, progress: bool,
-           max_steps: int | None, verbose: bool, peak_tflops: float | None, profile: ProfileSteps | None) -> dict:
+def _train(
+    run: RunConfig | None,
+    run_dir: RunDir,
+    steps: StepFunctions | None,
+    *,
+    resume: bool,
+    progress: bool,
+    max_steps: int | None,
+    verbose: bool,
+    peak_tflops: float | None,
+    profile: ProfileSteps | None,
+) -> dict:
     """train() once the run folder is locked; steps: the given run config's (None: made for the saved run's)."""
     is_main = jax.process_index() == 0  # only process 0 prints and writes metrics
     verbose = verbose and is_main
@@ -107,7 +134,7 @@ def _train(run: RunConfig | None, run_dir: RunDir, steps: StepFunctions | None, 
     if tensorboard_lib.available():
         log(f"tensorboard: event files in {run_dir.tensorboard}")
     else:
-        log("tensorboard: off (tensorboardX is not installed; pip install -e \".[tensorboard]\")")
+        log('tensorboard: off (tensorboardX is not installed; pip install -e ".[tensorboard]")')
     state = None if resume else steps.init()
     checkpointer = Checkpointer(run_dir.path, keep=train_cfg.keep_checkpoints, primary=is_main)
     start_step, bytes_seen = 0, 0
@@ -118,8 +145,14 @@ def _train(run: RunConfig | None, run_dir: RunDir, steps: StepFunctions | None, 
         if start_step >= train_cfg.steps:
             checkpointer.close()
             log(f"{run_dir.path}: the run is complete (step {start_step} of {train_cfg.steps}); nothing to do")
-            return {"status": "already complete", "step": start_step, "bytes_seen": bytes_seen, "eval": {},
-                    "checkpoint": str(checkpointer.path(start_step)), "workdir": str(run_dir.path)}
+            return {
+                "status": "already complete",
+                "step": start_step,
+                "bytes_seen": bytes_seen,
+                "eval": {},
+                "checkpoint": str(checkpointer.path(start_step)),
+                "workdir": str(run_dir.path),
+            }
         if is_main:
             _truncate_metrics(run_dir.metrics, start_step)
         log(f"resumed {run_dir.path} at step {start_step} ({bytes_seen:,d} bytes seen)")
@@ -127,31 +160,48 @@ def _train(run: RunConfig | None, run_dir: RunDir, steps: StepFunctions | None, 
             profile.check(start_step + 1, _end_step(train_cfg.steps, start_step, max_steps))
 
     bar = _progress_bar(train_cfg.steps, start_step, progress and is_main)
-    shape = (train_cfg.grad_accum, train_cfg.batch_size // jax.process_count() // train_cfg.grad_accum, train_cfg.seq_len)
+    shape = (
+        train_cfg.grad_accum,
+        train_cfg.batch_size // jax.process_count() // train_cfg.grad_accum,
+        train_cfg.seq_len,
+    )
     last_eval: dict = {}
     status = "completed"
     end_step = _end_step(train_cfg.steps, start_step, max_steps)
     warmup_steps = int(round(train_cfg.warmup_frac * train_cfg.steps))
     warned_dropped = False
-    speed = throughput.TrainingSpeed(run.model_config, train_cfg.batch_size, train_cfg.seq_len,
-                                     throughput.peak_flops(jax.devices()[0], peak_tflops),
-                                     tuple(jax.devices()), tuple(jax.local_devices()))
+    speed = throughput.TrainingSpeed(
+        run.model_config,
+        train_cfg.batch_size,
+        train_cfg.seq_len,
+        throughput.peak_flops(jax.devices()[0], peak_tflops),
+        tuple(jax.devices()),
+        tuple(jax.local_devices()),
+    )
     window = MetricsWindow(steps.schedule, speed, bytes_seen)
 
     def save(step: int):
         checkpointer.save(
-            step, state, {"iterator": data_lib.iterator_state_to_json(iterator.get_state())},
+            step,
+            state,
+            {"iterator": data_lib.iterator_state_to_json(iterator.get_state())},
             {"step": step, "bytes_seen": window.bytes_seen, "model": run.model, "run": run.to_dict()},
         )
 
-    with (_StopFlag() as stop, MetricsLog(run_dir, is_main, first_step=start_step + 1) as metrics_log,
-          StepProfiler(profile, run_dir.profile, enabled=is_main) as profiler):
+    with (
+        _StopFlag() as stop,
+        MetricsLog(run_dir, is_main, first_step=start_step + 1) as metrics_log,
+        StepProfiler(profile, run_dir.profile, enabled=is_main) as profiler,
+    ):
         step = start_step
         while step < end_step:
             batch = next(iterator)
             with profiler.annotate(step + 1):
-                state, metrics = steps.train_step(state, steps.place_train_batch(batch["input_ids"].reshape(shape)),
-                                                  steps.place_train_batch(batch["targets"].reshape(shape)))
+                state, metrics = steps.train_step(
+                    state,
+                    steps.place_train_batch(batch["input_ids"].reshape(shape)),
+                    steps.place_train_batch(batch["targets"].reshape(shape)),
+                )
             step += 1
             profiler.finish_step(step, (state, metrics))
             # Text bytes this process's targets cover (batch_size / P * seq_len for bytes).
@@ -159,21 +209,40 @@ def _train(run: RunConfig | None, run_dir: RunDir, steps: StepFunctions | None, 
             is_last = step == end_step
             stopping = multihost.stop_agreed(stop.signal, at_sync_point=step % train_cfg.log_every == 0 or is_last)
             # Flushed before every eval and save too, so that bytes_seen is exact there.
-            if (step % train_cfg.log_every == 0 or step % train_cfg.eval_every == 0
-                    or step % train_cfg.checkpoint_every == 0 or is_last or stopping):
+            if (
+                step % train_cfg.log_every == 0
+                or step % train_cfg.eval_every == 0
+                or step % train_cfg.checkpoint_every == 0
+                or is_last
+                or stopping
+            ):
                 rows = window.flush()
                 metrics_log.write(rows)
                 _update_bar(bar, rows[-1], step)
-                warned_dropped = warned_dropped or _warn_dropped(rows, warmup_steps, run.model_config,
-                                                                 bar.write if is_main else None)
+                warned_dropped = warned_dropped or _warn_dropped(
+                    rows, warmup_steps, run.model_config, bar.write if is_main else None
+                )
                 _stop_if_not_finite(rows[-1], train_cfg.max_nonfinite_steps, checkpointer, bar)
             if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 last_eval = evaluate(steps, state["params"], corpus, run.data.eval_split, run, train_cfg.eval_batches)
-                metrics_log.write([{"step": step, "bytes_seen": window.bytes_seen, "split": run.data.eval_split,
-                                    **{f"eval_{k}": v for k, v in last_eval.items()}}])
+                metrics_log.write(
+                    [
+                        {
+                            "step": step,
+                            "bytes_seen": window.bytes_seen,
+                            "split": run.data.eval_split,
+                            **{f"eval_{k}": v for k, v in last_eval.items()},
+                        }
+                    ]
+                )
                 if is_main:
-                    bar.write(f"step {step}: {run.data.eval_split} bpb {last_eval['bpb']:.4f}" + "".join(
-                        f", stage {s} bytes/chunk {value:.2f}" for s, value in enumerate(stage_values(last_eval, "bytes_per_chunk"))))
+                    bar.write(
+                        f"step {step}: {run.data.eval_split} bpb {last_eval['bpb']:.4f}"
+                        + "".join(
+                            f", stage {s} bytes/chunk {value:.2f}"
+                            for s, value in enumerate(stage_values(last_eval, "bytes_per_chunk"))
+                        )
+                    )
             if stopping:
                 status = f"stopped by {stop.signal or 'a signal to another process'}"
                 break
@@ -185,8 +254,14 @@ def _train(run: RunConfig | None, run_dir: RunDir, steps: StepFunctions | None, 
             save(step)
         checkpointer.close()
     bar.close()
-    return {"status": status, "step": step, "bytes_seen": window.bytes_seen, "eval": last_eval,
-            "checkpoint": str(checkpointer.path(step)), "workdir": str(run_dir.path)}
+    return {
+        "status": status,
+        "step": step,
+        "bytes_seen": window.bytes_seen,
+        "eval": last_eval,
+        "checkpoint": str(checkpointer.path(step)),
+        "workdir": str(run_dir.path),
+    }
 
 
 def open_training_data(run: RunConfig, run_dir: RunDir, verbose: bool, log):
@@ -197,14 +272,23 @@ def open_training_data(run: RunConfig, run_dir: RunDir, verbose: bool, log):
     tokenizer = tokenizer_lib.setup_run_tokenizer(run.data.tokenizer, run_dir.path, corpus, run.data.train_split, log)
     if tokenizer is not None:
         if tokenizer.vocab_size != run.model["vocab_size"]:
-            raise RunError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {run.model['vocab_size']}")
+            raise RunError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {run.model['vocab_size']}"
+            )
         corpus = tokenizer_lib.tokenize_corpus(corpus, tokenizer, verbose=verbose)
     if corpus.bos_id != run.model_config.bos_id:
-        raise RunError(f"the corpus starts documents with id {corpus.bos_id} but the model's bos_id is {run.model_config.bos_id}")
+        raise RunError(
+            f"the corpus starts documents with id {corpus.bos_id} but the model's bos_id is {run.model_config.bos_id}"
+        )
     train_cfg, process_count = run.train, jax.process_count()
     iterator = data_lib.make_dataset(
-        corpus, run.data.train_split, train_cfg.seq_len, train_cfg.batch_size // process_count,
-        seed=train_cfg.seed, process_index=jax.process_index(), process_count=process_count,
+        corpus,
+        run.data.train_split,
+        train_cfg.seq_len,
+        train_cfg.batch_size // process_count,
+        seed=train_cfg.seed,
+        process_index=jax.process_index(),
+        process_count=process_count,
     )
     data_lib.PackedSequences(corpus, run.data.eval_split, train_cfg.seq_len)  # fail early if missing
     return corpus, iterator
@@ -238,14 +322,22 @@ def prepare_run_dir(run_dir: RunDir, run: RunConfig | None, resume: bool) -> Run
         saved = run_config_from_dict(json.loads(run_dir.config.read_text()))
         if run is not None and run.model != saved.model:
             changed = sorted(k for k in set(run.model) | set(saved.model) if run.model.get(k) != saved.model.get(k))
-            raise RunError(f"--resume: {run_dir.path} was trained with a different model config (differs in: {', '.join(changed)})")
+            raise RunError(
+                f"--resume: {run_dir.path} was trained with a different model config (differs in: {', '.join(changed)})"
+            )
         if run is not None and not run_dir.checkpoint_steps():  # it starts again: as the folder's config says
             given, kept = run.to_dict(), saved.to_dict()
-            changed = sorted(f"{section}.{key}" for section in ("data", "train") for key in
-                             set(given[section]) | set(kept[section]) if given[section].get(key) != kept[section].get(key))
+            changed = sorted(
+                f"{section}.{key}"
+                for section in ("data", "train")
+                for key in set(given[section]) | set(kept[section])
+                if given[section].get(key) != kept[section].get(key)
+            )
             if changed:
-                raise RunError(f"--resume: {run_dir.path} has no checkpoint yet, and its run config differs from the "
-                               f"one given (in: {', '.join(changed)}); resume without --config to use the folder's")
+                raise RunError(
+                    f"--resume: {run_dir.path} has no checkpoint yet, and its run config differs from the "
+                    f"one given (in: {', '.join(changed)}); resume without --config to use the folder's"
+                )
         return run if run is not None else saved
     if run_dir.holds_run():
         raise RunError(f"{run_dir.path} already holds a run; pass --resume to continue it or choose another --workdir")
@@ -266,6 +358,7 @@ def resume_state(checkpointer: Checkpointer, run: RunConfig, steps: StepFunction
     other processes check sizes and follow its verdict, so that all restore the same step.
     Raises RunError (one line) when no checkpoint is usable.
     """
+
     def restore(step: int):
         meta = checkpointer.read_meta(step)
         if meta.get("model") != run.model:
@@ -273,8 +366,9 @@ def resume_state(checkpointer: Checkpointer, run: RunConfig, steps: StepFunction
         return checkpointer.restore(step, steps.abstract_state)  # onto this run's mesh, whatever mesh saved it
 
     try:
-        restored = checkpoint_lib.restore_newest(checkpointer.run_dir, restore, hash_files=is_main,
-                                                 all_agree=multihost.all_agree, passthrough=(RunError,))
+        restored = checkpoint_lib.restore_newest(
+            checkpointer.run_dir, restore, hash_files=is_main, all_agree=multihost.all_agree, passthrough=(RunError,)
+        )
     except checkpoint_lib.CheckpointError as err:
         raise RunError(f"--resume: {err}") from None
     moved = dict(checkpointer.set_aside_newer_than(restored.step))
@@ -306,12 +400,18 @@ def evaluate(steps: StepFunctions, params, corpus, split: str, run: RunConfig, m
 
 
 def summarize_eval(totals: dict, depth: int) -> dict:
-    result = {"bpb": bits_per_byte(totals["nll"], totals["bytes"]), "nats_per_byte": totals["nll"] / totals["bytes"],
-              "bytes": int(totals["bytes"]), "tokens": int(totals["tokens"])}
+    result = {
+        "bpb": bits_per_byte(totals["nll"], totals["bytes"]),
+        "nats_per_byte": totals["nll"] / totals["bytes"],
+        "bytes": int(totals["bytes"]),
+        "tokens": int(totals["tokens"]),
+    }
     for s in range(depth):
         chunks = totals[stage_metric(s, "chunks")]
         result[stage_metric(s, "bytes_per_chunk")] = totals["bytes"] / max(chunks, 1.0)
-        result[stage_metric(s, "dropped_rate")] = totals[stage_metric(s, "dropped")] / max(totals[stage_metric(s, "boundaries")], 1.0)
+        result[stage_metric(s, "dropped_rate")] = totals[stage_metric(s, "dropped")] / max(
+            totals[stage_metric(s, "boundaries")], 1.0
+        )
         result[stage_metric(s, "slot_utilisation")] = chunks / max(totals[stage_metric(s, "slots")], 1.0)
     return result
 
@@ -361,8 +461,10 @@ def _write_failures_reported(path):
     try:
         yield
     except OSError as err:
-        raise RunWriteError(f"writing {path} failed: {describe_write_failure(err)}; the rows written before are "
-                            f"kept; make room and resume with the same command") from None
+        raise RunWriteError(
+            f"writing {path} failed: {describe_write_failure(err)}; the rows written before are "
+            f"kept; make room and resume with the same command"
+        ) from None
 
 
 class MetricsWindow:
@@ -411,6 +513,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     a row a kill cut short."""
     if not path.exists():
         return
+
     def kept(line: str) -> bool:
         try:
             return json.loads(line)["step"] <= step
@@ -438,9 +541,11 @@ def _warn_dropped(rows: list[dict], warmup_steps: int, config, write) -> bool:
         for s, rate in enumerate(stage_values(row, "dropped_rate")):
             if rate > DROPPED_WARNING:
                 if write is not None:
-                    write(f"warning: step {row['step']}: stage {s} dropped {rate:.1%} of its boundaries under the chunk "
-                          f"capacity rule (capacity_slack {config.capacity_slack}, burst {config.capacity_burst}); "
-                          f"a larger model.capacity_slack drops fewer (logged as {stage_metric(s, 'dropped_rate')})")
+                    write(
+                        f"warning: step {row['step']}: stage {s} dropped {rate:.1%} of its boundaries under the chunk "
+                        f"capacity rule (capacity_slack {config.capacity_slack}, burst {config.capacity_burst}); "
+                        f"a larger model.capacity_slack drops fewer (logged as {stage_metric(s, 'dropped_rate')})"
+                    )
                 return True
     return False
 
@@ -454,8 +559,9 @@ def _stop_if_not_finite(row: dict, max_nonfinite_steps: int, checkpointer: Check
     good = checkpointer.latest_step()
     where = checkpointer.path(good) if good is not None else "none saved yet"
     bar.close()
-    raise RunError(f"{row['nonfinite_run']} non-finite steps in a row at step {row['step']}; "
-                   f"last good checkpoint: {where}")
+    raise RunError(
+        f"{row['nonfinite_run']} non-finite steps in a row at step {row['step']}; last good checkpoint: {where}"
+    )
 
 
 def _update_bar(bar, row: dict, step: int) -> None:

@@ -55,6 +55,7 @@ def loss_and_metrics(model, input_ids, targets, mask, ratio_loss_weight: float):
 def micro_grads(params, input_ids, targets, *, graphdef, ratio_loss_weight: float, remat: str = "none"):
     """Gradients of one micro-batch (b, L) -> (grads like params, metrics including "loss").
     remat: a rematerialisation policy name (hnet.layers.isotropic.REMAT_POLICIES)."""
+
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
         with rematerialise(remat):
@@ -64,8 +65,16 @@ def micro_grads(params, input_ids, targets, *, graphdef, ratio_loss_weight: floa
     return grads, {"loss": loss, **metrics}
 
 
-def train_step(state: dict, input_ids, targets, *, graphdef, tx: optax.GradientTransformation, ratio_loss_weight: float,
-               remat: str = "none"):
+def train_step(
+    state: dict,
+    input_ids,
+    targets,
+    *,
+    graphdef,
+    tx: optax.GradientTransformation,
+    ratio_loss_weight: float,
+    remat: str = "none",
+):
     """One optimizer step. input_ids, targets: (A, b, L) micro-batches; gradients averaged over A.
 
     A step whose loss or gradient norm is not finite leaves params and optimizer state untouched
@@ -76,6 +85,7 @@ def train_step(state: dict, input_ids, targets, *, graphdef, tx: optax.GradientT
     if input_ids.shape[0] == 1:
         grads, metrics = grads_of(params, input_ids[0], targets[0])
     else:
+
         def accumulate(carry, micro):
             grads, metrics = grads_of(params, *micro)
             return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
@@ -129,8 +139,12 @@ def remat_policy(remat: str, config, seq_len: int) -> str:
     """train.remat -> the policy name the step uses (hnet.layers.isotropic.REMAT_POLICIES)."""
     if remat != "auto":
         return remat
-    widths = sum(count * config.d_model[stage] for stage in range(config.depth + 1)
-                 for layout in config.stage_layout(stage) for _, count in parse_layout(layout))
+    widths = sum(
+        count * config.d_model[stage]
+        for stage in range(config.depth + 1)
+        for layout in config.stage_layout(stage)
+        for _, count in parse_layout(layout)
+    )
     values = seq_len * widths
     return "none" if values < REMAT_AUTO_MIN_VALUES else "dots" if values < REMAT_DOTS_MAX_VALUES else "block"
 
@@ -171,16 +185,16 @@ class StepFunctions:
     optimizer state by their logical axes), batches are split over data x fsdp.
     """
 
-    train_step: callable   # (state, input_ids (A, b, L), targets (A, b, L)) -> (state, metrics)
-    eval_step: callable    # (params, input_ids (B, L), targets, mask) -> sums
-    init: callable         # () -> a fresh train state, already sharded
+    train_step: callable  # (state, input_ids (A, b, L), targets (A, b, L)) -> (state, metrics)
+    eval_step: callable  # (params, input_ids (B, L), targets, mask) -> sums
+    init: callable  # () -> a fresh train state, already sharded
     schedule: callable
     tx: optax.GradientTransformation
     mesh: Mesh
-    state_shardings: Any            # NamedSharding leaves, structured like the train state
-    abstract_state: Any             # ShapeDtypeStructs with those shardings (checkpoint restore)
-    micro_batch_sharding: NamedSharding   # (A, b, L) train inputs
-    batch_sharding: NamedSharding         # (B, L) eval inputs
+    state_shardings: Any  # NamedSharding leaves, structured like the train state
+    abstract_state: Any  # ShapeDtypeStructs with those shardings (checkpoint restore)
+    micro_batch_sharding: NamedSharding  # (A, b, L) train inputs
+    batch_sharding: NamedSharding  # (B, L) eval inputs
 
     def place_train_batch(self, local: np.ndarray) -> jax.Array:
         """This process's (A, b / P, L) rows -> the global (A, b, L) array (no cross-host traffic)."""
@@ -205,7 +219,8 @@ def make_step_functions(run: RunConfig, mesh: Mesh | None = None) -> tuple[Any, 
     again.
     """
     graphdef, abstract_params = nnx.split(
-        nnx.eval_shape(lambda: build_model(run.model_config, seed=run.train.seed)), nnx.Param)
+        nnx.eval_shape(lambda: build_model(run.model_config, seed=run.train.seed)), nnx.Param
+    )
     if mesh is None:
         mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), param_count=sharding.param_count(abstract_params))
         sharding.check_batch(mesh, run.train.batch_size // run.train.grad_accum)
@@ -221,22 +236,30 @@ def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -
     abstract_state = jax.eval_shape(functools.partial(fresh_state, tx=tx), abstract_params)
     state_shardings = sharding.tree_shardings(abstract_state, mesh)
     replicated = sharding.replicated(mesh)
-    micro_batch_sharding = logical_axes.named_sharding(mesh, logical_axes.MICRO_BATCH_AXES, (1, train.batch_size // train.grad_accum, 1))
+    micro_batch_sharding = logical_axes.named_sharding(
+        mesh, logical_axes.MICRO_BATCH_AXES, (1, train.batch_size // train.grad_accum, 1)
+    )
     batch_sharding = logical_axes.named_sharding(mesh, logical_axes.BATCH_AXES, (train.batch_size, 1))
 
     def on_mesh(fn):
         """Trace `fn` with the mesh active, so the model's activation constraints apply."""
+
         @functools.wraps(fn)
         def traced(*args):
             with logical_axes.use_mesh(mesh):
                 return fn(*args)
+
         return traced
 
     remat = remat_policy(train.remat, config, train.seq_len)
-    step = functools.partial(train_step, graphdef=graphdef, tx=tx, ratio_loss_weight=train.ratio_loss_weight, remat=remat)
+    step = functools.partial(
+        train_step, graphdef=graphdef, tx=tx, ratio_loss_weight=train.ratio_loss_weight, remat=remat
+    )
     init_from_params = jax.jit(functools.partial(fresh_state, tx=tx), out_shardings=state_shardings)
-    init_in_place = jax.jit(lambda: fresh_state(nnx.state(build_model(config, seed=train.seed), nnx.Param), tx),
-                            out_shardings=state_shardings)
+    init_in_place = jax.jit(
+        lambda: fresh_state(nnx.state(build_model(config, seed=train.seed), nnx.Param), tx),
+        out_shardings=state_shardings,
+    )
 
     def init():
         if mesh.size == 1:
@@ -246,12 +269,18 @@ def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -
         return init_in_place()
 
     return StepFunctions(
-        train_step=jax.jit(on_mesh(step), donate_argnums=(0,),
-                           in_shardings=(state_shardings, micro_batch_sharding, micro_batch_sharding),
-                           out_shardings=(state_shardings, replicated),
-                           compiler_options=step_compiler_options(remat, mesh.devices.flat[0].platform)),
-        eval_step=jax.jit(on_mesh(functools.partial(eval_step, graphdef=graphdef)),
-                          in_shardings=(state_shardings["params"],) + (batch_sharding,) * 3, out_shardings=replicated),
+        train_step=jax.jit(
+            on_mesh(step),
+            donate_argnums=(0,),
+            in_shardings=(state_shardings, micro_batch_sharding, micro_batch_sharding),
+            out_shardings=(state_shardings, replicated),
+            compiler_options=step_compiler_options(remat, mesh.devices.flat[0].platform),
+        ),
+        eval_step=jax.jit(
+            on_mesh(functools.partial(eval_step, graphdef=graphdef)),
+            in_shardings=(state_shardings["params"],) + (batch_sharding,) * 3,
+            out_shardings=replicated,
+        ),
         init=init,
         schedule=schedule,
         tx=tx,

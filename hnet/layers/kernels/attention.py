@@ -28,8 +28,9 @@ ATTENTION_IMPL = os.environ.get("HNET_ATTENTION", "auto")
 PALLAS_BLOCK = 128  # the Pallas kernel's query/key block; rows are padded to a multiple of it
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: jax.Array, window: int,
-                     block_size: int | None = None) -> jax.Array:
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_index: jax.Array, window: int, block_size: int | None = None
+) -> jax.Array:
     """Causal attention within the documents of a row: each query sees the keys of its own
     document at positions j <= i (and i - j <= window unless window < 0).
 
@@ -45,8 +46,13 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: ja
     block_size = QUERY_BLOCK if block_size is None else block_size
     impl = ATTENTION_IMPL
     if impl == "auto":
-        impl = ("plain" if length <= block_size
-                else "pallas" if window < 0 and jax.default_backend() == "gpu" else "blockwise")
+        impl = (
+            "plain"
+            if length <= block_size
+            else "pallas"
+            if window < 0 and jax.default_backend() == "gpu"
+            else "blockwise"
+        )
     if impl == "pallas":
         if window >= 0:
             raise ValueError("the Pallas attention kernel has no sliding window; use HNET_ATTENTION=blockwise")
@@ -78,15 +84,21 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     kv_heads = k.shape[2]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim ** -0.5)
+    scores = scores * (head_dim**-0.5)
     scores = jnp.where(mask, scores, -1e30)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v)
     return out.reshape(batch, q_len, heads, head_dim)
 
 
-def pallas_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: jax.Array,
-                            block: int = PALLAS_BLOCK, interpret: bool = False) -> jax.Array:
+def pallas_causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_index: jax.Array,
+    block: int = PALLAS_BLOCK,
+    interpret: bool = False,
+) -> jax.Array:
     """Global causal attention within documents with jax's Pallas flash-attention kernel for GPUs
     (jax.experimental.pallas.ops.gpu.attention.mha: online softmax, segment ids, its own
     backward). Shapes as causal_attention. KV heads are repeated to the query heads (the kernel
@@ -102,16 +114,30 @@ def pallas_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_in
     if pad:
         q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
         segment_index = jnp.pad(segment_index, ((0, 0), (0, pad)), constant_values=-1)
-    sizes = pallas_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=min(32, block),
-                                        block_kv_dkv=min(32, block), block_q_dq=min(32, block),
-                                        block_kv_dq=min(32, block))
-    out = pallas_attention.mha(q, k, v, segment_index.astype(jnp.int32), sm_scale=head_dim ** -0.5, causal=True,
-                               block_sizes=sizes, interpret=interpret)
+    sizes = pallas_attention.BlockSizes(
+        block_q=block,
+        block_k=block,
+        block_q_dkv=min(32, block),
+        block_kv_dkv=min(32, block),
+        block_q_dq=min(32, block),
+        block_kv_dq=min(32, block),
+    )
+    out = pallas_attention.mha(
+        q,
+        k,
+        v,
+        segment_index.astype(jnp.int32),
+        sm_scale=head_dim**-0.5,
+        causal=True,
+        block_sizes=sizes,
+        interpret=interpret,
+    )
     return out[:, :length]
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_index: jax.Array, window: int,
-                        block: int) -> jax.Array:
+def blockwise_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_index: jax.Array, window: int, block: int
+) -> jax.Array:
     """Flash-style attention in plain JAX: query blocks of `block` positions, each with an online
     softmax over the key blocks its causal window reaches. Shapes as causal_attention.
 
@@ -159,10 +185,14 @@ def _cut_into_blocks(q, k, v, segment_index, window: int, block: int) -> _Blocks
         q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
         segment_index = jnp.pad(segment_index, ((0, 0), (0, pad)), constant_values=-1)
     count = padded // block
-    return _Blocks(q=q.reshape(batch, count, block, kv_heads, heads // kv_heads, head_dim),
-                   k=k.reshape(batch, count, block, kv_heads, head_dim),
-                   v=v.reshape(batch, count, block, kv_heads, head_dim),
-                   segment=segment_index.reshape(batch, count, block), count=count, size=block)
+    return _Blocks(
+        q=q.reshape(batch, count, block, kv_heads, heads // kv_heads, head_dim),
+        k=k.reshape(batch, count, block, kv_heads, head_dim),
+        v=v.reshape(batch, count, block, kv_heads, head_dim),
+        segment=segment_index.reshape(batch, count, block),
+        count=count,
+        size=block,
+    )
 
 
 def _block_scores(blocks: _Blocks, i, j, window: int):
@@ -177,7 +207,9 @@ def _block_scores(blocks: _Blocks, i, j, window: int):
     visible = (delta >= 0) & (j >= 0)
     if window >= 0:
         visible &= delta <= window
-    mask = (visible[None] & (take(blocks.segment, i)[:, :, None] == take(blocks.segment, j_safe)[:, None, :]))[:, None, None]
+    mask = (visible[None] & (take(blocks.segment, i)[:, :, None] == take(blocks.segment, j_safe)[:, None, :]))[
+        :, None, None
+    ]
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * q_i.shape[-1] ** -0.5
     return q_i, k_j, v_j, jnp.where(mask, scores, -jnp.inf), mask
 
@@ -190,9 +222,11 @@ def _blockwise_forward(q, k, v, segment_index, window: int, block: int):
     kv_heads, group = blocks.k.shape[3], heads // blocks.k.shape[3]
 
     def empty_state():
-        return (jnp.full((batch, kv_heads, group, block), -jnp.inf, jnp.float32),
-                jnp.zeros((batch, kv_heads, group, block), jnp.float32),
-                jnp.zeros((batch, kv_heads, group, block, head_dim), jnp.float32))
+        return (
+            jnp.full((batch, kv_heads, group, block), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, kv_heads, group, block), jnp.float32),
+            jnp.zeros((batch, kv_heads, group, block, head_dim), jnp.float32),
+        )
 
     def attend_block(state, i, j):
         """Online-softmax update of query block i's state with key block j."""
@@ -203,13 +237,14 @@ def _blockwise_forward(q, k, v, segment_index, window: int, block: int):
         weights = jnp.exp(scores - safe_max[..., None])
         rescale = jnp.exp(running_max - safe_max)
         total = total * rescale + weights.sum(axis=-1)
-        acc = acc * rescale[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", weights.astype(v_j.dtype), v_j,
-                                                    preferred_element_type=jnp.float32)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "bkgqs,bskd->bkgqd", weights.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32
+        )
         return new_max, total, acc
 
     def finish(state):
         running_max, total, acc = state
-        out = acc / total[..., None]                                  # every query sees itself: total > 0
+        out = acc / total[..., None]  # every query sees itself: total > 0
         return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), running_max + jnp.log(total)
 
     n = blocks.count
@@ -220,8 +255,9 @@ def _blockwise_forward(q, k, v, segment_index, window: int, block: int):
             step = lambda state, offset: (attend_block(state, i, i - offset), None)
             return finish(jax.lax.scan(step, empty_state(), jnp.arange(reach))[0])
 
-        out, lse = jax.lax.map(query_block, jnp.arange(n))                           # (n, B, Qb, Hkv, G, Dh)
+        out, lse = jax.lax.map(query_block, jnp.arange(n))  # (n, B, Qb, Hkv, G, Dh)
     else:
+
         def query_pair(p):
             """Query blocks p (key blocks 0..p) and n-1-p (key blocks 0..n-1-p): n + 1 steps."""
             first, second = p, n - 1 - p
@@ -240,7 +276,7 @@ def _blockwise_forward(q, k, v, segment_index, window: int, block: int):
             return finish(first_state), finish(state)
 
         (out_firsts, lse_firsts), (out_seconds, lse_seconds) = jax.lax.map(query_pair, jnp.arange(n // 2))
-        out = jnp.concatenate([out_firsts, out_seconds[::-1]], axis=0)                 # blocks in order
+        out = jnp.concatenate([out_firsts, out_seconds[::-1]], axis=0)  # blocks in order
         lse = jnp.concatenate([lse_firsts, lse_seconds[::-1]], axis=0)
     out = out.transpose(1, 0, 2, 3, 4, 5).reshape(batch, n * block, heads, head_dim)
     return out[:, :length], lse
@@ -260,7 +296,7 @@ def _blockwise_backward(window: int, block: int, residuals, d_out):
     batch, length, heads, head_dim = q.shape
     blocks = _cut_into_blocks(q, k, v, segment_index, window, block)
     n, kv_heads = blocks.count, blocks.k.shape[3]
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     pad = n * block - length
     # rowsum(dO ∘ O) per query, and dO, in the block layout of the scores (B, n, Hkv, G, Qb).
     d_out_blocks = jnp.pad(d_out, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(blocks.q.shape)
@@ -269,16 +305,17 @@ def _blockwise_backward(window: int, block: int, residuals, d_out):
 
     def add_at(total, index, part):
         return jax.lax.dynamic_update_index_in_dim(
-            total, jax.lax.dynamic_index_in_dim(total, index, axis=1, keepdims=False) + part, index, axis=1)
+            total, jax.lax.dynamic_index_in_dim(total, index, axis=1, keepdims=False) + part, index, axis=1
+        )
 
     def pair_step(grads, pair):
         dq, dk, dv = grads
         i, j = pair
         q_i, k_j, v_j, scores, mask = _block_scores(blocks, i, j, window)
-        lse_i = jax.lax.dynamic_index_in_dim(lse, i, axis=0, keepdims=False)               # (B, Hkv, G, Qb)
-        d_out_i = jax.lax.dynamic_index_in_dim(d_out_blocks, i, axis=1, keepdims=False)    # (B, Qb, Hkv, G, Dh)
+        lse_i = jax.lax.dynamic_index_in_dim(lse, i, axis=0, keepdims=False)  # (B, Hkv, G, Qb)
+        d_out_i = jax.lax.dynamic_index_in_dim(d_out_blocks, i, axis=1, keepdims=False)  # (B, Qb, Hkv, G, Dh)
         delta_i = jax.lax.dynamic_index_in_dim(delta, i, axis=1, keepdims=False)
-        probs = jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)                  # (B, Hkv, G, Qb, Kb)
+        probs = jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)  # (B, Hkv, G, Qb, Kb)
         dv_j = jnp.einsum("bkgqs,bqkgd->bskd", probs.astype(d_out.dtype), d_out_i, preferred_element_type=jnp.float32)
         d_probs = jnp.einsum("bqkgd,bskd->bkgqs", d_out_i, v_j, preferred_element_type=jnp.float32)
         d_scores = (probs * (d_probs - delta_i[..., None]) * scale).astype(q.dtype)
@@ -287,11 +324,11 @@ def _blockwise_backward(window: int, block: int, residuals, d_out):
         return (add_at(dq, i, dq_i), add_at(dk, j, dk_j), add_at(dv, j, dv_j)), None
 
     zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
-    (dq, dk, dv), _ = jax.lax.scan(pair_step, (zeros(blocks.q), zeros(blocks.k), zeros(blocks.v)),
-                                   _visible_pairs(n, block, window))
+    (dq, dk, dv), _ = jax.lax.scan(
+        pair_step, (zeros(blocks.q), zeros(blocks.k), zeros(blocks.v)), _visible_pairs(n, block, window)
+    )
     unblock = lambda grad, like: grad.reshape(batch, n * block, *like.shape[2:])[:, :length].astype(like.dtype)
-    return (unblock(dq, q), unblock(dk, k), unblock(dv, v),
-            np.zeros(segment_index.shape, jax.dtypes.float0))
+    return (unblock(dq, q), unblock(dk, k), unblock(dv, v), np.zeros(segment_index.shape, jax.dtypes.float0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

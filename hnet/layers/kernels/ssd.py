@@ -55,8 +55,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, segment_index=None):
     # chunk: its own first position).
     segment_in = jnp.concatenate([segment[:1, :, 0], segment[:-1, :, -1]], axis=0)  # (nc, B)
     initial_state = jnp.zeros((batch, heads, head_dim, d_state), f32)
-    final_state, y = jax.lax.scan(
-        functools.partial(_ssd_chunk, A=A), initial_state, (x, dt, B, C, segment, segment_in))
+    final_state, y = jax.lax.scan(functools.partial(_ssd_chunk, A=A), initial_state, (x, dt, B, C, segment, segment_in))
     y = y.swapaxes(0, 1).reshape(batch, n_chunks * chunk, heads, head_dim)[:, :length]
     return y, final_state
 
