@@ -19,7 +19,7 @@ from hnet import config as config_lib
 from hnet.perf.bench_components import stage_piece_counts
 from hnet.training.run_config import load_run_config
 from hnet.perf.xla_stats import dot_general_flops, matmul_flops, memory_estimate
-from tests.conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT
 
 # A BPE Transformer with one small block: its train step compiles in seconds. bench memory and
 # bench train of the same run share one compilation (hnet.perf.bench.compile_train_step's cache).

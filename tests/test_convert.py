@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 import hnet
 from hnet.inference import convert, reference
 from hnet.inference.load import load_model
-from tests.conftest import ROOT
+from conftest import ROOT
 
 # Tiny configs in the reference's JSON format (its Mamba2 heads have 64 dims).
 TINY_1STAGE = {

@@ -15,7 +15,7 @@ from hnet import flops, param_report
 from hnet.layers.kernels.attention import attention_mask
 from hnet.layers.kernels.ssd import ssd_scan
 from hnet.perf.xla_stats import matmul_flops
-from tests.conftest import CONFIGS, tiny_config
+from conftest import CONFIGS, tiny_config
 
 FAMILY_TOLERANCE = 0.05  # the "equal FLOPs per byte (within 5%)"
 

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from hnet import host_memory
-from tests.conftest import ROOT
+from conftest import ROOT
 
 PROBE = (
     "from hnet.host_memory import use_huge_pages; use_huge_pages(); "

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import hnet
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 
 def stack_std(stack, name):

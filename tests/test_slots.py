@@ -12,7 +12,7 @@ from hnet import chunking, slots
 from hnet import config as config_lib
 from hnet.layers.isotropic import Isotropic
 from hnet.segments import Segments
-from tests.conftest import LADDER, shrink, tiny_config
+from conftest import LADDER, shrink, tiny_config
 
 
 def test_the_ladder_is_ascending_fractions_of_the_target_ending_at_the_static_cap():
