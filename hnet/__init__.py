@@ -12,7 +12,7 @@
     hnet.Generator(loaded).stream([b"def main("], sampling=hnet.SamplingConfig(temperature=0.8))
 
 The package by concern (each subpackage's __init__.py says what lives there and what it may import;
-tests/test_structure.py checks it):
+tests/core/test_structure.py checks it):
 
     hnet/*.py, hnet/layers/   the model core: config, layers, chunking, model, FLOPs, errors; it
                               imports none of the subpackages below

@@ -126,3 +126,54 @@ def write_run_folder(run_dir: Path, model, step: int = 3, tokenizer=None) -> Pat
     )
     checkpointer.close()
     return run.path
+
+
+# ---- Training runs: a small H-Net run config, and running train.py in-process ----
+
+# A very small H-Net so each run compiles in seconds.
+SMALL_MODEL = {
+    "arch_layout": ["m1", ["T1"], "m1"],
+    "d_model": [48, 64],
+    "d_intermediate": [0, 128],
+    "ssm_cfg": {"d_state": 8, "chunk_size": 32, "head_dim": 16, "expand": 2, "d_conv": 4},
+    "attn_cfg": {"num_heads": [2, 2], "rotary_emb_dim": [8, 16], "window_size": [31, -1]},
+    "target_ratio": [4],
+    "capacity_multiple": 16,
+    "dtype": "float32",
+    "slot_ladder": [1.25],  # one rung below the cap: the ladder's switch, two branches to compile
+}
+
+
+def small_run(**train_overrides) -> dict:
+    train = {
+        "steps": 8,
+        "batch_size": 4,
+        "seq_len": 64,
+        "lr": 3e-3,
+        "log_every": 2,
+        "eval_every": 100,
+        "eval_batches": 2,
+        "checkpoint_every": 4,
+        **train_overrides,
+    }
+    return {"model": SMALL_MODEL, "data": {"corpus": "default"}, "train": train}
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def run_cli(args, capsys):
+    """train.py's main(args) -> (exit status, its stderr stripped)."""
+    import train as train_cli
+
+    code = train_cli.main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def write_run(tmp_path, run: dict, name="run.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(run))
+    return str(path)

@@ -1,6 +1,6 @@
 """The README and the manual in docs/: every relative link and #anchor resolves, the README keeps
 the two set-up commands of a fresh machine (.ci/run runs the second), and its library example runs.
-docs/generation.md's Python example is run by tests/test_decode.py."""
+docs/generation.md's Python example is run by tests/inference/test_decode.py."""
 
 import re
 from pathlib import Path

@@ -3,5 +3,5 @@ coordinates (boundaries), noisy text (perturb), compressor baselines (compress),
 comparison and robustness reports (report).
 
 May import: the model core (hnet/*.py, hnet.layers), hnet.parallel, hnet.io and hnet.inference; never
-hnet.training or hnet.perf (tests/test_structure.py checks it).
+hnet.training or hnet.perf (tests/core/test_structure.py checks it).
 """

@@ -4,5 +4,5 @@ convert).
 
 May import: the model core (hnet/*.py, hnet.layers), hnet.parallel and hnet.io; never hnet.training
 (loading a model needs no run config, optimizer or training loop), hnet.evaluation or hnet.perf
-(tests/test_structure.py checks it).
+(tests/core/test_structure.py checks it).
 """

@@ -3,5 +3,5 @@ corpora (tokenizer), training checkpoints with manifests (checkpoint), and the r
 (run_dir).
 
 May import: the model core (hnet/*.py, hnet.layers) and hnet.parallel (the processes of a run agree
-on what they read); never training, inference, evaluation or perf (tests/test_structure.py checks it).
+on what they read); never training, inference, evaluation or perf (tests/core/test_structure.py checks it).
 """

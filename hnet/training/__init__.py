@@ -2,5 +2,5 @@
 (metrics, evaluation, checkpoints, resume, TensorBoard, profiling, one job per run folder).
 
 May import: the model core (hnet/*.py, hnet.layers), hnet.parallel and hnet.io; never hnet.inference,
-hnet.evaluation or hnet.perf (tests/test_structure.py checks it).
+hnet.evaluation or hnet.perf (tests/core/test_structure.py checks it).
 """

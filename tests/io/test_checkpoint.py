@@ -20,7 +20,7 @@ from hnet.inference.load import load_model
 from hnet.inference.export import main as export_cli
 from hnet.training.run_config import run_config_from_dict
 from hnet.training.train_loop import train
-from test_train import losses, small_run
+from conftest import losses, small_run
 
 # The run of test_train's resume test (8 steps, a checkpoint every 4, the newest 3 kept), so that
 # its steps compile once for both files.

@@ -1,4 +1,4 @@
-"""hnet.evaluation.plot writes its PNGs from a metrics.jsonl (hnet.perf.bench: tests/test_bench.py)."""
+"""hnet.evaluation.plot writes its PNGs from a metrics.jsonl (hnet.perf.bench: tests/perf/test_bench.py)."""
 
 import json
 

@@ -124,7 +124,7 @@ def test_parts_import_only_downwards():
     assert "hnet.logical_axes" in graph["hnet.layers.attention"]
     assert {part_of(m) for m in graph if m.startswith("hnet")} == set(ALLOWED_IMPORTS)
     offenders = forbidden_imports(graph)
-    assert not offenders, "imports against the table in tests/test_structure.py: " + ", ".join(offenders)
+    assert not offenders, "imports against the table in tests/core/test_structure.py: " + ", ".join(offenders)
 
 
 def test_forbidden_imports_finds_one():

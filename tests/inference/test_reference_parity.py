@@ -31,7 +31,7 @@ from hnet.inference.load import load_model
 from hnet.inference.reference import parameter_table, to_reference
 from hnet.training.train_step import loss_and_metrics
 
-FIXTURES = Path(__file__).parent / "fixtures" / "reference"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "reference"
 MODELS = ["ci_1stage", "ci_2stage"]
 
 LOGIT_ATOL = 5e-6

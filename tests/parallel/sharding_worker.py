@@ -1,8 +1,8 @@
-"""Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices
+"""Run by tests/parallel/test_sharding.py in a subprocess with 8 simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=8): trains the same global batches on several
 meshes and moves checkpoints between meshes. Prints one JSON object on its last line.
 
-    python tests/sharding_worker.py CHECKPOINT_DIR
+    python tests/parallel/sharding_worker.py CHECKPOINT_DIR
 """
 
 import json
@@ -13,8 +13,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from conftest import LADDER, shrink, tiny_config  # noqa: E402
 from hnet.parallel import sharding  # noqa: E402

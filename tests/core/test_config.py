@@ -15,7 +15,7 @@ from conftest import CONFIGS
 PUBLISHED = ["hnet_1stage_L", "hnet_1stage_XL", "hnet_2stage_L", "hnet_2stage_XL"]
 
 
-# families.json describes compute-matched config families; tests/test_flops.py checks it.
+# families.json describes compute-matched config families; tests/core/test_flops.py checks it.
 MODEL_AND_RUN_CONFIGS = [p for p in sorted(CONFIGS.glob("*.json")) if p.name != "families.json"]
 
 

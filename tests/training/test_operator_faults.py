@@ -23,7 +23,7 @@ from hnet.inference.load import load_model
 from hnet.training.run_config import run_config_from_dict
 from hnet.training.train_loop import MetricsLog, train
 from hnet.io.run_dir import RunDir
-from test_train import losses, run_cli, small_run, write_run
+from conftest import losses, run_cli, small_run, write_run
 
 RESTART = ["--resume", "--no-progress"]
 SPEC = small_run(steps=8, checkpoint_every=4, log_every=1)  # every test's run: saves at steps 4 and 8

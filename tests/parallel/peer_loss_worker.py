@@ -1,8 +1,8 @@
-"""Run by tests/test_sharding.py, twice, as the two processes of one jax.distributed run on
+"""Run by tests/parallel/test_sharding.py, twice, as the two processes of one jax.distributed run on
 127.0.0.1: process 1 dies abruptly after both have joined; process 0 waits (as if in a long step)
 and is expected to report the loss in one line and exit 3 (hnet/parallel/distributed.py).
 
-    python tests/peer_loss_worker.py PROCESS_ID PORT TIMEOUT_S
+    python tests/parallel/peer_loss_worker.py PROCESS_ID PORT TIMEOUT_S
 """
 
 import os
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hnet.parallel import distributed  # noqa: E402
 

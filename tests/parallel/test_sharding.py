@@ -146,10 +146,10 @@ def test_bad_mesh_is_a_one_line_error_before_the_run_folder_is_made(tmp_path, ca
 
 @pytest.fixture(scope="module")
 def mesh_results(tmp_path_factory):
-    """tests/sharding_worker.py's report: losses, shard shapes and restores on several meshes."""
+    """tests/parallel/sharding_worker.py's report: losses, shard shapes and restores on several meshes."""
     checkpoints = tmp_path_factory.mktemp("mesh_checkpoints")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "sharding_worker.py"), str(checkpoints)],
+        [sys.executable, str(ROOT / "tests" / "parallel" / "sharding_worker.py"), str(checkpoints)],
         cwd=ROOT,
         env=subprocess_env(8),
         capture_output=True,
@@ -307,7 +307,13 @@ def test_a_lost_process_is_one_error_line_on_the_others():
     port, timeout_s = free_port(), 10
     procs = [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "peer_loss_worker.py"), str(i), str(port), str(timeout_s)],
+            [
+                sys.executable,
+                str(ROOT / "tests" / "parallel" / "peer_loss_worker.py"),
+                str(i),
+                str(port),
+                str(timeout_s),
+            ],
             cwd=ROOT,
             env={**subprocess_env(1), "JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"},
             stdout=subprocess.PIPE,
