@@ -16,15 +16,21 @@ import pytest
 
 from hnet.training.run_config import run_config_from_dict
 from hnet.training.train_loop import train
-from conftest import ROOT, SMALL_MODEL, losses, run_cli, small_run, write_run
+from conftest import LADDER, ROOT, SMALL_MODEL, losses, run_cli, small_run, write_run
 from hnet.errors import RunError
 
 
 def test_loss_decreases_on_default_corpus(tmp_path):
-    run = run_config_from_dict(small_run(steps=40, lr=5e-3, batch_size=8, eval_every=40, eval_batches=4))
+    """On the slot ladder (hnet.slots), as real runs train: the loss falls, and every step logs
+    the chunk slots it computed against the chunks kept."""
+    spec = small_run(steps=40, lr=5e-3, batch_size=8, eval_every=40, eval_batches=4)
+    run = run_config_from_dict({**spec, "model": {**spec["model"], "slot_ladder": list(LADDER["slot_ladder"])}})
     summary = train(run, tmp_path / "run", progress=False, verbose=False)
     curve = losses(tmp_path / "run")
     assert len(curve) == 40
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    utilisation = [row["stage0_slot_utilisation"] for row in rows if "loss" in row]
+    assert len(utilisation) == 40 and all(0 < u <= 1 for u in utilisation)
     assert np.mean(curve[-8:]) < np.mean(curve[:8]) - 0.5
     assert summary["eval"]["bpb"] < 6.0 and summary["eval"]["stage0_bytes_per_chunk"] > 1.0
 
