@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from hnet.training.run_config import add_override_argument
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
@@ -41,14 +43,7 @@ def parse_args(argv):
     parser.add_argument(
         "--workdir", help="run folder for config, metrics and checkpoints (default: runs/<config>-<time>)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a run-config value, e.g. train.lr=3e-4 or model.ssm_cfg.d_state=64 (any depth; repeatable)",
-    )
+    add_override_argument(parser, "train.lr=3e-4 or model.ssm_cfg.d_state=64 (any depth)")
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --workdir from its newest checkpoint"
     )

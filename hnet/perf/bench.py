@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hnet.flops import human  # no JAX: `--help` stays fast
+from hnet.training.run_config import add_override_argument
 from hnet.stage_metrics import stage_metric
 
 
@@ -693,6 +694,13 @@ def format_sources(by_source: dict, total: float, top: int = 6) -> str:
     return ", ".join(f"{name} {flops / total:.0%}" for name, flops in items) if total else "-"
 
 
+def stage_lengths_text(result: dict) -> str:
+    """'computed 8192, 1365; static 8192, 2944': each stage's length at the chunking counted, and the
+    static length it is compiled for."""
+    computed = ", ".join(f"{n:.0f}" for n in result["stage_lengths"])
+    return f"computed {computed}; static " + ", ".join(str(n) for n in result["static_stage_lengths"])
+
+
 def format_aligned(rows: list[tuple[str, str]]) -> str:
     width = max(len(name) for name, _ in rows) + 2
     return "\n".join(f"{name:<{width}}{value}" for name, value in rows)
@@ -710,13 +718,7 @@ def format_memory_table(result: dict) -> str:
             f"micro-batch {result['micro_batch']})",
         ),
         ("sequence length", f"{result['seq_len']} {result['seq_unit']}"),
-        (
-            "stage lengths",
-            "computed "
-            + ", ".join(f"{n:.0f}" for n in result["stage_lengths"])
-            + "; static "
-            + ", ".join(str(n) for n in result["static_stage_lengths"]),
-        ),
+        ("stage lengths", stage_lengths_text(result)),
         ("trace / compile", f"{result['trace_s']:.1f} s / {result['compile_s']:.1f} s"),
         (
             "arguments",
@@ -794,13 +796,7 @@ def format_table(result: dict) -> str:
         ("rows", result["rows"] + (f", parameters from {result['checkpoint']}" if result["checkpoint"] else "")),
         ("bytes per chunk (this step)", ", ".join(f"{b:.2f}" for b in result["bytes_per_chunk"]) or "-"),
         ("slot utilisation (this step)", ", ".join(f"{u:.3f}" for u in result["slot_utilisation"]) or "-"),
-        (
-            "stage lengths",
-            "computed "
-            + ", ".join(f"{n:.0f}" for n in result["stage_lengths"])
-            + "; static "
-            + ", ".join(str(n) for n in result["static_stage_lengths"]),
-        ),
+        ("stage lengths", stage_lengths_text(result)),
         ("model FLOPs per step", f"{human(result['model_flops_per_step'])}FLOP (hnet.flops, training)"),
         (
             "executed matmul FLOPs",
@@ -817,14 +813,7 @@ def format_table(result: dict) -> str:
 def run_arguments(parser) -> None:
     """--config and --set, shared by the commands that build a run's train step."""
     parser.add_argument("--config", help="run config JSON (default: configs/run_tiny.json)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a run-config value, e.g. train.batch_size=16 (repeatable)",
-    )
+    add_override_argument(parser, "train.batch_size=16")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 

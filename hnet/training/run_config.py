@@ -213,6 +213,19 @@ def apply_override(sections: dict[str, dict], path: list[str], value, text: str)
             target = target[key]
 
 
+def add_override_argument(parser, example: str = "train.lr=3e-4") -> None:
+    """The --set SECTION.KEY=VALUE option of every command that loads a run config (argparse);
+    the values land in `args.overrides`, for load_run_config."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override a run-config value, e.g. {example} (repeatable)",
+    )
+
+
 def run_config_from_dict(data: dict, overrides: list[str] = (), base: Path | None = None) -> RunConfig:
     """Resolve, apply overrides, validate. Raises ConfigError with a one-line message."""
     if not isinstance(data, dict):
