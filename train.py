@@ -26,6 +26,7 @@ In a multi-process run, a lost process makes the others print one "error:" line 
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from hnet.training.run_config import add_override_argument
@@ -89,6 +90,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # A checkpoint write that fails leaves orbax's other fragment writes unawaited; Python would
+    # print a RuntimeWarning for each at exit, after the one-line error that already says it all.
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
     from hnet.errors import ConfigError, report
     from hnet.parallel import distributed
 
