@@ -6,6 +6,7 @@
     python eval.py --checkpoint RUN_A --checkpoint RUN_B --show-boundaries --text "Hello, world" --html b.html
     python eval.py --checkpoint RUN_A --checkpoint RUN_B --robustness --rates 0.01,0.05,0.1
     python eval.py --compare RUN_A RUN_B --out reports/ab
+    python eval.py --checkpoint RUN_DIR --tasks lambada_openai,hellaswag,piqa --limit 500 --results r.json
 
 A checkpoint is a training run folder (its newest usable checkpoint, or --step; a damaged or
 incomplete one is skipped with a warning, see hnet/io/checkpoint.py) or an export folder.
@@ -32,7 +33,8 @@ def parse_args(argv):
         action="append",
         default=[],
         metavar="DIR",
-        help="run or export folder (repeatable: several models side by side)",
+        help="run or export folder, or hf://OWNER/NAME for a published checkpoint (repeatable: several models "
+        "side by side)",
     )
     parser.add_argument(
         "--step", type=int, help="checkpoint step of a run (default: the newest; one --checkpoint only)"
@@ -82,9 +84,21 @@ def parse_args(argv):
         "--rates", default="0.01,0.05,0.1", help="--robustness: comma-separated rates (default %(default)s)"
     )
     modes.add_argument("--seed", type=int, default=0, help="--robustness: perturbation seed (document i uses seed + i)")
+    modes.add_argument(
+        "--tasks",
+        help="zero-shot downstream tasks, comma-separated (hnet/evaluation/tasks.py): lambada_openai, hellaswag, "
+        "piqa, arc_easy, arc_challenge, winogrande, openbookqa",
+    )
+    modes.add_argument("--limit", type=int, help="--tasks: score only the first N examples of each task")
+    modes.add_argument(
+        "--task-data",
+        metavar="DIR",
+        help="--tasks: read DIR/<task>/<split>.jsonl (or .json, .parquet, .csv) instead of the Hub datasets",
+    )
     modes.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare training runs from their metrics.jsonl")
     modes.add_argument("--out", help="--compare: folder for compare.md and compare.png (default: the current folder)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--results", metavar="FILE", help="also write that JSON object to FILE")
     return parser.parse_args(argv)
 
 
@@ -103,9 +117,17 @@ def _capacity_slack(text: str):
 
 
 def check_args(args) -> None:
-    modes = [name for name in ("show_boundaries", "robustness", "compare") if getattr(args, name)]
+    modes = [name for name in ("show_boundaries", "robustness", "compare", "tasks") if getattr(args, name)]
     if len(modes) > 1:
-        raise UsageError("choose one of --show-boundaries, --robustness, --compare")
+        raise UsageError("choose one of --show-boundaries, --robustness, --compare, --tasks")
+    if args.tasks:
+        from hnet.evaluation.tasks import parse_tasks
+
+        parse_tasks(args.tasks)
+    if (args.limit is not None or args.task_data) and not args.tasks:
+        raise UsageError("--limit and --task-data go with --tasks")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be positive, got {args.limit}")
     if args.compare:
         if args.checkpoint:
             raise UsageError("--compare takes run folders itself; drop --checkpoint")
@@ -137,12 +159,12 @@ class Checkpoint:
     """A loaded model with its run config (None for an export) and tokenizer (None for bytes)."""
 
     def __init__(self, path: str, step=None):
-        from hnet.inference.load import load_model
+        from hnet.inference.hub import load_model
         from hnet.io.run_dir import RunDir
 
         self.loaded = load_model(path, step)
-        self.path = Path(path)
-        self.name = self.path.resolve().name
+        self.path = self.loaded.path  # a hf:// checkpoint's converted folder
+        self.name = path.rstrip("/").split("/")[-1] if path.startswith("hf://") else self.path.resolve().name
         self.run = json.loads(RunDir(self.path).config.read_text()) if self.loaded.kind == "run" else None
         self.tokenizer = self.loaded.tokenizer
 
@@ -389,6 +411,49 @@ def run_robustness(args, checkpoints) -> dict:
     return {"data": documents.description, "seed": args.seed, "rows": rows}
 
 
+def run_tasks(args, checkpoints) -> dict:
+    from tqdm import tqdm
+
+    from hnet.evaluation.downstream import RequestScorer, evaluate_task, results_table
+    from hnet.evaluation.tasks import examples, load_rows, parse_tasks
+
+    tasks = parse_tasks(args.tasks)
+    data = {task.name: examples(task, load_rows(task, args.task_data, args.limit)) for task in tasks}
+    show = not args.json
+    out = {"tasks": [task.name for task in tasks], "limit": args.limit, "task_data": args.task_data, "models": []}
+    rows = []
+    for checkpoint in checkpoints:
+        scorer = checkpoint.scorer(args)
+        requests = RequestScorer(scorer)
+        entry = {
+            "checkpoint": str(checkpoint.path),
+            "kind": checkpoint.loaded.kind,
+            "step": checkpoint.loaded.step,
+            "description": checkpoint.describe(),
+            "window": scorer.window,
+            "tasks": {},
+        }
+        if show:
+            print(f"{entry['description']}; window {scorer.window}")
+        for task in tasks:
+            total = sum(len(example.requests) for example in data[task.name])
+            with tqdm(
+                total=total, unit="req", desc=task.name, leave=False, file=sys.stderr, disable=not sys.stderr.isatty()
+            ) as bar:
+                result = evaluate_task(requests, task, data[task.name], bar.update)
+            entry["tasks"][task.name] = result.to_dict()
+            rows.append((checkpoint.name, result))
+            if show:
+                print(
+                    f"  {task.name}: {result.examples:,d} examples, {result.requests:,d} requests, {result.seconds:.1f} s"
+                )
+        out["models"].append(entry)
+    if show:
+        print()
+        print(results_table(rows))
+    return out
+
+
 def run_compare(args) -> dict:
     from hnet.evaluation.report import write_compare
 
@@ -414,10 +479,17 @@ def main(argv=None) -> int:
                 result = run_show_boundaries(args, checkpoints)
             elif args.robustness:
                 result = run_robustness(args, checkpoints)
+            elif args.tasks:
+                result = run_tasks(args, checkpoints)
             else:
                 result = run_evaluate(args, checkpoints)
     except (UsageError, ConfigError, DataError, EvalError, LoadError, RunError) as err:
         return report(err)
+    if args.results:
+        try:
+            Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as err:
+            return report(f"--results: cannot write {args.results} ({err.strerror})")
     if args.json:
         print(json.dumps(result))
     return 0

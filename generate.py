@@ -29,7 +29,10 @@ def parse_args(argv):
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="training run folder (newest usable checkpoint) or export folder"
+        "--checkpoint",
+        required=True,
+        help="training run folder (newest usable checkpoint), export folder, or hf://OWNER/NAME (a published "
+        "checkpoint, downloaded and converted once)",
     )
     parser.add_argument("--step", type=int, help="checkpoint step of a run folder (default: the newest)")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
@@ -84,7 +87,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from hnet.errors import GenerationError, LoadError, report
     from hnet.inference.decode import Generator, SamplingConfig, Utf8Stream
-    from hnet.inference.load import load_model
+    from hnet.inference.hub import load_model
 
     try:
         prompts = read_prompts(args)

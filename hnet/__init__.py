@@ -7,7 +7,7 @@
     out.logits                      # (B, L, 256)
     out.stages[0].boundary_mask     # (B, L), outermost stage first
 
-    loaded = hnet.load_model("runs/x")                      # a run or export folder
+    loaded = hnet.load_model("runs/x")                      # a run or export folder, or hf://OWNER/NAME
     hnet.generate(loaded, "def main(", max_new_bytes=100, temperature=0.8, top_p=0.95)   # -> str
     hnet.Generator(loaded).stream([b"def main("], sampling=hnet.SamplingConfig(temperature=0.8))
 
@@ -40,7 +40,7 @@ _EXPORTS = {
     "build_model": "hnet.model",
     "cross_entropy": "hnet.model",
     "LoadedModel": "hnet.inference.load",
-    "load_model": "hnet.inference.load",
+    "load_model": "hnet.inference.hub",  # run and export folders, and hf://OWNER/NAME
     "Generator": "hnet.inference.decode",
     "SamplingConfig": "hnet.inference.decode",
     "generate": "hnet.inference.decode",

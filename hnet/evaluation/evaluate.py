@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -164,12 +165,15 @@ class DocumentScores:
 
 @partial(jax.jit, static_argnums=0)
 def score_batch(graphdef, state, input_ids, targets):
-    """Per-position NLL (B, L) float32 in nats and, per chunking stage, (boundary_mask, chunk_mask,
-    chunk_position) of a model split as (graphdef, state). Compiled once per model structure and
-    input shape, so scorers of models with equal structure (e.g. checkpoints of one run) share it."""
+    """-> (nll, greedy, stages) of a model split as (graphdef, state) on int32 (B, L) inputs and targets:
+    nll float32 (B, L), the NLL in nats of each target; greedy bool (B, L), whether the target is the
+    model's most likely next id; stages, per chunking stage, (boundary_mask, chunk_mask,
+    chunk_position). Compiled once per model structure and input shape, so scorers of models with
+    equal structure (e.g. checkpoints of one run) share it."""
     out = nnx.merge(graphdef, state)(input_ids)
     stages = tuple((s.boundary_mask, s.chunk_mask, s.chunk_position) for s in out.stages)
-    return cross_entropy(out.logits, targets), stages
+    greedy = jnp.argmax(out.logits, axis=-1) == targets
+    return cross_entropy(out.logits, targets), greedy, stages
 
 
 def with_config(model, config: config_lib.ModelConfig):
@@ -234,6 +238,10 @@ class Scorer:
         ids = self.tokenizer.encode(bytes(doc)) if self.tokenizer is not None else np.frombuffer(bytes(doc), np.uint8)
         return np.concatenate([[self.bos_id], ids]).astype(np.int32)
 
+    def score_rows(self, input_ids: np.ndarray, targets: np.ndarray):
+        """score_batch on this model, fetched to the host: (nll, greedy, stages) as numpy arrays."""
+        return jax.device_get(score_batch(self._graphdef, self._state, input_ids, targets))
+
     def score_streams(self, streams: Iterable[np.ndarray]) -> Iterator[DocumentScores]:
         """Score each stream ([BOS] + ids), yielding DocumentScores in order."""
         pending: OrderedDict[int, list] = OrderedDict()  # doc -> [DocumentScores, windows left]
@@ -268,7 +276,7 @@ class Scorer:
             stream = pending[doc][0].stream
             input_ids[r, :length] = stream[start : start + length]
             targets[r, :length] = stream[start + 1 : start + length + 1]
-        nll, stages = jax.device_get(score_batch(self._graphdef, self._state, input_ids, targets))
+        nll, _, stages = self.score_rows(input_ids, targets)
         chunk_starts, dropped = byte_boundaries(stages) if stages else (None, None)
         for r, (doc, (start, score_from, length)) in enumerate(batch):
             scores = pending[doc][0]

@@ -43,7 +43,8 @@ from flax import struct
 
 from hnet.config import round_up
 from hnet.errors import GenerationError
-from hnet.inference.load import LoadedModel, load_model
+from hnet.inference.hub import load_model
+from hnet.inference.load import LoadedModel
 from hnet.io.tokenizer import BPETokenizer
 from hnet.model import LanguageModel, ModelCache
 from hnet.vocab import EOS_ID

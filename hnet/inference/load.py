@@ -6,7 +6,8 @@
 
 A run's checkpoints are verified against their manifests (hnet.io.checkpoint) and the newest usable
 one is loaded. Loading needs only the model code and the folder: no run config, optimizer or data
-pipeline. The export folder's format (EXPORT_FORMAT) is defined here, where it is read;
+pipeline. hnet.inference.hub.load_model (hnet.load_model) also takes hf://OWNER/NAME: a published
+checkpoint, downloaded and converted once. The export folder's format (EXPORT_FORMAT) is defined here, where it is read;
 hnet.inference.export writes it.
 """
 
@@ -117,7 +118,8 @@ def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
 
     A run's checkpoints are verified against their manifests (hnet.io.checkpoint): a damaged or
     incomplete newer checkpoint is skipped with one warning line on stderr, and the newest usable
-    one is loaded; a given `step` that is not usable is a LoadError.
+    one is loaded; a given `step` that is not usable is a LoadError. (hnet.load_model, i.e.
+    hnet.inference.hub.load_model, also takes hf://OWNER/NAME.)
     """
     path = Path(path)
     if not path.is_dir():

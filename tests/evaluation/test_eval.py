@@ -95,7 +95,7 @@ def test_windowed_scoring_matches_one_pass(learned):
     ids, targets = np.zeros((2, WINDOW), np.int32), np.zeros((2, WINDOW), np.int32)
     ids[0, :WINDOW] = stream[:WINDOW]
     targets[0, : WINDOW - 1] = stream[1:]
-    nll, _ = hnet.evaluation.evaluate.score_batch(whole._graphdef, whole._state, ids, targets)
+    nll, _, _ = whole.score_rows(ids, targets)
     reference = np.asarray(nll)[0, : WINDOW - 1]
 
     (one,) = whole.score_streams([stream])
@@ -189,7 +189,7 @@ def test_show_boundaries_marks_the_models_positions(heuristic):
     for start, score_from, length in plan_windows(len(stream) - 1, WINDOW, WINDOW // 2):
         ids = np.zeros((2, WINDOW), np.int32)
         ids[0, :length] = stream[start : start + length]
-        _, stages = jax.device_get(hnet.evaluation.evaluate.score_batch(scorer._graphdef, scorer._state, ids, ids))
+        _, _, stages = scorer.score_rows(ids, ids)
         (_, chunks0, chunk0), (_, chunks1, _) = stages
         for i in np.flatnonzero(chunks0[0]):
             if score_from <= i < length:
