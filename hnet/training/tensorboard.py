@@ -1,7 +1,7 @@
 """TensorBoard event files of a training run, beside metrics.jsonl (which stays the record).
 
-Written with tensorboardX (`pip install -e ".[tensorboard]"`: pure Python, needs only protobuf
-and numpy) whenever it is importable, by process 0 only, into RUN_DIR/tensorboard/
+Written with tensorboardX (a dependency of hnet-jax: pure Python, needs only protobuf and numpy)
+whenever it is importable, by process 0 only, into RUN_DIR/tensorboard/
 (RunDir.tensorboard); view them with `tensorboard --logdir RUN_DIR/tensorboard`. Every metrics
 row becomes scalars at its step:
 

@@ -134,7 +134,7 @@ def _train(
     if tensorboard_lib.available():
         log(f"tensorboard: event files in {run_dir.tensorboard}")
     else:
-        log('tensorboard: off (tensorboardX is not installed; pip install -e ".[tensorboard]")')
+        log("tensorboard: off (tensorboardX is not installed; pip install tensorboardX)")
     state = None if resume else steps.init()
     checkpointer = Checkpointer(run_dir.path, keep=train_cfg.keep_checkpoints, primary=is_main)
     start_step, bytes_seen = 0, 0
