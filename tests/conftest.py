@@ -23,6 +23,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# The task files the downstream tests write are prepared by `datasets` into its cache: a folder of
+# this session's, not the user's ~/.cache/huggingface.
+if "HF_DATASETS_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _datasets_cache = tempfile.mkdtemp(prefix="hnet-tests-datasets-")
+    atexit.register(shutil.rmtree, _datasets_cache, ignore_errors=True)
+    os.environ["HF_DATASETS_CACHE"] = _datasets_cache
+
 import pytest
 
 import jax

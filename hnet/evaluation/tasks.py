@@ -14,10 +14,10 @@ published harness numbers:
     winogrande      allenai/winogrande (winogrande_xl)  validation  partial context  acc
     openbookqa      allenai/openbookqa (main)           test        multiple choice  acc, acc_norm
 
-Where the rows come from (load_rows): the Hub through the datasets cache (HF_DATASETS_OFFLINE=1
-reads the cache only), or a local folder: TASK_DATA/<task>/ holding the split as a .jsonl, .json,
-.parquet or .csv file in the dataset's own schema (e.g. TASK_DATA/piqa/validation.jsonl), read by
-the same `datasets.load_dataset` call.
+Where the rows come from (load_rows): one call, datasets.load_dataset(source, config, split), with
+the Hub dataset as the source (through the datasets cache; HF_DATASETS_OFFLINE=1 reads the cache
+only), or a local folder TASK_DATA/<task>/ holding the split as one .jsonl, .json, .parquet or
+.csv file named after it, in the dataset's own schema (e.g. TASK_DATA/piqa/validation.jsonl).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from hnet.errors import EvalError
 
 TARGET_DELIMITER = " "  # the harness puts it between a multiple-choice context and each choice
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-DATASETS_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @dataclass(frozen=True)
@@ -178,16 +177,11 @@ def load_rows(task: Task, task_data: str | Path | None = None, limit: int | None
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()  # its per-split bars, in a log file
     split = task.split if limit is None else f"{task.split}[:{limit}]"
+    source, config = task.dataset, task.config
+    if task_data is not None:  # a folder is a dataset too: datasets finds the split in the file's name
+        source, config = str(local_split_file(task, Path(task_data)).parent), None
     try:
-        if task_data is not None:
-            path = local_split_file(task, Path(task_data))
-            data = datasets.load_dataset(
-                DATASETS_BUILDERS[path.suffix], data_files={task.split: str(path)}, split=split
-            )
-        else:
-            data = datasets.load_dataset(task.dataset, task.config, split=split)
-    except EvalError:
-        raise
+        data = datasets.load_dataset(source, config, split=split)
     except Exception as err:  # the Hub unreachable, not cached offline, a bad file: one line
         where = f"{task_data}/{task.name}" if task_data is not None else f"{task.dataset} ({task.config or 'default'})"
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
