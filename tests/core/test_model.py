@@ -293,7 +293,7 @@ def test_shrunken_copy_of_every_config_runs(name):
 
 def test_heuristic_routing_runs_without_ratio_loss(config_1stage):
     for mode in ("space", "stride:4"):
-        model = hnet.build_model(replace(config_1stage, routing=(mode,)))
+        model = hnet.build_model(replace(shrink(config_1stage), routing=(mode,)))
         ids = jnp.asarray([list(b"def f(x):\n    return x + 1\n" * 3)[:64]], jnp.int32)
         stage = jit_forward(model)(ids).stages[0]
         assert float(stage.ratio_loss) == 0.0
@@ -307,7 +307,7 @@ def test_heuristic_routing_runs_without_ratio_loss(config_1stage):
 
 @pytest.mark.parametrize("mode", ["space", "stride:3"])
 def test_causality_with_heuristic_routing(config_1stage, mode):
-    model = hnet.build_model(replace(config_1stage, routing=(mode,)))
+    model = hnet.build_model(replace(shrink(config_1stage), routing=(mode,)))
     perturb_residual_proj(model)
     forward = jit_forward(model)
     ids = jnp.asarray(
@@ -349,7 +349,7 @@ def test_rematerialised_blocks_give_the_same_gradients(config_1stage, monkeypatc
     from hnet.training.train_step import micro_grads, step_compiler_options
 
     monkeypatch.setattr(attention, "QUERY_BLOCK", 16)  # so the main network's attention runs blockwise
-    model = hnet.build_model(config_1stage, seed=0)
+    model = hnet.build_model(shrink(config_1stage), seed=0)  # every kind of block, one of each
     graphdef, params = nnx.split(model, nnx.Param)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 65)), jnp.int32).at[:, 0].set(254)
     results = {}
