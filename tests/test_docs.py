@@ -64,4 +64,4 @@ def test_readme_has_the_fresh_machine_commands():
     )
     assert tests_command in readme
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install --quiet -e ".[test,plot]"' in ci and "\npython -m pytest tests\n" in ci
+    assert 'pip install --quiet --no-compile -e ".[test,plot]"' in ci and "\npython -m pytest tests\n" in ci
