@@ -121,5 +121,9 @@ def converted_folder(spec: str) -> Path:
 def load_model(path: str | Path, step: int | None = None) -> LoadedModel:
     """A model from a run folder, an export folder, or hf://OWNER/NAME[@REVISION] (converted once)."""
     if is_hub_path(path):
+        if step is not None:
+            raise LoadError(
+                f"{path}: a published checkpoint has no training steps to choose (--step is for run folders)"
+            )
         return load_folder(converted_folder(str(path)))
     return load_folder(path, step)

@@ -90,6 +90,8 @@ def test_hub_errors_are_one_line(offline_hub):
         with pytest.raises(LoadError, match="expected hf://OWNER/NAME"):
             hub.parse(spec)
     assert hub.parse("hf://a/b@v1") == ("a/b", "v1")
+    with pytest.raises(LoadError, match="--step is for run folders"):
+        hub.load_model("hf://nobody/missing", step=3)
     write_hub_repo(offline_hub, "someone/no_config", {"weights.safetensors": REFERENCE / "model.safetensors"})
     with pytest.raises(LoadError, match="has no config.json and there is no configs/no_config.json"):
         hub.converted_folder("hf://someone/no_config")
