@@ -236,10 +236,10 @@ def load_documents(args, checkpoints, max_bytes):
 # --------------------------------------------------------------------------------------------
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, unit: str = "B", desc: str | None = None):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, disable=not enabled, leave=False, file=sys.stderr)
+    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=not enabled, leave=False, file=sys.stderr)
 
 
 def run_evaluate(args, checkpoints) -> dict:
@@ -412,8 +412,6 @@ def run_robustness(args, checkpoints) -> dict:
 
 
 def run_tasks(args, checkpoints) -> dict:
-    from tqdm import tqdm
-
     from hnet.evaluation.downstream import RequestScorer, evaluate_task, results_table
     from hnet.evaluation.tasks import examples, load_rows, parse_tasks
 
@@ -437,9 +435,7 @@ def run_tasks(args, checkpoints) -> dict:
             print(f"{entry['description']}; window {scorer.window}")
         for task in tasks:
             total = sum(len(example.requests) for example in data[task.name])
-            with tqdm(
-                total=total, unit="req", desc=task.name, leave=False, file=sys.stderr, disable=not sys.stderr.isatty()
-            ) as bar:
+            with _progress(total, show and sys.stderr.isatty(), unit="req", desc=task.name) as bar:
                 result = evaluate_task(requests, task, data[task.name], bar.update)
             entry["tasks"][task.name] = result.to_dict()
             rows.append((checkpoint.name, result))

@@ -1,7 +1,10 @@
 """Shared fixtures: tiny configs built once, so JAX compiles as little as possible."""
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # The suite compiles many small functions once each: XLA's backend optimisations cost more compile
@@ -10,29 +13,19 @@ from pathlib import Path
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
-# Compiled programs are cached on disk for this session (a fresh folder each run, removed at the
-# end), so the many tests and subprocesses that compile the same program (the same model at the
-# same shapes through another jitted function) compile it once. Results do not change.
+
+# Caches of this session's own (a fresh folder each run, removed at the end), set before JAX and
+# `datasets` start and inherited by the subprocesses and workers tests start:
+# - compiled programs, so the many tests and subprocesses that compile the same program (the same
+#   model at the same shapes through another jitted function) compile it once (results do not change);
+# - the task files the downstream tests write, as `datasets` prepares them (not ~/.cache/huggingface).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import atexit
-    import shutil
-    import tempfile
-
-    _cache_dir = tempfile.mkdtemp(prefix="hnet-tests-jax-cache-")
-    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hnet-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-
-# The task files the downstream tests write are prepared by `datasets` into its cache: a folder of
-# this session's, not the user's ~/.cache/huggingface.
 if "HF_DATASETS_CACHE" not in os.environ:
-    import atexit
-    import shutil
-    import tempfile
-
-    _datasets_cache = tempfile.mkdtemp(prefix="hnet-tests-datasets-")
-    atexit.register(shutil.rmtree, _datasets_cache, ignore_errors=True)
-    os.environ["HF_DATASETS_CACHE"] = _datasets_cache
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hnet-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import pytest
 

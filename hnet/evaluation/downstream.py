@@ -143,9 +143,8 @@ class TaskResult:
 def task_metrics(task: Task, examples: list[Example], loglikelihood: np.ndarray, greedy: np.ndarray) -> dict:
     """The task's metrics from each request's (log-likelihood, greedy), requests in example order."""
     if task.kind == "last_word":
-        word_ll = loglikelihood
-        stderr = mean_stderr(word_ll)
-        perplexity = math.exp(-float(np.mean(word_ll)))
+        stderr = mean_stderr(loglikelihood)  # one request per example: the last word
+        perplexity = math.exp(-float(np.mean(loglikelihood)))
         return {
             "perplexity": (perplexity, None if stderr is None else perplexity * stderr),
             "acc": (float(np.mean(greedy)), mean_stderr(greedy.astype(np.float64))),

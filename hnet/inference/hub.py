@@ -18,19 +18,17 @@ export folders with the folder code (load, export). converted_folder(spec):
    manifest of every file's sha256 (hnet.io.checkpoint);
 3. later calls check that manifest and load the folder without converting. A folder that no
    longer matches its manifest is converted again, with a warning line.
-Two processes converting at once each write a private folder and rename it into place; the first
-wins and the other's copy is removed.
+Two processes converting at once each write a private folder and rename it into place
+(data.shards.move_into_place); the first wins and the other's copy is removed.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 import sys
 from pathlib import Path
 
-from data.shards import cache_dir
+from data.shards import PrepareError, cache_dir, make_sibling_dir, move_into_place
 from hnet.errors import HNetError, LoadError
 from hnet.inference.convert import convert
 from hnet.inference.load import LoadedModel
@@ -99,22 +97,23 @@ def converted_folder(spec: str) -> Path:
         print(f"warning: {folder}: {problem}; converting {spec} again", file=sys.stderr)
         shutil.rmtree(folder)
     checkpoint, config = source_files(snapshot, repo_id)
-    staging = folder.parent / f".{folder.name}.{os.getpid()}-{secrets.token_hex(4)}"
+    staging = None
     try:
-        convert(checkpoint, config, staging)
-        write_manifest(staging)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = make_sibling_dir(folder, "converting")  # this process's own, removed below
+        converted = convert(checkpoint, config, staging / folder.name)
+        write_manifest(converted)
         try:
-            os.rename(staging, folder)
-        except OSError:
-            if not folder.is_dir():
-                raise
-            shutil.rmtree(staging)  # another process converted it first
+            move_into_place(converted, folder, overwrite=False)
+        except PrepareError:  # another process converted it first: theirs is as good
+            pass
     except HNetError as err:
-        shutil.rmtree(staging, ignore_errors=True)
         raise LoadError(f"{spec}: {err}") from None
     except OSError as err:
-        shutil.rmtree(staging, ignore_errors=True)
         raise LoadError(f"{spec}: cannot write the converted model under {folder.parent} ({err})") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
