@@ -23,16 +23,25 @@ which length a row runs on changes its chunks' values only by float32 rounding (
 outputs do not depend on the other rows of its batch). Only the shapes the stack sees change; the
 capacity rule, and so which boundaries are kept, does not depend on the ladder at all.
 
-Memory: differentiating a plain lax.switch keeps the residuals of every branch (each branch's
-shapes differ, so none share a buffer). `switch_keeping_taken_residuals` instead keeps those of
-the branch taken, in buffers sized for the largest branch: the memory of the static cap, not of
-the sum over the ladder.
+The backward pass (`ladder_residuals`, set by the train step from train.slot_residuals): a plain
+lax.switch under jax.grad keeps the residuals of every branch (each branch's shapes differ, so
+none share a buffer). Two ways out, the same values:
+- "keep": `switch_keeping_taken_residuals` keeps those of the branch taken, in buffers sized for
+  the largest branch (the static cap), so the backward pass recomputes nothing;
+- "recompute": each branch is rematerialised as a whole, so the backward pass keeps only the
+  stack's input and runs the taken branch's forward again. On CPU this is the faster one: padding
+  the taken branch's residuals into cap-sized buffers and stacking them over the groups is memory
+  traffic that costs more than the stack's forward (docs/PERFORMANCE.md); on a GPU such copies
+  are cheap and the forward is not.
 
 docs/ARCHITECTURE.md section 2 ("Chunk slots") describes the rule; docs/PERFORMANCE.md measures it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 from dataclasses import dataclass
 
@@ -48,6 +57,21 @@ from hnet.segments import Segments
 
 
 CLOSE_TO_CAP = 0.9
+RESIDUAL_MODES = ("keep", "recompute")
+_residual_mode: contextvars.ContextVar[str] = contextvars.ContextVar("slot_residuals", default="keep")
+
+
+@contextlib.contextmanager
+def ladder_residuals(mode: str):
+    """Trace stacks on the ladder with their backward pass's residuals kept ("keep") or their
+    forward recomputed ("recompute"); see the module docstring."""
+    if mode not in RESIDUAL_MODES:
+        raise ValueError(f"ladder residuals: expected one of {RESIDUAL_MODES}, got {mode!r}")
+    token = _residual_mode.set(mode)
+    try:
+        yield
+    finally:
+        _residual_mode.reset(token)
 
 
 def slot_ladder(config: ModelConfig, stage: int, seq_len: int) -> tuple[int, ...]:
@@ -279,6 +303,21 @@ def _unpack(packed, spec, buffers) -> list[jax.Array]:
     return leaves
 
 
+def _switch_recomputing(index: jax.Array, branches, operands, names):
+    """jax.lax.switch(index, branches, operands) with each branch rematerialised whole: the backward
+    pass keeps `operands` (the same for every branch) and runs the taken branch's forward again.
+    names: a name scope per branch, around its forward and its backward pass."""
+
+    def rematerialised(k):
+        def run(ops):
+            with jax.named_scope(names[k]):
+                return jax.checkpoint(branches[k])(ops)
+
+        return run
+
+    return jax.lax.switch(index, [rematerialised(k) for k in range(len(branches))], operands)
+
+
 # ---- A stack on the ladder ----
 
 
@@ -314,21 +353,23 @@ def run_stack(stack: nnx.Module, x: jax.Array, segments: Segments, rows: SlotRow
     names = [branch_scope(rows.stage, size) for size in ladder]
     if len(ladder) == 1:
         return branches[0]((state, x, segments))
+    if _residual_mode.get() == "recompute":
+        switch = functools.partial(_switch_recomputing, names=names)
+    else:
+        switch = functools.partial(switch_keeping_taken_residuals, names=names)
     groups = RowGroups.by_count(rows.counts, rows.groups)
     grouped_counts = groups.split(rows.counts)  # (G, B / G)
     index = ladder_index(jnp.max(grouped_counts, axis=1), ladder)  # (G,)
     xs = groups.split(x)
     segment_groups = jax.tree_util.tree_map(groups.split, segments)
     if groups.groups == 1:
-        out = switch_keeping_taken_residuals(
-            index[0], branches, (state, xs[0], jax.tree_util.tree_map(lambda v: v[0], segment_groups)), names
-        )[None]
+        out = switch(index[0], branches, (state, xs[0], jax.tree_util.tree_map(lambda v: v[0], segment_groups)))[None]
     else:
 
         def one_group(_, group):
             index_g, x_g, segments_g = group
             x_g = logical_axes.constrain(x_g, logical_axes.RESIDUAL_AXES)
-            return None, switch_keeping_taken_residuals(index_g, branches, (state, x_g, segments_g), names)
+            return None, switch(index_g, branches, (state, x_g, segments_g))
 
         _, out = jax.lax.scan(one_group, None, (index, xs, segment_groups))
     return logical_axes.constrain(groups.merge(out), logical_axes.RESIDUAL_AXES)

@@ -38,6 +38,7 @@ CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_RUN = CONFIGS_DIR / "run_tiny.json"
 SCHEDULES = ("wsd", "cosine", "constant")
 REMAT_CHOICES = ("auto", "none", "block", "dots")  # see hnet.layers.isotropic.REMAT_POLICIES
+SLOT_RESIDUAL_CHOICES = ("auto", "keep", "recompute")  # see hnet.slots.ladder_residuals
 SECTIONS = ("model", "data", "train", "mesh")
 
 
@@ -73,6 +74,10 @@ class TrainConfig:
     # input and attention output), dots (keep matmul outputs too), or auto (by model size and
     # sequence length, see hnet.training.train_step.remat_policy).
     remat: str = "auto"
+    # The backward pass of the inner stacks on the chunk-slot ladder (hnet.slots): keep the taken
+    # branch's residuals, recompute its forward, or auto (recompute on CPU, keep on GPU and TPU,
+    # see hnet.training.train_step.slot_residual_mode).
+    slot_residuals: str = "auto"
     # Loop.
     log_every: int = 10
     eval_every: int = 200
@@ -284,6 +289,8 @@ def validate_run(run: RunConfig, model_config: ModelConfig) -> None:
         raise ConfigError(f"train.grad_accum {t.grad_accum} must divide train.batch_size {t.batch_size}")
     if t.remat not in REMAT_CHOICES:
         raise ConfigError(f"train.remat: expected one of {REMAT_CHOICES}, got {t.remat!r}")
+    if t.slot_residuals not in SLOT_RESIDUAL_CHOICES:
+        raise ConfigError(f"train.slot_residuals: expected one of {SLOT_RESIDUAL_CHOICES}, got {t.slot_residuals!r}")
     if t.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule: expected one of {SCHEDULES}, got {t.schedule!r}")
     if not (0 <= t.warmup_frac < 1 and 0 <= t.decay_frac <= 1 and t.warmup_frac + t.decay_frac <= 1):

@@ -31,6 +31,7 @@ from hnet.config import parse_layout
 from hnet.layers.isotropic import rematerialise
 from hnet.model import build_model, cross_entropy
 from hnet.parallel import sharding
+from hnet.slots import ladder_residuals
 from hnet.stage_metrics import stage_metric
 from hnet.training.optim import make_optimizer
 from hnet.training.run_config import RunConfig
@@ -52,13 +53,23 @@ def loss_and_metrics(model, input_ids, targets, mask, ratio_loss_weight: float):
     return ce + ratio_loss_weight * ratio, metrics
 
 
-def micro_grads(params, input_ids, targets, *, graphdef, ratio_loss_weight: float, remat: str = "none"):
+def micro_grads(
+    params,
+    input_ids,
+    targets,
+    *,
+    graphdef,
+    ratio_loss_weight: float,
+    remat: str = "none",
+    slot_residuals: str = "keep",
+):
     """Gradients of one micro-batch (b, L) -> (grads like params, metrics including "loss").
-    remat: a rematerialisation policy name (hnet.layers.isotropic.REMAT_POLICIES)."""
+    remat: a rematerialisation policy name (hnet.layers.isotropic.REMAT_POLICIES); slot_residuals:
+    "keep" or "recompute" (hnet.slots.ladder_residuals)."""
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        with rematerialise(remat):
+        with rematerialise(remat), ladder_residuals(slot_residuals):
             return loss_and_metrics(model, input_ids, targets, jnp.ones(targets.shape, jnp.float32), ratio_loss_weight)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -74,6 +85,7 @@ def train_step(
     tx: optax.GradientTransformation,
     ratio_loss_weight: float,
     remat: str = "none",
+    slot_residuals: str = "keep",
 ):
     """One optimizer step. input_ids, targets: (A, b, L) micro-batches; gradients averaged over A.
 
@@ -81,7 +93,9 @@ def train_step(
     and is counted. Returns (new state, metrics of the step).
     """
     params = state["params"]
-    grads_of = functools.partial(micro_grads, graphdef=graphdef, ratio_loss_weight=ratio_loss_weight, remat=remat)
+    grads_of = functools.partial(
+        micro_grads, graphdef=graphdef, ratio_loss_weight=ratio_loss_weight, remat=remat, slot_residuals=slot_residuals
+    )
     if input_ids.shape[0] == 1:
         grads, metrics = grads_of(params, input_ids[0], targets[0])
     else:
@@ -155,6 +169,19 @@ def remat_policy(remat: str, config, seq_len: int) -> str:
 # after scheduling). Keeping the pass off on CPU makes rematerialisation real there too; the
 # barriers compute nothing, so values are unchanged.
 CPU_REMAT_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
+def slot_residual_mode(slot_residuals: str, platform: str) -> str:
+    """train.slot_residuals -> "keep" or "recompute" (hnet.slots.ladder_residuals) on `platform`.
+
+    auto: recompute on CPU, where padding the taken branch's residuals to the cap and stacking them
+    over the row groups is memory traffic that costs more than the inner stacks' forward (the
+    default run's step: docs/PERFORMANCE.md); keep on GPU and TPU, whose memory bandwidth makes
+    those copies cheap next to a second forward of the inner stacks.
+    """
+    if slot_residuals != "auto":
+        return slot_residuals
+    return "recompute" if platform == "cpu" else "keep"
 
 
 def step_compiler_options(policy: str, platform: str) -> dict | None:
@@ -252,8 +279,14 @@ def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -
         return traced
 
     remat = remat_policy(train.remat, config, train.seq_len)
+    platform = mesh.devices.flat[0].platform
     step = functools.partial(
-        train_step, graphdef=graphdef, tx=tx, ratio_loss_weight=train.ratio_loss_weight, remat=remat
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        ratio_loss_weight=train.ratio_loss_weight,
+        remat=remat,
+        slot_residuals=slot_residual_mode(train.slot_residuals, platform),
     )
     init_from_params = jax.jit(functools.partial(fresh_state, tx=tx), out_shardings=state_shardings)
     init_in_place = jax.jit(
@@ -274,7 +307,7 @@ def _jit_step_functions(graphdef, abstract_params, run: RunConfig, mesh: Mesh) -
             donate_argnums=(0,),
             in_shardings=(state_shardings, micro_batch_sharding, micro_batch_sharding),
             out_shardings=(state_shardings, replicated),
-            compiler_options=step_compiler_options(remat, mesh.devices.flat[0].platform),
+            compiler_options=step_compiler_options(remat, platform),
         ),
         eval_step=jax.jit(
             on_mesh(functools.partial(eval_step, graphdef=graphdef)),

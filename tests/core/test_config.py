@@ -198,6 +198,7 @@ def test_run_config_overrides_reach_any_depth():
         ("model.attn_cfg.num_heads=[5,5]", r"attn_cfg\.num_heads\[0\] = 5 does not divide d_model\[0\] = 128"),
         ("model.ssm_cfg.d_state=0", r"ssm_cfg: expected positive integers"),
         ("train..lr=1", r"key must be model\.X"),
+        ('train.slot_residuals="drop"', r"train\.slot_residuals: expected one of \('auto', 'keep', 'recompute'\)"),
     ],
 )
 def test_nested_override_errors_name_the_path(override, message):

@@ -127,10 +127,11 @@ def stack_and_rows():
     return stack, x, Segments.from_starts(jnp.asarray(starts)), jnp.asarray(counts)
 
 
-@pytest.mark.parametrize("groups", [1, 3])
-def test_a_stack_on_the_ladder_equals_the_stack_on_every_slot(stack_and_rows, groups):
+@pytest.mark.parametrize("groups, residuals", [(1, "keep"), (3, "keep"), (3, "recompute")])
+def test_a_stack_on_the_ladder_equals_the_stack_on_every_slot(stack_and_rows, groups, residuals):
     """Real positions (before each row's count) get the same values and gradients whichever
-    ladder length their group runs on."""
+    ladder length their group runs on, whether the backward pass keeps the taken branch's
+    residuals or recomputes its forward."""
     stack, x, segments, counts = stack_and_rows
     rows = slots.SlotRows(counts, (16, 40), groups, 0)  # 3 groups run on 40, 40 and 16 (the rows of 5 and 2)
     real = (jnp.arange(x.shape[1])[None, :] < counts[:, None])[..., None]
@@ -141,7 +142,8 @@ def test_a_stack_on_the_ladder_equals_the_stack_on_every_slot(stack_and_rows, gr
         return jnp.sum(jnp.where(real, run(nnx.merge(graphdef, state), x), 0.0) * weights)
 
     def on_ladder(module, x):
-        return slots.run_stack(module, x, segments, rows)
+        with slots.ladder_residuals(residuals):
+            return slots.run_stack(module, x, segments, rows)
 
     def on_every_slot(module, x):
         return module.forward(x, segments)[0]
@@ -153,6 +155,30 @@ def test_a_stack_on_the_ladder_equals_the_stack_on_every_slot(stack_and_rows, gr
     grads_full = jax.jit(jax.grad(lambda s, x: loss(on_every_slot, s, x), argnums=(0, 1)))(state, x)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_full)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+
+
+def test_recomputing_ladder_keeps_only_the_stack_input_and_is_chosen_on_cpu(stack_and_rows):
+    """slot_residuals="recompute" keeps less for the backward pass than "keep" (whose buffers hold
+    the cap's worth of the taken branch's activations); auto recomputes on CPU only."""
+    from hnet.training.train_step import slot_residual_mode
+
+    stack, x, segments, counts = stack_and_rows
+    rows = slots.SlotRows(counts, (16, 40), 3, 0)
+    graphdef, state = nnx.split(stack)
+
+    def temp(mode):
+        def loss(state, x):
+            with slots.ladder_residuals(mode):
+                return jnp.sum(slots.run_stack(nnx.merge(graphdef, state), x, segments, rows))
+
+        return jax.jit(jax.grad(loss)).lower(state, x).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp("recompute") < 0.7 * temp("keep")
+    assert [slot_residual_mode("auto", p) for p in ("cpu", "gpu", "tpu")] == ["recompute", "keep", "keep"]
+    assert slot_residual_mode("keep", "cpu") == "keep"
+    with pytest.raises(ValueError, match="ladder residuals"):
+        with slots.ladder_residuals("auto"):
+            pass
 
 
 def test_slots_computed_counts_each_group_at_its_length(stack_and_rows):
