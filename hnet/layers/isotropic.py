@@ -3,11 +3,16 @@
 Rematerialisation (`rematerialise`, set by the train step from `train.remat`): each block of the
 parallel forward runs under jax.checkpoint with a policy that decides what the backward pass may
 keep (REMAT_POLICIES); the rest is recomputed block by block. It changes memory and time, never
-values.
+values. Rematerialised, a run of identical blocks ("T12" in "T12m2") is one lax.scan over their
+stacked parameters: XLA compiles one block instead of twelve (a deep stack's start-up time), and
+what the scan stacks for the backward pass is what the blocks keep anyway, their inputs. Without
+rematerialisation the blocks stay a Python loop: a scan would copy every activation of every
+block into its stacked residuals.
 """
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import jax
@@ -48,8 +53,25 @@ def rematerialise(policy: str):
         _remat_policy.reset(token)
 
 
-def _block_output(block, x, segments):
-    return block.forward(x, segments)[0]
+def _scan_blocks(blocks: list, x: jax.Array, segments: Segments, policy) -> jax.Array:
+    """Identical blocks, one after the other, each rematerialised under `policy`: (B, L, D) -> (B, L, D).
+
+    One block alone is called directly; several are one lax.scan over their parameters stacked
+    along a new leading axis (the values are those of the loop; only the program is smaller).
+    """
+    graphdef = nnx.graphdef(blocks[0])
+
+    @functools.partial(jax.checkpoint, policy=policy)
+    def one_block(x, state):
+        y = nnx.merge(graphdef, state).forward(x, segments)[0]
+        return constrain(y, RESIDUAL_AXES)  # the residual stream: batch-split
+
+    states = [nnx.state(block) for block in blocks]
+    if len(blocks) == 1:
+        return one_block(x, states[0])
+    stacked = jax.tree_util.tree_map(lambda *values: jnp.stack(values), *states)
+    x, _ = jax.lax.scan(lambda x, state: (one_block(x, state), None), x, stacked)
+    return x
 
 
 def residual_count(layout: str) -> int:
@@ -124,19 +146,22 @@ class Isotropic(nnx.Module):
                 for _ in range(count)
             ]
         )
+        self.run_lengths = tuple(count for _, count in parse_layout(layout))  # consecutive identical blocks
         self.norm = RMSNorm(config.d_model[stage])
 
     def forward(self, x: jax.Array, segments: Segments, lengths=None, max_length=None):
         """(B, L, D) -> (y, tuple of block caches); caches only when `lengths` (B,) is given."""
         x = x.astype(jnp.float32)
         policy = REMAT_POLICIES[_remat_policy.get()] if lengths is None else None  # never when filling caches
-        run_block = None if policy is None else nnx.remat(_block_output, policy=policy)
+        if policy is not None:
+            first = 0
+            for count in self.run_lengths:
+                x = _scan_blocks(list(self.blocks[first : first + count]), x, segments, policy)
+                first += count
+            return self.norm(x), (None,) * len(self.blocks)
         caches = []
         for block in self.blocks:
-            if run_block is None:
-                x, cache = block.forward(x, segments, lengths, max_length)
-            else:
-                x, cache = run_block(block, x, segments), None
+            x, cache = block.forward(x, segments, lengths, max_length)
             x = constrain(x, RESIDUAL_AXES)  # the residual stream: batch-split
             caches.append(cache)
         return self.norm(x), tuple(caches)

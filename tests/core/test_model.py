@@ -342,6 +342,41 @@ def test_three_stage_hierarchy_runs_and_is_causal(config_2stage):
     np.testing.assert_allclose(forward(changed).logits[:, :41], base.logits[:, :41], rtol=1e-5, atol=1e-5)
 
 
+def test_rematerialised_runs_of_blocks_are_one_scan_with_the_loop_values(config_1stage):
+    """Under remat, a run of identical blocks ("T3" of "T3m2") is one lax.scan over their stacked
+    parameters: the same outputs and gradients as the blocks one after the other."""
+    from hnet.layers.isotropic import Isotropic, rematerialise
+
+    config = shrink(config_1stage)
+    stack = Isotropic("T3m2", config, 1, 5, nnx.Rngs(params=2))
+    graphdef, state = nnx.split(stack)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 24, config.d_model[1])), jnp.float32)
+    starts = np.zeros((2, 24), bool)
+    starts[:, 0] = starts[1, 9] = True
+    segments = Segments.from_starts(jnp.asarray(starts))
+    weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def loss(state, x, remat):
+        with rematerialise(remat):
+            return jnp.sum(nnx.merge(graphdef, state).forward(x, segments)[0] * weights)
+
+    def scans_over_blocks(
+        remat,
+    ):  # top-level scans of length 3 or 2 (the SSD's scans have 24 / 16 = 2 chunks inside a block)
+        jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=2)(state, x, remat)
+        return sorted(eqn.params["length"] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "scan")
+
+    assert scans_over_blocks("block") == [2, 2, 3, 3]  # T3 and m2, forward and backward
+    assert 3 not in scans_over_blocks("none")
+    results = {
+        remat: jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(state, x, remat)
+        for remat in ("none", "block")
+    }
+    for want, got in zip(jax.tree_util.tree_leaves(results["none"]), jax.tree_util.tree_leaves(results["block"])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_rematerialised_blocks_give_the_same_gradients(config_1stage, monkeypatch):
     """train.remat changes what the backward pass keeps, not what it computes; the blockwise
     attention path (rows longer than its query block) is part of the model here."""
