@@ -206,6 +206,21 @@ def uniform_lengths(config, seq_len: int, micro_batch: int, stage_lengths_real) 
     }
 
 
+def backward_pass(run) -> dict:
+    """What the run's train step keeps for its backward pass on this backend: the remat policy
+    (train.remat resolved) and, for an H-Net, how its slot ladder gets its residuals
+    (train.slot_residuals resolved)."""
+    import jax
+
+    from hnet.training.train_step import remat_policy, slot_residual_mode
+
+    config, train = run.model_config, run.train
+    return {
+        "remat": remat_policy(train.remat, config, train.seq_len),
+        "slot_residuals": slot_residual_mode(train.slot_residuals, jax.default_backend()) if config.depth else None,
+    }
+
+
 def describe_device() -> str:
     import jax
 
@@ -249,6 +264,7 @@ def bench_memory(config_path: str | None, overrides: list[str], bytes_per_chunk=
         "micro_batch": compiled.micro_batch,
         "seq_len": train.seq_len,
         "seq_unit": "bytes" if config.is_byte_model else "tokens",
+        **backward_pass(run),
         "trace_s": compiled.trace_s,
         "compile_s": compiled.compile_s,
         **memory.to_dict(),
@@ -381,6 +397,7 @@ def bench_train(
         "grad_accum": train.grad_accum,
         "seq_len": train.seq_len,
         "seq_unit": "bytes" if config.is_byte_model else "tokens",
+        **backward_pass(run),
         "trace_s": compiled.trace_s,
         "compile_s": compiled.compile_s,
         "first_step_s": first_step_s,
@@ -706,6 +723,16 @@ def format_aligned(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{name:<{width}}{value}" for name, value in rows)
 
 
+def backward_pass_text(result: dict) -> str:
+    """ "remat block, slot ladder keeps its residuals" from backward_pass's fields."""
+    text = f"remat {result['remat']}"
+    if result["slot_residuals"] is not None:
+        text += ", slot ladder " + (
+            "keeps its residuals" if result["slot_residuals"] == "keep" else "recomputes its forward"
+        )
+    return text
+
+
 def format_memory_table(result: dict) -> str:
     """Two aligned columns, human units."""
     executed, model = result["executed_matmul_flops_per_step"], result["model_flops_per_step"]
@@ -720,6 +747,7 @@ def format_memory_table(result: dict) -> str:
         ("sequence length", f"{result['seq_len']} {result['seq_unit']}"),
         ("stage lengths", stage_lengths_text(result)),
         ("trace / compile", f"{result['trace_s']:.1f} s / {result['compile_s']:.1f} s"),
+        ("backward pass", backward_pass_text(result)),
         (
             "arguments",
             f"{mib(result['argument_bytes'])} (outputs {mib(result['output_bytes'])}, "
@@ -788,6 +816,7 @@ def format_table(result: dict) -> str:
             "trace / compile / first step",
             f"{result['trace_s']:.1f} s / {result['compile_s']:.1f} s / {result['first_step_s']:.2f} s",
         ),
+        ("backward pass", backward_pass_text(result)),
         (
             f"step time (median of {result['timed_steps']})",
             f"{result['step_s_median'] * 1e3:.1f} ms (min {result['step_s_min'] * 1e3:.1f}, max {result['step_s_max'] * 1e3:.1f})",

@@ -150,6 +150,7 @@ def test_bench_memory_of_a_transformer_agrees_with_hnet_flops(capsys):
     assert result["executed_backward_share"] == pytest.approx(2 / 3)
     assert result["executed_float32_operand_share"] == 1.0  # a float32 run
     assert result["seq_unit"] == "tokens" and result["stage_lengths"] == [64]
+    assert (result["remat"], result["slot_residuals"]) == ("none", None)  # a small Transformer: no ladder
     assert result["temp_bytes"] > 0 and result["temp_bytes_per_sequence"] == result["temp_bytes"] / batch
     assert result["peak_bytes"] == (
         result["argument_bytes"] + result["output_bytes"] + result["temp_bytes"] - result["alias_bytes"]
