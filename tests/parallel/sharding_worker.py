@@ -31,7 +31,11 @@ MESHES = {
     "fsdp8": (1, 8, 1, 8),
     "mixed222": (2, 2, 2, 8),
     "fsdp2": (1, 2, 1, 2),
+    "mixed222_keep": (2, 2, 2, 8),
 }
+# On CPU the slot ladder recomputes its forward (train.slot_residuals auto); on a GPU it keeps the
+# taken branch's residuals: that way too, sharded.
+SLOT_RESIDUALS = {"mixed222_keep": "keep"}
 
 
 def batches():
@@ -55,18 +59,17 @@ def shard_shapes(array) -> list:
 
 def main(checkpoint_root: str) -> None:
     config = shrink(tiny_config("hnet_1stage_tiny", **LADDER))
-    run = run_config_from_dict(
-        {
-            "model": json.loads(json.dumps(config.to_dict())),
-            "train": {"steps": 100, "batch_size": BATCH, "seq_len": SEQ_LEN, "lr": 3e-3, "warmup_frac": 0.0},
-        }
-    )
+    def run_for(name):
+        train = {"steps": 100, "batch_size": BATCH, "seq_len": SEQ_LEN, "lr": 3e-3, "warmup_frac": 0.0}
+        train["slot_residuals"] = SLOT_RESIDUALS.get(name, "auto")
+        return run_config_from_dict({"model": json.loads(json.dumps(config.to_dict())), "train": train})
+
     data = batches()
     result = {"losses": {}, "shards": {}, "restored": {}}
     steps_by_mesh = {}
     for name, (d, f, t, n) in MESHES.items():
         mesh = sharding.make_mesh(d, f, t, devices=jax.devices()[:n])
-        _, steps = make_step_functions(run, mesh)
+        _, steps = make_step_functions(run_for(name), mesh)
         start = time.perf_counter()
         state = steps.init()
         kernel = state["params"]["lm_head"]["kernel"]

@@ -162,7 +162,7 @@ def mesh_results(tmp_path_factory):
 
 def test_losses_agree_across_meshes(mesh_results):
     losses = mesh_results["losses"]
-    assert set(losses) == {"single", "data8", "fsdp8", "mixed222", "fsdp2"}
+    assert set(losses) == {"single", "data8", "fsdp8", "mixed222", "fsdp2", "mixed222_keep"}
     reference = np.array(losses["single"])
     assert len(reference) == 3 and reference[-1] < reference[0]  # it trains
     for name, curve in losses.items():
