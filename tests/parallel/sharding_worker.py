@@ -59,6 +59,7 @@ def shard_shapes(array) -> list:
 
 def main(checkpoint_root: str) -> None:
     config = shrink(tiny_config("hnet_1stage_tiny", **LADDER))
+
     def run_for(name):
         train = {"steps": 100, "batch_size": BATCH, "seq_len": SEQ_LEN, "lr": 3e-3, "warmup_frac": 0.0}
         train["slot_residuals"] = SLOT_RESIDUALS.get(name, "auto")
