@@ -191,16 +191,9 @@ def switch_keeping_taken_residuals(index: jax.Array, branches, operands, names=N
     names = names or [f"branch{k}" for k in range(len(branches))]
     count = len(branches)
 
-    def primal_branch(k):
-        def run(ops):
-            with jax.named_scope(names[k]):
-                return branches[k](ops)
-
-        return run
-
     @jax.custom_vjp
     def switch(index, operands):
-        return jax.lax.switch(index, [primal_branch(k) for k in range(count)], operands)
+        return jax.lax.switch(index, _named(branches, names), operands)
 
     backward = []  # per branch, its backward pass from the packed residuals (set while tracing the forward)
 
@@ -307,15 +300,20 @@ def _switch_recomputing(index: jax.Array, branches, operands, names):
     """jax.lax.switch(index, branches, operands) with each branch rematerialised whole: the backward
     pass keeps `operands` (the same for every branch) and runs the taken branch's forward again.
     names: a name scope per branch, around its forward and its backward pass."""
+    return jax.lax.switch(index, _named([jax.checkpoint(branch) for branch in branches], names), operands)
 
-    def rematerialised(k):
-        def run(ops):
-            with jax.named_scope(names[k]):
-                return jax.checkpoint(branches[k])(ops)
+
+def _named(branches, names) -> list:
+    """Each branch called inside its name scope (which hnet.perf.xla_stats reads)."""
+
+    def named(branch, name):
+        def run(*args):
+            with jax.named_scope(name):
+                return branch(*args)
 
         return run
 
-    return jax.lax.switch(index, [rematerialised(k) for k in range(len(branches))], operands)
+    return [named(branch, name) for branch, name in zip(branches, names)]
 
 
 # ---- A stack on the ladder ----
