@@ -99,14 +99,17 @@ def train_step(
     if input_ids.shape[0] == 1:
         grads, metrics = grads_of(params, input_ids[0], targets[0])
     else:
-
-        def accumulate(carry, micro):
+        # Gradients are summed in the carry (shaped like params); each micro-batch's metrics come
+        # out of the scan and are summed after it in the same order. Nothing asks for the metrics'
+        # shapes beforehand: jax.eval_shape would trace the whole forward and backward pass a
+        # second time, doubling a deep model's trace time.
+        def accumulate(grad_sum, micro):
             grads, metrics = grads_of(params, *micro)
-            return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
+            return jax.tree_util.tree_map(jnp.add, grad_sum, grads), metrics
 
-        zeros = jax.eval_shape(grads_of, params, input_ids[0], targets[0])
-        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (input_ids, targets))
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        grads, per_micro = jax.lax.scan(accumulate, zeros, (input_ids, targets))
+        metrics = jax.tree_util.tree_map(lambda m: functools.reduce(jnp.add, m, jnp.zeros_like(m[0])), per_micro)
         scale = 1.0 / input_ids.shape[0]
         grads, metrics = jax.tree_util.tree_map(lambda x: x * scale, (grads, metrics))
     grad_norm = optax.tree.norm(grads)
