@@ -4,6 +4,7 @@
     RUN_DIR/train.lock                   held by the training job while it runs (hnet.training.run_lock)
     RUN_DIR/metrics.jsonl                one JSON row per step, plus evaluation rows
     RUN_DIR/tensorboard/                 TensorBoard event files of those rows (hnet.training.tensorboard)
+    RUN_DIR/compile_cache/               compiled programs a restart loads (hnet.training.compile_cache)
     RUN_DIR/profile/                     jax.profiler traces (train.py --profile, hnet.training.profiling)
     RUN_DIR/tokenizer.json               the BPE tokenizer of a token run
     RUN_DIR/checkpoints/<step>/          orbax checkpoints, each with manifest.json (hnet.io.checkpoint)
@@ -46,6 +47,11 @@ class RunDir:
     def tensorboard(self) -> Path:
         """TensorBoard event files (tensorboard --logdir RUN_DIR/tensorboard)."""
         return self.path / "tensorboard"
+
+    @property
+    def compile_cache(self) -> Path:
+        """jax's persistent compilation cache of the run (train.compile_cache "run")."""
+        return self.path / "compile_cache"
 
     @property
     def profile(self) -> Path:

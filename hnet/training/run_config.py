@@ -78,6 +78,10 @@ class TrainConfig:
     # branch's residuals, recompute its forward, or auto (recompute on CPU, keep on GPU and TPU,
     # see hnet.training.train_step.slot_residual_mode).
     slot_residuals: str = "auto"
+    # Where compiled programs are kept so that a restart does not compile again: "run"
+    # (RUN_DIR/compile_cache), "none", a folder shared by runs, or auto (JAX_COMPILATION_CACHE_DIR
+    # when set, else "run"; see hnet.training.compile_cache).
+    compile_cache: str = "auto"
     # Loop.
     log_every: int = 10
     eval_every: int = 200
@@ -291,6 +295,8 @@ def validate_run(run: RunConfig, model_config: ModelConfig) -> None:
         raise ConfigError(f"train.remat: expected one of {REMAT_CHOICES}, got {t.remat!r}")
     if t.slot_residuals not in SLOT_RESIDUAL_CHOICES:
         raise ConfigError(f"train.slot_residuals: expected one of {SLOT_RESIDUAL_CHOICES}, got {t.slot_residuals!r}")
+    if not t.compile_cache.strip():
+        raise ConfigError(f'train.compile_cache: expected "auto", "run", "none" or a folder, got {t.compile_cache!r}')
     if t.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule: expected one of {SCHEDULES}, got {t.schedule!r}")
     if not (0 <= t.warmup_frac < 1 and 0 <= t.decay_frac <= 1 and t.warmup_frac + t.decay_frac <= 1):

@@ -34,6 +34,7 @@ from hnet.model import bits_per_byte
 from hnet.parallel import multihost, sharding
 from hnet.stage_metrics import stage_metric, stage_values
 from hnet.training import throughput
+from hnet.training.compile_cache import cache_folder, persistent_compile_cache
 from hnet.training import tensorboard as tensorboard_lib
 from hnet.training.profiling import ProfileSteps, StepProfiler
 from hnet.training.run_config import RunConfig, run_config_from_dict
@@ -72,17 +73,19 @@ def train(
             print(f"--resume: {run_dir.path} holds no run yet; starting it")
     lock = lock_run_folder(run_dir)  # one job per run folder, for the whole run
     try:
-        return _train(
-            run,
-            run_dir,
-            given_steps,
-            resume=resume,
-            progress=progress,
-            max_steps=max_steps,
-            verbose=verbose,
-            peak_tflops=peak_tflops,
-            profile=profile,
-        )
+        cache_setting = (run if run is not None else saved_run_config(run_dir)).train.compile_cache
+        with persistent_compile_cache(cache_folder(cache_setting, run_dir)):
+            return _train(
+                run,
+                run_dir,
+                given_steps,
+                resume=resume,
+                progress=progress,
+                max_steps=max_steps,
+                verbose=verbose,
+                peak_tflops=peak_tflops,
+                profile=profile,
+            )
     finally:
         if lock is not None:
             lock.release()
@@ -309,6 +312,11 @@ def open_corpus(run: RunConfig, verbose: bool):
     return corpus
 
 
+def saved_run_config(run_dir: RunDir) -> RunConfig:
+    """The run config a run folder was started with (RUN_DIR/config.json)."""
+    return run_config_from_dict(json.loads(run_dir.config.read_text()))
+
+
 def prepare_run_dir(run_dir: RunDir, run: RunConfig | None, resume: bool) -> RunConfig:
     """Check the run folder against the request; returns the run config to use.
 
@@ -319,7 +327,7 @@ def prepare_run_dir(run_dir: RunDir, run: RunConfig | None, resume: bool) -> Run
     if resume:
         if not run_dir.config.is_file():
             raise RunError(f"--resume: {run_dir.path} holds no run (no {run_dir.config.name})")
-        saved = run_config_from_dict(json.loads(run_dir.config.read_text()))
+        saved = saved_run_config(run_dir)
         if run is not None and run.model != saved.model:
             changed = sorted(k for k in set(run.model) | set(saved.model) if run.model.get(k) != saved.model.get(k))
             raise RunError(

@@ -199,6 +199,8 @@ def test_run_config_overrides_reach_any_depth():
         ("model.ssm_cfg.d_state=0", r"ssm_cfg: expected positive integers"),
         ("train..lr=1", r"key must be model\.X"),
         ('train.slot_residuals="drop"', r"train\.slot_residuals: expected one of \('auto', 'keep', 'recompute'\)"),
+        ('train.compile_cache=" "', r'train\.compile_cache: expected "auto", "run", "none" or a folder'),
+        ("train.compile_cache=0", r"train\.compile_cache: expected a string"),
     ],
 )
 def test_nested_override_errors_name_the_path(override, message):

@@ -123,6 +123,46 @@ def test_restart_of_a_complete_run_says_so_and_exits_zero(straight, tmp_path, ca
     assert losses(fresh) == losses(straight)
 
 
+def test_a_restart_loads_its_compiled_programs_from_the_run_folder(straight, tmp_path, recwarn):
+    """train.compile_cache "run": the first start writes its compiled programs to RUN_DIR/compile_cache
+    and a restart loads them instead of compiling (the same losses); entries a kill cut short only
+    cost a compilation; outside the run, jax's cache is the one it had before."""
+    import jax
+
+    given_cache = jax.config.jax_compilation_cache_dir  # the test session's (conftest)
+    run = run_config_from_dict({**SPEC, "train": {**SPEC["train"], "compile_cache": "run"}})
+    run_dir = RunDir(tmp_path / "run")
+    train(run, run_dir.path, progress=False, verbose=False, max_steps=3)
+    entries = sorted(run_dir.compile_cache.glob("*-cache"))
+    assert entries  # at least the train step's
+    assert jax.config.jax_compilation_cache_dir == given_cache
+
+    events = []
+    jax.monitoring.register_event_listener(lambda name, **_: events.append(name))
+    jax.clear_caches()  # as a new process: nothing compiled in memory
+    train(None, run_dir.path, resume=True, progress=False, verbose=False, max_steps=3)
+    assert events.count("/jax/compilation_cache/cache_hits") >= len(entries)
+    assert "/jax/compilation_cache/cache_misses" not in events
+    # A kill in the middle of writing an entry: jax warns, compiles, and the run goes on.
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    jax.clear_caches()
+    train(None, run_dir.path, resume=True, progress=False, verbose=False)
+    assert any("persistent compilation cache" in str(w.message) for w in recwarn)
+    assert losses(run_dir.path) == losses(straight)
+    assert jax.config.jax_compilation_cache_dir == given_cache
+
+
+def test_a_compile_cache_folder_that_cannot_be_made_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    spec = {**SPEC, "train": {**SPEC["train"], "compile_cache": str(tmp_path / "a_file" / "cache")}}
+    code, err = run_cli(
+        ["--config", write_run(tmp_path, spec), "--workdir", str(tmp_path / "run"), "--no-progress"], capsys
+    )
+    assert code == WRITE_FAILED_EXIT and err.count("\n") == 0, err
+    assert err.startswith("error: train.compile_cache: cannot make") and "Not a directory" in err
+
+
 def test_a_second_job_on_a_live_run_folder_is_refused_and_writes_nothing(tmp_path, capsys):
     run_dir = tmp_path / "run"
     lock = write_lock(run_dir)  # held by this (live) process
