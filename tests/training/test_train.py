@@ -51,6 +51,25 @@ def test_resume_reproduces_losses_exactly(tmp_path):
     assert straight == resumed  # bitwise on CPU
 
 
+def test_gradient_accumulation_traces_the_model_once(monkeypatch):
+    """A step of A micro-batches runs one lax.scan over them, and tracing it traces the model's
+    forward and backward pass once (a deep model's trace time), not once more for shapes."""
+    import jax
+
+    from hnet.training import train_step as train_step_lib
+
+    traced = []
+    real = train_step_lib.loss_and_metrics
+    monkeypatch.setattr(
+        train_step_lib, "loss_and_metrics", lambda *args, **kwargs: traced.append(1) or real(*args, **kwargs)
+    )
+    run = run_config_from_dict(small_run(grad_accum=4))
+    _, steps = train_step_lib.make_step_functions(run)
+    batch = jax.ShapeDtypeStruct((4, 1, run.train.seq_len), np.int32, sharding=steps.micro_batch_sharding)
+    steps.train_step.trace(steps.abstract_state, batch, batch)
+    assert len(traced) == 1
+
+
 def check_speed_fields(run, run_dir: Path, peak_flops: float | None) -> None:
     """Every step row has its window's speed: step time, bytes/s, model FLOPs at its own bytes per
     chunk (hnet.flops), and MFU exactly when a peak is known; rows of a window share the timing."""
