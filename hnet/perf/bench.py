@@ -482,6 +482,30 @@ def bench_components(config_path: str | None, overrides: list[str], steps: int) 
     }
 
 
+LADDER_KEYS = ("slot_ladder", "slot_groups")
+
+
+def ladder_overrides(config, overrides: list[str]):
+    """A checkpoint's model config with --set model.slot_ladder / model.slot_groups applied (they
+    change only which lengths the rows would run on, so bench chunks can try another ladder on a
+    trained router); any other --set is a ConfigError, since the model is the checkpoint's."""
+    from hnet.config import config_from_dict
+    from hnet.errors import ConfigError
+    from hnet.training.run_config import parse_override
+
+    changes = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) != 2 or path[0] != "model" or path[1] not in LADDER_KEYS:
+            raise ConfigError(
+                f"--set {text}: with --checkpoint the model is the checkpoint's; only "
+                + " and ".join(f"model.{key}" for key in LADDER_KEYS)
+                + " may change"
+            )
+        changes[path[1]] = value
+    return config_from_dict({**config.to_dict(), **changes}) if changes else config
+
+
 def bench_chunks(
     checkpoint: str | None,
     config_path: str | None,
@@ -513,7 +537,7 @@ def bench_chunks(
         from hnet.inference.load import load_model
 
         loaded = load_model(checkpoint)
-        model, config = loaded.model, loaded.config
+        model, config = loaded.model, ladder_overrides(loaded.config, overrides)
     else:
         from hnet.model import build_model
 
@@ -886,7 +910,9 @@ def parse_args(argv):
     chunks = commands.add_parser("chunks", help="chunks kept per row and per micro-batch on real rows")
     run_arguments(chunks)
     chunks.add_argument(
-        "--checkpoint", help="run or export folder whose router to use (default: --config's model, untrained)"
+        "--checkpoint",
+        help="run or export folder whose router to use (default: --config's model, untrained); with it, "
+        "--set may change only model.slot_ladder and model.slot_groups (another ladder on that router)",
     )
     chunks.add_argument("--data", help="prepared byte corpus folder (default: the default corpus)")
     chunks.add_argument("--split", default="train", help="(default: train)")

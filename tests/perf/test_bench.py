@@ -186,6 +186,21 @@ def test_bench_chunks_counts_the_chunks_kept_and_the_slots_the_ladder_computes(c
     assert "slot utilisation" in capsys.readouterr().out
 
 
+def test_bench_chunks_tries_another_ladder_on_a_checkpoints_router_and_nothing_else():
+    """With --checkpoint, --set may change model.slot_ladder and model.slot_groups (which lengths
+    the rows would run on), not the model: anything else is one ConfigError."""
+    from hnet.errors import ConfigError
+
+    config = hnet.load_config(CONFIGS / "hnet_1stage_tiny.json")
+    changed = bench.ladder_overrides(config, ["model.slot_ladder=[1.75,1.25]", "model.slot_groups=8"])
+    assert (changed.slot_ladder, changed.slot_groups) == ((1.25, 1.75), 8)
+    assert changed.d_model == config.d_model and bench.ladder_overrides(config, []) is config
+    with pytest.raises(ConfigError, match=r"--set model\.d_model=\[64,96\]: with --checkpoint the model is the"):
+        bench.ladder_overrides(config, ["model.d_model=[64,96]"])
+    with pytest.raises(ConfigError, match="slot_ladder"):
+        bench.ladder_overrides(config, ["model.slot_ladder=[-1]"])
+
+
 def test_rematerialisation_lowers_the_compiled_steps_temporaries_on_cpu():
     """train.remat=block keeps only each block's input for the backward pass. On CPU this holds
     only with XLA's barrier expander off (hnet.training.train_step.step_compiler_options): otherwise XLA
