@@ -73,10 +73,10 @@ def train(
             print(f"--resume: {run_dir.path} holds no run yet; starting it")
     lock = lock_run_folder(run_dir)  # one job per run folder, for the whole run
     try:
-        cache_setting = (run if run is not None else saved_run_config(run_dir)).train.compile_cache
-        with persistent_compile_cache(cache_folder(cache_setting, run_dir)):
+        run_config = prepare_run_dir(run_dir, run, resume)  # the run given, or the folder's own
+        with persistent_compile_cache(cache_folder(run_config.train.compile_cache, run_dir)):
             return _train(
-                run,
+                run_config,
                 run_dir,
                 given_steps,
                 resume=resume,
@@ -108,7 +108,7 @@ def lock_run_folder(run_dir: RunDir) -> RunLock | None:
 
 
 def _train(
-    run: RunConfig | None,
+    run: RunConfig,
     run_dir: RunDir,
     steps: StepFunctions | None,
     *,
@@ -119,11 +119,11 @@ def _train(
     peak_tflops: float | None,
     profile: ProfileSteps | None,
 ) -> dict:
-    """train() once the run folder is locked; steps: the given run config's (None: made for the saved run's)."""
+    """train() once the run folder is locked and checked (prepare_run_dir: `run` is the run to
+    train); steps: the given run config's (None: made for the saved run's)."""
     is_main = jax.process_index() == 0  # only process 0 prints and writes metrics
     verbose = verbose and is_main
     log = print if verbose else (lambda *a, **k: None)
-    run = prepare_run_dir(run_dir, run, resume)
     if resume and not run_dir.checkpoint_steps():  # stopped before its first save: the same run, from the start
         log(f"--resume: {run_dir.path} has no checkpoint yet; starting the run from step 0")
         resume = False
@@ -312,11 +312,6 @@ def open_corpus(run: RunConfig, verbose: bool):
     return corpus
 
 
-def saved_run_config(run_dir: RunDir) -> RunConfig:
-    """The run config a run folder was started with (RUN_DIR/config.json)."""
-    return run_config_from_dict(json.loads(run_dir.config.read_text()))
-
-
 def prepare_run_dir(run_dir: RunDir, run: RunConfig | None, resume: bool) -> RunConfig:
     """Check the run folder against the request; returns the run config to use.
 
@@ -327,7 +322,7 @@ def prepare_run_dir(run_dir: RunDir, run: RunConfig | None, resume: bool) -> Run
     if resume:
         if not run_dir.config.is_file():
             raise RunError(f"--resume: {run_dir.path} holds no run (no {run_dir.config.name})")
-        saved = saved_run_config(run_dir)
+        saved = run_config_from_dict(json.loads(run_dir.config.read_text()))
         if run is not None and run.model != saved.model:
             changed = sorted(k for k in set(run.model) | set(saved.model) if run.model.get(k) != saved.model.get(k))
             raise RunError(
